@@ -136,7 +136,7 @@ impl Params {
 /// run it on many chunks in parallel and hand the results, in order, to [`HashTree::from_leaves`].
 pub fn leaf_digests(params: &Params, data: &[u8]) -> Result<Vec<Digest32>, VerityError> {
     let block = params.data_block_size as usize;
-    if data.len() % block != 0 {
+    if !data.len().is_multiple_of(block) {
         return Err(VerityError::PartialBlock { len: data.len(), block: params.data_block_size });
     }
     Ok(data.chunks_exact(block).map(|b| params.digest(b)).collect())
