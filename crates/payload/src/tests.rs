@@ -1,0 +1,161 @@
+//! Build and verify round trips, and the damage verification must catch.
+
+use super::*;
+use manifest::Manifest;
+use std::path::Path;
+
+/// Test data of mixed compressibility: runs of text, zeros and noise.
+pub(crate) fn fs_image(path: &Path, size: usize) {
+    let mut v = Vec::with_capacity(size);
+    let mut x: u32 = 12345;
+    while v.len() < size {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        match (x >> 16) % 3 {
+            0 => v.extend_from_slice(b"Lorem ipsum dolor sit amet, consectetur adipiscing elit. "),
+            1 => v.extend(std::iter::repeat_n(0u8, (x % 9000) as usize)),
+            _ => v.extend((0..(x % 3000)).map(|i| (x.wrapping_mul(i + 7) >> 13) as u8)),
+        }
+    }
+    v.truncate(size);
+    std::fs::write(path, v).unwrap();
+}
+
+fn opts(chunk_size: u32) -> BuildOptions {
+    BuildOptions {
+        version: "1.2.3".parse().unwrap(),
+        arch: "x86_64".into(),
+        kernel_cmdline: "console=ttyS0".into(),
+        chunk_size,
+        level: 3,
+        threads: 2,
+        salt: None,
+    }
+}
+
+fn built(size: usize, chunk_size: u32) -> (tempfile::TempDir, Manifest) {
+    let dir = tempfile::tempdir().unwrap();
+    fs_image(&dir.path().join("fs.img"), size);
+    let m = build(&dir.path().join("fs.img"), &dir.path().join("out"), &opts(chunk_size), &|_| {}).unwrap();
+    (dir, m)
+}
+
+fn check(dir: &Path, m: &Manifest) -> Result<(), PayloadError> {
+    verify(m, &dir.join("out").join(PAYLOAD_FILE), 2, &|_| {})
+}
+
+#[test]
+fn round_trip_and_layout() {
+    for (size, cs) in [(1, 4096), (4096, 4096), (3 << 20, 1 << 20), ((5 << 20) + 123, 1 << 18)] {
+        let (dir, m) = built(size, cs);
+        m.validate().unwrap();
+        check(dir.path(), &m).unwrap();
+        assert_eq!(m.verity.data_size % u64::from(cs), 0);
+        assert!(m.verity.data_size >= size as u64);
+        let on_disk = std::fs::read(dir.path().join("out").join(MANIFEST_FILE)).unwrap();
+        assert_eq!(Manifest::from_bytes(&on_disk).unwrap(), m);
+    }
+}
+
+#[test]
+fn builds_are_reproducible() {
+    let (a, ma) = built(2 << 20, 1 << 16);
+    let (b, mb) = built(2 << 20, 1 << 16);
+    assert_eq!(ma, mb);
+    let pa = std::fs::read(a.path().join("out/payload")).unwrap();
+    let pb = std::fs::read(b.path().join("out/payload")).unwrap();
+    assert!(pa == pb);
+}
+
+#[test]
+fn identical_chunks_share_a_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fs.img"), vec![0u8; 8 << 20]).unwrap();
+    let m = build(&dir.path().join("fs.img"), &dir.path().join("out"), &opts(1 << 20), &|_| {}).unwrap();
+    let zero = m.chunks[0];
+    assert!(m.chunks[..8].iter().all(|c| *c == zero));
+    assert!(m.payload.size < 4096, "8 zero chunks + tree should be tiny, got {}", m.payload.size);
+    check(dir.path(), &m).unwrap();
+}
+
+#[test]
+fn flipped_byte_in_a_chunk_is_named() {
+    let (dir, m) = built(3 << 20, 1 << 20);
+    let p = dir.path().join("out/payload");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let c = m.chunks[1];
+    // The middle of a frame: either zstd notices, or the digest does.
+    bytes[(c.offset + u64::from(c.length) / 2) as usize] ^= 0x01;
+    std::fs::write(&p, bytes).unwrap();
+    let e = check(dir.path(), &m).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(&e, PayloadError::Chunk { source, .. } if chunk_index(source) == 1), "{msg}");
+    assert!(msg.contains("chunk 1"), "{msg}");
+}
+
+fn chunk_index(e: &ChunkError) -> usize {
+    match e {
+        ChunkError::Decompress { index, .. }
+        | ChunkError::Length { index, .. }
+        | ChunkError::Digest { index, .. }
+        | ChunkError::NoSuchChunk { index, .. } => *index,
+    }
+}
+
+#[test]
+fn chunk_from_another_image_is_named() {
+    let (dir, mut m) = built(3 << 20, 1 << 20);
+    // Point chunk 0 at chunk 2's frame: a valid frame, but of other bytes.
+    m.chunks[0].offset = m.chunks[2].offset;
+    m.chunks[0].length = m.chunks[2].length;
+    let e = check(dir.path(), &m).unwrap_err();
+    assert!(e.to_string().contains("chunk 0 (image bytes 0..1048576): SHA-256 is"), "{e}");
+}
+
+#[test]
+fn truncated_payload_is_named() {
+    let (dir, m) = built(3 << 20, 1 << 20);
+    let p = dir.path().join("out/payload");
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(m.payload.size - 10).unwrap();
+    let e = check(dir.path(), &m).unwrap_err().to_string();
+    assert!(e.contains("truncated or wrong file"), "{e}");
+}
+
+#[test]
+fn chunk_list_that_does_not_cover_the_image_is_named() {
+    let (dir, mut m) = built(3 << 20, 1 << 20);
+    m.chunks.pop();
+    let e = check(dir.path(), &m).unwrap_err().to_string();
+    assert!(e.contains("chunk list does not cover the image"), "{e}");
+}
+
+#[test]
+fn wrong_verity_root_is_named() {
+    let (dir, mut m) = built(3 << 20, 1 << 20);
+    m.verity.root_hash.0[0] ^= 1;
+    let e = check(dir.path(), &m).unwrap_err().to_string();
+    assert!(e.starts_with("dm-verity root hash of the image data is"), "{e}");
+}
+
+#[test]
+fn wrong_image_digest_is_named() {
+    let (dir, mut m) = built(3 << 20, 1 << 20);
+    m.image_sha256.0[31] ^= 1;
+    let e = check(dir.path(), &m).unwrap_err().to_string();
+    assert!(e.starts_with("image SHA-256 is"), "{e}");
+}
+
+#[test]
+fn bad_options_and_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty"), b"").unwrap();
+    let e = build(&dir.path().join("empty"), &dir.path().join("o"), &opts(1 << 20), &|_| {}).unwrap_err();
+    assert!(e.to_string().ends_with("is empty"), "{e}");
+    let e = build(&dir.path().join("missing"), &dir.path().join("o"), &opts(1 << 20), &|_| {}).unwrap_err();
+    assert!(e.to_string().starts_with("open "), "{e}");
+    let e = build(&dir.path().join("empty"), &dir.path().join("o"), &opts(1000), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("chunk size 1000"), "{e}");
+    let (d, _) = built(4096, 4096);
+    let e = build(&d.path().join("fs.img"), &d.path().join("out"), &opts(4096), &|_| {}).unwrap_err();
+    assert!(matches!(e, BuildError::OutputExists(_)), "{e}");
+}
