@@ -102,6 +102,7 @@ const SECRET_TYPE: &str = "acl-ed25519-secret-key";
 const PUBLIC_TYPE: &str = "acl-ed25519-public-key";
 
 /// A signing key with its id.
+#[derive(Clone)]
 pub struct SecretKey {
     key: ed25519_dalek::SigningKey,
     id: KeyId,
