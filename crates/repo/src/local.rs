@@ -30,14 +30,14 @@ pub enum RepoError {
     },
     /// A document was not accepted.
     #[error(transparent)]
-    Trust(#[from] TrustError),
+    Trust(Box<TrustError>),
     /// An image's payload does not match its manifest.
     #[error("image {dir}: {source}")]
     Payload {
         /// The image directory.
         dir: PathBuf,
         /// What is wrong.
-        source: payload::PayloadError,
+        source: Box<payload::PayloadError>,
     },
     /// A signature could not be added.
     #[error("{path}: {source}")]
@@ -76,6 +76,12 @@ pub enum RepoError {
     /// Options that cannot work.
     #[error("{0}")]
     Options(String),
+}
+
+impl From<TrustError> for RepoError {
+    fn from(e: TrustError) -> Self {
+        RepoError::Trust(Box::new(e))
+    }
 }
 
 impl RepoError {
@@ -150,7 +156,7 @@ fn verify_payload(
 ) -> Result<(), RepoError> {
     let total = m.image_size;
     payload::verify(m, &dir.join(&m.payload.path), threads, &|done| progress(done, total))
-        .map_err(|source| RepoError::Payload { dir: dir.to_owned(), source })
+        .map_err(|source| RepoError::Payload { dir: dir.to_owned(), source: Box::new(source) })
 }
 
 /// What to publish where.
