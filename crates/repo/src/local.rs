@@ -346,7 +346,7 @@ pub fn verify_repository(
         report.channels.push((channel.clone(), index.index_version, index.expires, index.releases.len()));
         accepted.push(acc);
     }
-    if let Some(state) = state.as_deref_mut() {
+    if let Some(state) = state {
         for a in accepted {
             state.record(a);
         }

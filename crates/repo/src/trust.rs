@@ -63,26 +63,22 @@ pub enum TrustError {
         source: FreshnessError,
     },
     /// The manifest's bytes are not the ones the index names.
-    #[error("manifest of release {version}: SHA-256 is {found}, the channel index says {expected}")]
+    #[error("manifest of release {release}: SHA-256 is {found}, the channel index says {expected}")]
     ManifestDigest {
-        /// The release.
-        version: semver::Version,
+        /// The release (version).
+        release: String,
         /// Digest in the index.
         expected: Sha256Digest,
         /// Digest of the bytes.
         found: Sha256Digest,
     },
     /// The manifest describes another version or architecture than its release entry.
-    #[error("manifest for release {version} ({arch}) describes {found_version} ({found_arch})")]
+    #[error("manifest for release {release} describes {found}")]
     ManifestMismatch {
-        /// Release version.
-        version: semver::Version,
-        /// Release arch.
-        arch: String,
-        /// Manifest version.
-        found_version: semver::Version,
-        /// Manifest arch.
-        found_arch: String,
+        /// Release version and arch.
+        release: String,
+        /// Manifest version and arch.
+        found: String,
     },
 }
 
@@ -130,7 +126,7 @@ impl TrustPolicy {
         let found = Sha256Digest::of(document);
         if found != release.manifest_sha256 {
             return Err(TrustError::ManifestDigest {
-                version: release.version.clone(),
+                release: release.version.to_string(),
                 expected: release.manifest_sha256,
                 found,
             });
@@ -138,10 +134,8 @@ impl TrustPolicy {
         let m = self.manifest(&release.manifest, document, sig)?;
         if m.version != release.version || m.arch != release.arch {
             return Err(TrustError::ManifestMismatch {
-                version: release.version.clone(),
-                arch: release.arch.clone(),
-                found_version: m.version,
-                found_arch: m.arch,
+                release: format!("{} ({})", release.version, release.arch),
+                found: format!("{} ({})", m.version, m.arch),
             });
         }
         Ok(m)
