@@ -305,7 +305,7 @@ pub fn verify_repository(
     repo: &Path,
     policy: &TrustPolicy,
     now: Timestamp,
-    mut state: Option<&mut AcceptedState>,
+    state: Option<&mut AcceptedState>,
     threads: usize,
     progress: &dyn Fn(&str, u64, u64),
 ) -> Result<RepoReport, RepoError> {
