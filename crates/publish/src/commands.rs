@@ -45,7 +45,7 @@ fn build(a: &BuildArgs) -> Result<()> {
     let salt = a
         .salt
         .as_deref()
-        .map(|s| hex_decode(s).with_context(|| format!("--salt {s:?} is not hex")))
+        .map(|s| hex::decode(s).with_context(|| format!("--salt {s:?} is not hex")))
         .transpose()?;
     let size =
         std::fs::metadata(&a.fs_image).with_context(|| format!("read {}", a.fs_image.display()))?.len();
@@ -270,13 +270,6 @@ fn parse_wave(s: &str, now: Timestamp) -> Result<Wave> {
         None => start.parse().with_context(|| format!("--wave {s:?}: bad time {start:?}"))?,
     };
     Ok(Wave { start, percent })
-}
-
-fn hex_decode(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("odd length or non-hex digit");
-    }
-    Ok((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("checked hex")).collect())
 }
 
 fn human(bytes: u64) -> String {
