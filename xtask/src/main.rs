@@ -1,0 +1,68 @@
+//! `cargo xtask`: the project's tasks, in Rust so they run wherever cargo does.
+//!
+//! | task | what it does |
+//! |---|---|
+//! | `test` | installs the Debian tools the tests use if missing, then fmt, clippy, docs, all tests |
+//! | `demo` | the main job: build two signed images, publish them, verify the repository |
+//! | `bench build [--size-mib N]` | build an image of real files; MB/s against `zstd` in the same run |
+//! | `bench chunk-size` | compression ratio and adaptive-update cost for several chunk sizes |
+
+// A task runner reports to its user on standard output.
+#![allow(clippy::print_stdout)]
+
+mod bench;
+mod demo;
+mod tools;
+
+use anyhow::{Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sh = xshell::Shell::new()?;
+    sh.change_dir(project_root());
+    match args.as_slice() {
+        ["test"] => test(&sh),
+        ["demo"] => demo::run(&sh),
+        ["bench", "build", rest @ ..] => bench::build(&sh, size_arg(rest)?.unwrap_or(1024)),
+        ["bench", "chunk-size", rest @ ..] => bench::chunk_size(&sh, size_arg(rest)?.unwrap_or(256)),
+        _ => {
+            println!(
+                "usage: cargo xtask <test | demo | bench build [--size-mib N] | bench chunk-size [--size-mib N]>"
+            );
+            if args.is_empty() || args == ["--help"] { Ok(()) } else { bail!("unknown task {args:?}") }
+        }
+    }
+}
+
+fn size_arg(rest: &[&str]) -> Result<Option<u64>> {
+    match rest {
+        [] => Ok(None),
+        ["--size-mib", n] => Ok(Some(n.parse()?)),
+        _ => bail!("unexpected arguments {rest:?}"),
+    }
+}
+
+fn project_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_owned()
+}
+
+/// Every check CI runs, in the order that fails fastest.
+fn test(sh: &xshell::Shell) -> Result<()> {
+    tools::ensure(sh, &tools::TEST_TOOLS)?;
+    xshell::cmd!(sh, "cargo fmt --all -- --check").run()?;
+    xshell::cmd!(sh, "cargo clippy --workspace --all-targets --locked -- -D warnings").run()?;
+    {
+        let _env = sh.push_env("RUSTDOCFLAGS", "-D warnings");
+        xshell::cmd!(sh, "cargo doc --workspace --no-deps --locked").quiet().run()?;
+    }
+    // Tests that need an outside tool fail, rather than skip, when it is missing.
+    let _env = sh.push_env("ACL_REQUIRE_TOOLS", "1");
+    if xshell::cmd!(sh, "cargo nextest --version").quiet().ignore_stdout().ignore_stderr().run().is_ok() {
+        xshell::cmd!(sh, "cargo nextest run --workspace --locked --no-fail-fast").run()?;
+    } else {
+        xshell::cmd!(sh, "cargo test --workspace --locked --no-fail-fast").run()?;
+    }
+    xshell::cmd!(sh, "cargo test --workspace --locked --doc").run()?;
+    Ok(())
+}
