@@ -141,9 +141,13 @@ pub(crate) fn chunk_size(sh: &Shell, mib: u64) -> Result<()> {
     println!(
         "bench chunk-size: {mib} MiB of real files, zstd level {LEVEL}; update = 4 MiB package + 16 metadata blocks"
     );
+    // The same upgrade when the package grows by two blocks and everything after it moves.
+    let mut grown = new[..pkg_at as usize + (4 << 20)].to_vec();
+    grown.extend_from_slice(&[0x5a; 8192]);
+    grown.extend_from_slice(&new[pkg_at as usize + (4 << 20)..new.len() - 8192]);
     println!(
-        "  {:>10} {:>9} {:>12} {:>14} {:>12} {:>9}",
-        "chunk", "chunks", "payload %", "update MiB", "update %", "manifest"
+        "  {:>10} {:>9} {:>12} {:>14} {:>12} {:>9} {:>16}",
+        "chunk", "chunks", "payload %", "update MiB", "update %", "manifest", "shifted update %"
     );
     for cs in [64usize << 10, 256 << 10, 1 << 20, 4 << 20] {
         let old_sizes = compressed_sizes(&old, cs)?;
@@ -152,14 +156,17 @@ pub(crate) fn chunk_size(sh: &Shell, mib: u64) -> Result<()> {
         let have: std::collections::HashSet<_> = old_sizes.iter().map(|(d, _)| *d).collect();
         let update: u64 = new_sizes.iter().filter(|(d, _)| !have.contains(d)).map(|(_, s)| s).sum();
         let manifest_kib = new_sizes.len() as f64 * 140.0 / 1024.0;
+        let grown_sizes = compressed_sizes(&grown, cs)?;
+        let shifted: u64 = grown_sizes.iter().filter(|(d, _)| !have.contains(d)).map(|(_, s)| s).sum();
         println!(
-            "  {:>9}K {:>9} {:>11.1}% {:>14.2} {:>11.2}% {:>7.0}KiB",
+            "  {:>9}K {:>9} {:>11.1}% {:>14.2} {:>11.2}% {:>7.0}KiB {:>15.1}%",
             cs >> 10,
             new_sizes.len(),
             100.0 * payload as f64 / new.len() as f64,
             update as f64 / 1048576.0,
             100.0 * update as f64 / payload as f64,
-            manifest_kib
+            manifest_kib,
+            100.0 * shifted as f64 / payload as f64
         );
     }
     println!("  rerun: cargo xtask bench chunk-size --size-mib {mib}");

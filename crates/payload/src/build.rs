@@ -9,8 +9,8 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// Default chunk size: 1 MiB (see ARCHITECTURE.md, "Chunk size", for the measurement).
-pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+/// Default chunk size: 256 KiB (see ARCHITECTURE.md, "Chunk size", for the measurement).
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
 /// Default zstd level (see ARCHITECTURE.md, "Compression level").
 pub const DEFAULT_LEVEL: i32 = 9;
 const VERITY_BLOCK: u32 = 4096;

@@ -89,7 +89,7 @@ pub(crate) struct BuildArgs {
     #[arg(long, default_value = "")]
     pub(crate) cmdline: String,
     /// Chunk size: a power of two from 4K to 64M (suffixes K, M).
-    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    #[arg(long, default_value = "256K", value_parser = parse_size)]
     pub(crate) chunk_size: u32,
     /// zstd compression level, 1 to 22.
     #[arg(long, default_value_t = payload::DEFAULT_LEVEL)]
