@@ -56,6 +56,7 @@ fn test(sh: &xshell::Shell) -> Result<()> {
         let _env = sh.push_env("RUSTDOCFLAGS", "-D warnings");
         xshell::cmd!(sh, "cargo doc --workspace --no-deps --locked").quiet().run()?;
     }
+    xshell::cmd!(sh, "cargo test --workspace --locked --doc --quiet").run()?;
     // Tests that need an outside tool fail, rather than skip, when it is missing.
     let _env = sh.push_env("ACL_REQUIRE_TOOLS", "1");
     if xshell::cmd!(sh, "cargo nextest --version").quiet().ignore_stdout().ignore_stderr().run().is_ok() {
@@ -63,6 +64,5 @@ fn test(sh: &xshell::Shell) -> Result<()> {
     } else {
         xshell::cmd!(sh, "cargo test --workspace --locked --no-fail-fast").run()?;
     }
-    xshell::cmd!(sh, "cargo test --workspace --locked --doc").run()?;
     Ok(())
 }

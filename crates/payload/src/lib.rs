@@ -7,7 +7,7 @@
 //! in the image is the tree of its data with the manifest's root hash. [`ChunkDecoder`] is the
 //! one-chunk primitive that the installer will use before writing a chunk to a slot.
 //!
-//! Both directions run the same shape of pipeline ([`pipeline::ordered`]): one thread reads in
+//! Both directions run the same shape of pipeline (`pipeline::ordered`): one thread reads in
 //! order, workers hash and (de)compress, the caller consumes results in order. At most a fixed
 //! number of chunks are in flight, so memory does not grow with the image.
 

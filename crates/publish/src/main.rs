@@ -1,7 +1,7 @@
 //! `aclpub`: build, sign, publish, verify and show OS images and static repositories.
 //!
 //! A thin binary: `cli` declares the arguments, `commands` runs each one through the library
-//! crates, and `main` maps the outcome to an exit code (see [`ExitCode`] values below).
+//! crates, and `main` maps the outcome to an exit code (`EXIT_REJECTED`, `EXIT_FAILED`).
 
 // A command-line tool's results go to standard output.
 #![allow(clippy::print_stdout)]
