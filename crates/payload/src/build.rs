@@ -56,6 +56,16 @@ pub enum BuildError {
     /// Options out of range.
     #[error("invalid build option: {0}")]
     Options(String),
+    /// The input file changed size while it was being read.
+    #[error("filesystem image {path} changed while being read: {read} bytes read, {expected} expected")]
+    InputChanged {
+        /// The input.
+        path: PathBuf,
+        /// Size when the build started.
+        expected: u64,
+        /// Bytes actually read.
+        read: u64,
+    },
     /// The image came out inconsistent (a bug, reported rather than published).
     #[error("built manifest is inconsistent: {0}")]
     Manifest(#[from] manifest::ManifestError),
@@ -181,14 +191,18 @@ pub fn build(
         |push| {
             let mut hasher = sha2::Sha256::new();
             let mut left = data_size;
+            let mut read_total = 0u64;
             while left > 0 {
                 let mut buf = vec![0u8; cs as usize];
-                read_full(&mut input, &mut buf).map_err(io("read", fs_image))?;
+                read_total += read_full(&mut input, &mut buf).map_err(io("read", fs_image))?;
                 hasher.update(&buf);
                 left -= u64::from(cs);
                 if !push(buf) {
                     break;
                 }
+            }
+            if read_total != fs_size {
+                return Err(BuildError::InputChanged { path: fs_image.to_owned(), expected: fs_size, read: read_total });
             }
             Ok(hasher)
         },
@@ -250,8 +264,9 @@ pub fn build(
     Ok(manifest)
 }
 
-/// Reads as much of `buf` as the file has; leaves the rest (zero padding) as it is.
-fn read_full(input: &mut File, buf: &mut [u8]) -> std::io::Result<()> {
+/// Reads as much of `buf` as the file has; leaves the rest (zero padding) as it is. Returns
+/// the number of bytes read.
+fn read_full(input: &mut File, buf: &mut [u8]) -> std::io::Result<u64> {
     let mut at = 0;
     while at < buf.len() {
         match input.read(&mut buf[at..]) {
@@ -261,7 +276,7 @@ fn read_full(input: &mut File, buf: &mut [u8]) -> std::io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(at as u64)
 }
 
 /// Writes a new file and syncs it (data and metadata) before returning.
