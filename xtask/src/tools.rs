@@ -6,7 +6,12 @@ use anyhow::{Result, bail};
 pub(crate) type Tool = (&'static str, &'static str);
 
 /// Tools the test suite calls.
-pub(crate) const TEST_TOOLS: [Tool; 2] = [("veritysetup", "cryptsetup-bin"), ("mkfs.erofs", "erofs-utils")];
+pub(crate) const TEST_TOOLS: [Tool; 4] = [
+    ("veritysetup", "cryptsetup-bin"),
+    ("mkfs.erofs", "erofs-utils"),
+    ("sgdisk", "gdisk"),
+    ("losetup", "mount"),
+];
 /// Tools the demo calls.
 pub(crate) const DEMO_TOOLS: [Tool; 1] = [("mkfs.erofs", "erofs-utils")];
 /// Tools the benchmarks call.

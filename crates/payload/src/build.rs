@@ -202,7 +202,11 @@ pub fn build(
                 }
             }
             if read_total != fs_size {
-                return Err(BuildError::InputChanged { path: fs_image.to_owned(), expected: fs_size, read: read_total });
+                return Err(BuildError::InputChanged {
+                    path: fs_image.to_owned(),
+                    expected: fs_size,
+                    read: read_total,
+                });
             }
             Ok(hasher)
         },

@@ -1,0 +1,251 @@
+//! A disk with A/B slots: finding them by GPT name and type, reading and changing their bits.
+
+use crate::choice::{Slot, Slots, TransitionError};
+use crate::table::{self, BlockDevice, Entry, Health, Table, TableError};
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// The partition type of a slot: Flatcar's "Container Linux /usr" type GUID.
+pub const USR_PARTITION_TYPE: Uuid = uuid::uuid!("5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6");
+
+/// The GPT partition name of `slot`.
+pub fn slot_label(slot: Slot) -> &'static str {
+    match slot {
+        Slot::A => "USR-A",
+        Slot::B => "USR-B",
+    }
+}
+
+/// Something is wrong with a disk or what was asked of it.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The device could not be opened.
+    #[error("open {path}: {source}")]
+    Open {
+        /// The disk.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The GPT could not be read or written.
+    #[error("{path}: {source}")]
+    Table {
+        /// The disk.
+        path: PathBuf,
+        /// The error.
+        source: TableError,
+    },
+    /// No partition with a slot's name.
+    #[error(
+        "{path} has no partition named {label}: not an A/B disk (expected USR-A and USR-B, Flatcar layout)"
+    )]
+    NoSlot {
+        /// The disk.
+        path: PathBuf,
+        /// The missing name.
+        label: &'static str,
+    },
+    /// Two partitions with a slot's name.
+    #[error("{path} has more than one partition named {label} (numbers {first} and {second})")]
+    DuplicateSlot {
+        /// The disk.
+        path: PathBuf,
+        /// The name.
+        label: &'static str,
+        /// One partition number.
+        first: u32,
+        /// The other.
+        second: u32,
+    },
+    /// A slot partition of the wrong type.
+    #[error("{path}: partition {number} ({label}) has type {found}, expected {USR_PARTITION_TYPE}")]
+    WrongType {
+        /// The disk.
+        path: PathBuf,
+        /// The name.
+        label: &'static str,
+        /// Its number.
+        number: u32,
+        /// Its type.
+        found: Uuid,
+    },
+    /// USR-B before USR-A.
+    #[error("{path}: USR-A (partition {a}) must come before USR-B (partition {b})")]
+    SlotOrder {
+        /// The disk.
+        path: PathBuf,
+        /// A's number.
+        a: u32,
+        /// B's number.
+        b: u32,
+    },
+    /// The requested transition is not allowed from the current bits.
+    #[error("{path}: {source}")]
+    Transition {
+        /// The disk.
+        path: PathBuf,
+        /// Why not.
+        source: TransitionError,
+    },
+    /// After a write, the table read back does not hold what was written.
+    #[error("{path}: read back slot bits {found:?}, wrote {expected:?}")]
+    ReadBack {
+        /// The disk.
+        path: PathBuf,
+        /// Written.
+        expected: Slots,
+        /// Read.
+        found: Slots,
+    },
+}
+
+/// A disk with two slots.
+#[derive(Debug)]
+pub struct Disk<D> {
+    dev: D,
+    path: PathBuf,
+    table: Table,
+    a: Entry,
+    b: Entry,
+}
+
+impl Disk<std::fs::File> {
+    /// Opens a block device or image file; `writable` for anything that changes bits.
+    pub fn open(path: &Path, writable: bool) -> Result<Self, DiskError> {
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
+        Self::from_device(dev, path)
+    }
+}
+
+impl<D: BlockDevice> Disk<D> {
+    /// Reads the table of `dev` and finds the slots; `path` names it in errors.
+    pub fn from_device(dev: D, path: &Path) -> Result<Self, DiskError> {
+        let path = path.to_owned();
+        let table = table::read(&dev).map_err(|source| DiskError::Table { path: path.clone(), source })?;
+        let (a, b) = find_slots(&path, &table)?;
+        Ok(Self { dev, path, table, a, b })
+    }
+
+    /// The path the disk was opened as.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The bits of both slots.
+    pub fn slots(&self) -> Slots {
+        Slots { a: self.a.attributes, b: self.b.attributes }
+    }
+
+    /// The partition entry of `slot`.
+    pub fn partition(&self, slot: Slot) -> &Entry {
+        match slot {
+            Slot::A => &self.a,
+            Slot::B => &self.b,
+        }
+    }
+
+    /// Byte offset and length of `slot`'s partition.
+    pub fn slot_extent(&self, slot: Slot) -> (u64, u64) {
+        let e = self.partition(slot);
+        let ss = self.table.sector_size();
+        (e.first_lba * ss, (e.last_lba + 1 - e.first_lba) * ss)
+    }
+
+    /// The table's sector size.
+    pub fn sector_size(&self) -> u64 {
+        self.table.sector_size()
+    }
+
+    /// The state of the two table copies.
+    pub fn health(&self) -> &Health {
+        self.table.health()
+    }
+
+    /// The slot whose partition has this unique GUID (PARTUUID).
+    pub fn slot_with_partuuid(&self, uuid: Uuid) -> Option<Slot> {
+        Slot::BOTH.into_iter().find(|&s| self.partition(s).unique_guid == uuid)
+    }
+
+    /// The underlying device.
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// Applies a transition: computes the new bits with `f` (a pure function from `choice`),
+    /// writes them crash-safely, reads the table back and checks it. Repairs a damaged table
+    /// copy on the way. Returns the new bits.
+    pub fn update(
+        &mut self,
+        f: impl FnOnce(&Slots) -> Result<Slots, TransitionError>,
+    ) -> Result<Slots, DiskError> {
+        let new =
+            f(&self.slots()).map_err(|source| DiskError::Transition { path: self.path.clone(), source })?;
+        let mut t = self.table.clone();
+        let err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DiskError::Table { path, source }
+        };
+        t.set_attributes(self.a.number, new.a).map_err(err(&self.path))?;
+        t.set_attributes(self.b.number, new.b).map_err(err(&self.path))?;
+        t.write(&mut self.dev, &self.table).map_err(err(&self.path))?;
+        let fresh = Self::from_device_ref(&self.dev, &self.path)?;
+        if fresh.0 != new || !fresh.1.health().is_clean() {
+            return Err(DiskError::ReadBack { path: self.path.clone(), expected: new, found: fresh.0 });
+        }
+        self.table = fresh.1;
+        self.a.attributes = new.a;
+        self.b.attributes = new.b;
+        Ok(new)
+    }
+
+    /// Rewrites a damaged or out-of-date table copy from the valid one. Returns whether
+    /// anything was written.
+    pub fn repair(&mut self) -> Result<bool, DiskError> {
+        if self.health().is_clean() {
+            return Ok(false);
+        }
+        self.update(|s| Ok(*s))?;
+        Ok(true)
+    }
+
+    fn from_device_ref(dev: &D, path: &Path) -> Result<(Slots, Table), DiskError> {
+        let table = table::read(dev).map_err(|source| DiskError::Table { path: path.to_owned(), source })?;
+        let (a, b) = find_slots(path, &table)?;
+        Ok((Slots { a: a.attributes, b: b.attributes }, table))
+    }
+}
+
+fn find_slots(path: &Path, table: &Table) -> Result<(Entry, Entry), DiskError> {
+    let entries = table.entries();
+    let find = |slot: Slot| -> Result<Entry, DiskError> {
+        let label = slot_label(slot);
+        let mut found = entries.iter().filter(|e| e.name == label);
+        let e = found.next().ok_or(DiskError::NoSlot { path: path.to_owned(), label })?;
+        if let Some(second) = found.next() {
+            return Err(DiskError::DuplicateSlot {
+                path: path.to_owned(),
+                label,
+                first: e.number,
+                second: second.number,
+            });
+        }
+        if e.type_guid != USR_PARTITION_TYPE {
+            return Err(DiskError::WrongType {
+                path: path.to_owned(),
+                label,
+                number: e.number,
+                found: e.type_guid,
+            });
+        }
+        Ok(e.clone())
+    };
+    let (a, b) = (find(Slot::A)?, find(Slot::B)?);
+    if a.number > b.number {
+        return Err(DiskError::SlotOrder { path: path.to_owned(), a: a.number, b: b.number });
+    }
+    Ok((a, b))
+}
