@@ -1,7 +1,6 @@
 //! One function per subcommand; each calls into the library crates and prints a summary.
 
 use crate::cli::{BuildArgs, Cli, Command, PublishArgs, TrustArgs};
-use crate::progress;
 use anyhow::{Context as _, Result, bail};
 use jiff::{SignedDuration, SpanRelativeTo, Timestamp};
 use manifest::{ChannelIndex, Manifest, Wave};
@@ -58,7 +57,7 @@ fn build(a: &BuildArgs) -> Result<()> {
         threads: a.threads.get(),
         salt,
     };
-    let bar = progress::bytes("building", size);
+    let bar = cliutil::byte_bar("building", size);
     let started = Instant::now();
     let m = payload::build(&a.fs_image, &a.out, &opts, &|done| bar.set_position(done))?;
     bar.finish_and_clear();
@@ -105,7 +104,7 @@ fn publish(a: &PublishArgs) -> Result<()> {
         now,
         threads: a.threads.get(),
     };
-    let bar = progress::bytes("verifying", 0);
+    let bar = cliutil::byte_bar("verifying", 0);
     let p = local::publish(&req, &keys, &policy(&a.trust)?, &|d, t| {
         bar.set_length(t);
         bar.set_position(d);
@@ -134,7 +133,7 @@ fn verify(
     let policy = policy(trust)?;
     let mut state = state_path.map(AcceptedState::load).transpose()?;
     let now = at.unwrap_or_else(Timestamp::now);
-    let bar = progress::bytes("verifying", 0);
+    let bar = cliutil::byte_bar("verifying", 0);
     let report = local::verify_repository(repo, &policy, now, state.as_mut(), threads, &|label, d, t| {
         bar.set_message(label.to_owned());
         bar.set_length(t);
@@ -158,7 +157,7 @@ fn verify(
 }
 
 fn verify_image(dir: &Path, trust: &TrustArgs, threads: usize) -> Result<()> {
-    let bar = progress::bytes("verifying", 0);
+    let bar = cliutil::byte_bar("verifying", 0);
     let m = local::verify_image_dir(dir, &policy(trust)?, threads, &|d, t| {
         bar.set_length(t);
         bar.set_position(d);

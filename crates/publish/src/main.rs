@@ -8,7 +8,6 @@
 
 mod cli;
 mod commands;
-mod progress;
 
 use clap::Parser as _;
 
@@ -22,23 +21,9 @@ fn main() -> std::process::ExitCode {
     match commands::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("aclpub: error: {}", error_chain(&e));
+            eprintln!("aclpub: error: {}", cliutil::error_chain(&e));
             let rejected = e.downcast_ref::<repo::RepoError>().is_some_and(|r| r.is_rejection());
             std::process::ExitCode::from(if rejected { EXIT_REJECTED } else { EXIT_FAILED })
         }
     }
-}
-
-/// The error and its causes on one line, skipping a cause whose text the message already holds
-/// (our library errors include their cause in their own message).
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut msg = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !msg.contains(&c) {
-            msg.push_str(": ");
-            msg.push_str(&c);
-        }
-    }
-    msg
 }

@@ -1,0 +1,145 @@
+//! `aclctl`: the node's local command line.
+//!
+//! Today it works on a disk directly (`--disk`, a block device or an image file, or the
+//! running system's disk found from the kernel command line): `status`, `rollback`,
+//! `mark-good`. Once the agent exists it will talk to it over its Unix socket and fall back
+//! to the disk where no agent runs.
+
+// A command-line tool's results go to standard output.
+#![allow(clippy::print_stdout)]
+
+mod status;
+mod system;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use slot::choice::{self, Slot};
+use slot::{Disk, DiskError};
+use std::path::PathBuf;
+
+/// Exit code when the disk's state does not allow the request (e.g. nothing to roll back to).
+const EXIT_REFUSED: u8 = 3;
+
+/// Inspect and steer the A/B slots of this node.
+#[derive(Debug, Parser)]
+#[command(
+    name = "aclctl",
+    version,
+    after_help = "\
+Exit codes: 0 success; 1 failure; 2 usage error; 3 refused (the slots' state does not allow it)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show both slots: partition, bits, which is booted and which boots next.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the other slot boot next, if it holds an image that was confirmed good.
+    Rollback {
+        #[command(flatten)]
+        target: Target,
+        /// Print the resulting status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Confirm the booted slot as good (what the agent does after its health checks pass).
+    MarkGood {
+        #[command(flatten)]
+        target: Target,
+        /// Print the resulting status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Target {
+    /// The disk: a block device or a disk-image file (default: the running system's disk).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Treat this slot as the booted one (A or B); default: from the kernel command line.
+    #[arg(long, value_parser = parse_slot)]
+    booted: Option<Slot>,
+}
+
+fn parse_slot(s: &str) -> Result<Slot, String> {
+    match s {
+        "A" | "a" => Ok(Slot::A),
+        "B" | "b" => Ok(Slot::B),
+        _ => Err(format!("{s:?} is not a slot (A or B)")),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aclctl: error: {}", cliutil::error_chain(&e));
+            let refused = matches!(e.downcast_ref::<DiskError>(), Some(DiskError::Transition { .. }));
+            std::process::ExitCode::from(if refused { EXIT_REFUSED } else { 1 })
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Status { target, json } => {
+            let (disk, booted) = open(&target, false)?;
+            status::print(&status::Status::of(&disk, booted), json)
+        }
+        Command::Rollback { target, json } => change(&target, json, "rollback", choice::rollback),
+        Command::MarkGood { target, json } => change(&target, json, "mark-good", choice::mark_good),
+    }
+}
+
+/// Opens the disk and works out the booted slot (`None` when the disk is not the running
+/// system's and `--booted` was not given).
+fn open(target: &Target, writable: bool) -> Result<(Disk<std::fs::File>, status::Booted)> {
+    let cmdline = system::kernel_cmdline();
+    let path = match &target.disk {
+        Some(p) => p.clone(),
+        None => system::system_disk(cmdline.as_deref()).context("no --disk given")?,
+    };
+    let disk = Disk::open(&path, writable)?;
+    let booted = match target.booted {
+        Some(s) => status::Booted::Given(s),
+        None => system::booted_slot(&disk, cmdline.as_deref())
+            .map_or(status::Booted::Unknown, status::Booted::Cmdline),
+    };
+    Ok((disk, booted))
+}
+
+fn change(
+    target: &Target,
+    json: bool,
+    what: &str,
+    f: impl FnOnce(&slot::Slots, Slot) -> Result<slot::Slots, choice::TransitionError>,
+) -> Result<()> {
+    let (mut disk, booted) = open(target, true)?;
+    // On a disk that is not running, the slot that would boot now stands for the booted one.
+    let current = booted
+        .slot()
+        .or_else(|| choice::choose(&disk.slots()))
+        .context("no slot is bootable on this disk")?;
+    let repaired = !disk.health().is_clean();
+    let before = choice::choose(&disk.slots());
+    disk.update(|s| f(s, current))?;
+    let after = choice::choose(&disk.slots());
+    if !json {
+        if repaired {
+            println!("repaired a damaged copy of the partition table");
+        }
+        let show = |s: Option<Slot>| s.map_or("none".to_owned(), |s| s.to_string());
+        println!("{what}: slot {} boots next (was {})", show(after), show(before));
+    }
+    status::print(&status::Status::of(&disk, booted), json)
+}

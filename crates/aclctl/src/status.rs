@@ -1,0 +1,151 @@
+//! `aclctl status`: what the slots are, as a table for people and JSON for programs.
+
+use anyhow::Result;
+use serde::Serialize;
+use slot::Disk;
+use slot::choice::{self, Slot};
+
+/// Where the booted slot came from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Booted {
+    /// The kernel command line names a slot partition of this disk.
+    Cmdline(Slot),
+    /// `--booted`.
+    Given(Slot),
+    /// Not the running system's disk.
+    Unknown,
+}
+
+impl Booted {
+    pub(crate) fn slot(self) -> Option<Slot> {
+        match self {
+            Booted::Cmdline(s) | Booted::Given(s) => Some(s),
+            Booted::Unknown => None,
+        }
+    }
+}
+
+/// The status of a disk (also the `--json` shape; documented in the README).
+#[derive(Debug, Serialize)]
+pub(crate) struct Status {
+    disk: String,
+    sector_size: u64,
+    table: TableStatus,
+    booted: Option<Slot>,
+    booted_source: &'static str,
+    next_boot: Option<Slot>,
+    slots: Vec<SlotStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct TableStatus {
+    primary_ok: bool,
+    backup_ok: bool,
+    problem: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct SlotStatus {
+    slot: Slot,
+    partition: u32,
+    label: String,
+    partuuid: String,
+    /// Not known yet: installed versions are recorded by the installer (issue 4).
+    version: Option<String>,
+    priority: u8,
+    tries: u8,
+    successful: bool,
+    bootable: bool,
+    role: String,
+}
+
+impl Status {
+    pub(crate) fn of<D: slot::table::BlockDevice>(disk: &Disk<D>, booted: Booted) -> Self {
+        let slots = disk.slots();
+        let next = choice::choose(&slots);
+        let health = disk.health();
+        let slot_status = |s: Slot| {
+            let p = disk.partition(s);
+            let bits = slots.get(s);
+            let mut role = Vec::new();
+            if booted.slot() == Some(s) {
+                role.push("booted".to_owned());
+            }
+            if next == Some(s) {
+                role.push(if bits.successful() {
+                    "boots next".to_owned()
+                } else {
+                    format!("boots next, on trial ({} tries left)", bits.tries())
+                });
+            } else if bits.bootable() {
+                role.push("fallback".to_owned());
+            } else {
+                role.push("unbootable".to_owned());
+            }
+            SlotStatus {
+                slot: s,
+                partition: p.number,
+                label: p.name.clone(),
+                partuuid: p.unique_guid.to_string(),
+                version: None,
+                priority: bits.priority(),
+                tries: bits.tries(),
+                successful: bits.successful(),
+                bootable: bits.bootable(),
+                role: role.join(", "),
+            }
+        };
+        Status {
+            disk: disk.path().display().to_string(),
+            sector_size: disk.sector_size(),
+            table: TableStatus {
+                primary_ok: health.primary_error.is_none(),
+                backup_ok: health.backup_error.is_none(),
+                problem: health.primary_error.clone().or_else(|| health.backup_error.clone()),
+            },
+            booted: booted.slot(),
+            booted_source: match booted {
+                Booted::Cmdline(_) => "kernel command line",
+                Booted::Given(_) => "--booted",
+                Booted::Unknown => "unknown (not the running system's disk)",
+            },
+            next_boot: next,
+            slots: Slot::BOTH.into_iter().map(slot_status).collect(),
+        }
+    }
+}
+
+pub(crate) fn print(s: &Status, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    let table = match &s.table.problem {
+        None => "both copies valid".to_owned(),
+        Some(p) => format!("NEEDS REPAIR ({p}); any change repairs it"),
+    };
+    println!("disk       {} (GPT, {}-byte sectors, {table})", s.disk, s.sector_size);
+    let show = |x: Option<Slot>| x.map_or("-".to_owned(), |x| x.to_string());
+    println!("booted     {} ({})", show(s.booted), s.booted_source);
+    println!("next boot  {}", s.next_boot.map_or("NONE: no slot is bootable".to_owned(), |x| x.to_string()));
+    println!();
+    println!(
+        "{:<5} {:<5} {:<6} {:<37} {:<8} {:>8} {:>5} {:>10}  state",
+        "slot", "part", "label", "partuuid", "version", "priority", "tries", "successful"
+    );
+    for x in &s.slots {
+        println!(
+            "{:<5} {:<5} {:<6} {:<37} {:<8} {:>8} {:>5} {:>10}  {}",
+            x.slot.to_string(),
+            x.partition,
+            x.label,
+            x.partuuid,
+            x.version.as_deref().unwrap_or("-"),
+            x.priority,
+            x.tries,
+            if x.successful { "yes" } else { "no" },
+            x.role
+        );
+    }
+    Ok(())
+}

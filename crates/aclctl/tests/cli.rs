@@ -1,0 +1,158 @@
+//! `aclctl` on disk-image files and loop devices partitioned by Debian's sgdisk.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found =
+        ["/usr/sbin", "/usr/bin", "/sbin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.exists());
+    if found.is_none() {
+        assert!(std::env::var_os("ACL_REQUIRE_TOOLS").is_none(), "{name} ({package}) is required");
+        eprintln!("skipped: {name} not installed (apt-get install {package})");
+    }
+    found
+}
+
+fn sh(cmd: &Path, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{} {args:?}: {}", cmd.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn aclctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_aclctl")).args(args).output().unwrap()
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = aclctl(args);
+    assert!(out.status.success(), "aclctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Flatcar layout after a completed update: B (priority 2) confirmed, A (priority 1) the way back.
+fn updated_disk(sgdisk: &Path, target: &Path) {
+    let usr = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
+    let t = target.to_str().unwrap();
+    sh(
+        sgdisk,
+        &[
+            "-n",
+            "1:0:+8M",
+            "-c",
+            "1:EFI-SYSTEM",
+            "-t",
+            "1:EF00",
+            "-n",
+            "3:0:+8M",
+            "-c",
+            "3:USR-A",
+            "-t",
+            &format!("3:{usr}"),
+            "-n",
+            "4:0:+8M",
+            "-c",
+            "4:USR-B",
+            "-t",
+            &format!("4:{usr}"),
+            "-n",
+            "9:0:0",
+            "-c",
+            "9:ROOT",
+            "-A",
+            "3:set:48",
+            "-A",
+            "3:set:56",
+            "-A",
+            "4:set:49",
+            "-A",
+            "4:set:56",
+            t,
+        ],
+    );
+}
+
+fn attributes(sgdisk: &Path, target: &Path, n: u32) -> String {
+    let out = sh(sgdisk, &["-i", &n.to_string(), target.to_str().unwrap()]);
+    out.lines().find_map(|l| l.strip_prefix("Attribute flags: ")).unwrap().trim().to_owned()
+}
+
+fn rollback_round_trip(sgdisk: &Path, disk: &Path) {
+    let d = disk.to_str().unwrap();
+    let s = json(&["status", "--disk", d, "--json"]);
+    assert_eq!(s["next_boot"], "B");
+    assert_eq!(s["slots"][1]["priority"], 2);
+
+    let started = Instant::now();
+    let out = aclctl(&["rollback", "--disk", d]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rollback: slot A boots next (was B)"), "{text}");
+    eprintln!("aclctl rollback on {d}: {:.1} ms (process start to exit)", took.as_secs_f64() * 1e3);
+
+    assert!(sh(sgdisk, &["-v", d]).contains("No problems found"));
+    assert_eq!(attributes(sgdisk, disk, 3), "0102000000000000");
+    assert_eq!(attributes(sgdisk, disk, 4), "0101000000000000");
+    assert_eq!(json(&["status", "--disk", d, "--json"])["next_boot"], "A");
+}
+
+#[test]
+fn rollback_on_an_image_file_and_a_loop_device() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    updated_disk(&sgdisk, &img);
+    rollback_round_trip(&sgdisk, &img);
+
+    let Some(losetup) = tool("losetup", "mount") else { return };
+    let img2 = dir.path().join("disk2.img");
+    std::fs::File::create(&img2).unwrap().set_len(48 << 20).unwrap();
+    let out = Command::new(&losetup).args(["--find", "--show"]).arg(&img2).output().unwrap();
+    if !out.status.success() {
+        assert!(std::env::var_os("ACL_REQUIRE_LOOP").is_none(), "no loop device");
+        eprintln!("skipped: no loop device");
+        return;
+    }
+    let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    updated_disk(&sgdisk, &dev);
+    let result = std::panic::catch_unwind(|| rollback_round_trip(&sgdisk, &dev));
+    sh(&losetup, &["-d", dev.to_str().unwrap()]);
+    result.unwrap();
+}
+
+#[test]
+fn mark_good_and_refusals() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    updated_disk(&sgdisk, &img);
+    let d = img.to_str().unwrap();
+    // B on trial: priority 2, 1 try left, not yet successful.
+    sh(&sgdisk, &["-A", "4:clear:56", "-A", "4:set:52", d]);
+    let s = json(&["status", "--disk", d, "--booted", "B", "--json"]);
+    assert_eq!(s["booted"], "B");
+    assert!(s["slots"][1]["role"].as_str().unwrap().contains("on trial (1 tries left)"), "{s}");
+    let s = json(&["mark-good", "--disk", d, "--booted", "B", "--json"]);
+    assert_eq!(s["slots"][1]["successful"], true);
+    assert_eq!(s["slots"][1]["tries"], 0);
+    assert_eq!(attributes(&sgdisk, &img, 4), "0102000000000000");
+
+    // Nothing to roll back to: A marked unbootable.
+    sh(&sgdisk, &["-A", "3:clear:48", "-A", "3:clear:56", d]);
+    let out = aclctl(&["rollback", "--disk", d, "--booted", "B"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("slot A cannot be rolled back to: it was never confirmed good"), "{err}");
+
+    // Not a GPT disk at all.
+    let blank = dir.path().join("blank.img");
+    std::fs::File::create(&blank).unwrap().set_len(1 << 20).unwrap();
+    let out = aclctl(&["status", "--disk", blank.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no valid GPT"));
+    // A slot name that is not A or B is a usage error.
+    assert_eq!(aclctl(&["status", "--disk", d, "--booted", "C"]).status.code(), Some(2));
+}

@@ -1,0 +1,45 @@
+//! What the binaries (`aclpub`, `aclctl`) share, so that they report errors and progress the
+//! same way.
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// The error and its causes on one line, skipping a cause whose text the message already
+/// holds: our library errors include their cause in their own message, and anyhow's `{:#}`
+/// would print it twice.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
+/// A byte-count progress bar with rate and ETA on standard error (drawn only on a terminal).
+pub fn byte_bar(label: &str, total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(io).context("read /dev/sda: disk on fire");
+        assert_eq!(super::error_chain(&e), "read /dev/sda: disk on fire");
+        let e = anyhow::Error::new(std::io::Error::other("gone")).context("open x");
+        assert_eq!(super::error_chain(&e), "open x: gone");
+    }
+}
