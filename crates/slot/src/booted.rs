@@ -47,14 +47,11 @@ pub fn from_cmdline(cmdline: &str) -> Option<BootedFrom> {
 /// The device number (major, minor) of the filesystem mounted at `mount_point`, from the text
 /// of /proc/self/mountinfo. The last mount on that point wins (it hides the earlier ones).
 pub fn mounted_device(mountinfo: &str, mount_point: &str) -> Option<(u32, u32)> {
-    mountinfo
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let (maj, min) = f.get(2)?.split_once(':')?;
-            (*f.get(4)? == mount_point).then_some((maj.parse().ok()?, min.parse().ok()?))
-        })
-        .last()
+    mountinfo.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let (maj, min) = f.get(2)?.split_once(':')?;
+        (*f.get(4)? == mount_point).then_some((maj.parse().ok()?, min.parse().ok()?))
+    })
 }
 
 /// A partition as sysfs describes it.
