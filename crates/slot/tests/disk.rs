@@ -178,3 +178,29 @@ fn refused_transitions_write_nothing() {
     assert!(e.contains("slot B cannot be rolled back to: it was never confirmed good"), "{e}");
     assert!(std::fs::read(&img).unwrap() == before);
 }
+
+/// ChromeOS's own tool (Debian's cgpt) reads the bits we write, and we read what it writes.
+#[test]
+fn cgpt_and_we_agree_on_the_bits() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let Some(cgpt) = tool("cgpt", "cgpt") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = flatcar_image(&sgdisk, dir.path());
+    let d = img.to_str().unwrap();
+    let show = |i: &str, what: &str| run(&cgpt, &["show", "-i", i, what, d]).trim().to_owned();
+
+    let new = Disk::open(&img, true)
+        .unwrap()
+        .update(|s| choice::activate(s, Slot::A, Tries::new(3).unwrap()))
+        .unwrap();
+    assert_eq!(new.b, GptPrio::from_parts(2, 3, false).unwrap());
+    assert_eq!((show("4", "-P"), show("4", "-T"), show("4", "-S")), ("2".into(), "3".into(), "0".into()));
+    assert_eq!((show("3", "-P"), show("3", "-T"), show("3", "-S")), ("1".into(), "0".into(), "1".into()));
+
+    run(&cgpt, &["add", "-i", "4", "-P", "7", "-T", "5", "-S", "1", d]);
+    let disk = Disk::open(&img, false).unwrap();
+    assert_eq!(disk.slots().b, GptPrio::from_parts(7, 5, true).unwrap());
+    assert!(disk.health().is_clean());
+    assert_eq!(choice::choose(&disk.slots()), Some(Slot::B));
+    assert_sgdisk_clean(&sgdisk, &img);
+}
