@@ -1,0 +1,359 @@
+//! Fetching from a repository: whole small files (indexes, manifests, signatures) and byte
+//! ranges of payloads, over HTTP or from a `file://` directory (air-gapped sites).
+//!
+//! Failure policy, in one place so every caller gets it:
+//! - a stall (no byte for `stall_timeout`) fails the attempt; total time is not limited, so a
+//!   slow but moving download is never cut;
+//! - connection errors, stalls, 5xx answers and short bodies are retried, with exponential
+//!   backoff, up to `attempts` times; 4xx answers are not (the file is not there);
+//! - every error names the URL and what went wrong, and says how many attempts were made.
+//!
+//! HTTPS and proxies are not supported yet (see ARCHITECTURE.md); a `https://` URL is refused
+//! with a clear error rather than fetched in the clear.
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How hard to try.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Attempts per request, at least 1.
+    pub attempts: u32,
+    /// Give up an attempt when no byte arrives for this long.
+    pub stall_timeout: Duration,
+    /// Wait before the first retry; doubles for each further one.
+    pub first_backoff: Duration,
+    /// The largest whole file [`Fetcher::get`] accepts (documents are small; a bigger answer is
+    /// an attack or a mistake).
+    pub max_document: u64,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            stall_timeout: Duration::from_secs(30),
+            first_backoff: Duration::from_millis(500),
+            max_document: 64 << 20,
+        }
+    }
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The repository URL is not one we can use.
+    #[error("repository URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server says the file is not there (or refuses it): not retried.
+    #[error("{url}: HTTP {status} (not retried)")]
+    Rejected {
+        /// The URL.
+        url: String,
+        /// The status code.
+        status: u16,
+    },
+    /// The file does not exist (file:// repository).
+    #[error("{url}: no such file")]
+    NotFound {
+        /// The URL.
+        url: String,
+    },
+    /// Retries are used up; the last attempt's error.
+    #[error("{url}: {last} (gave up after {attempts} attempts)")]
+    GaveUp {
+        /// The URL.
+        url: String,
+        /// Attempts made.
+        attempts: u32,
+        /// What the last attempt ran into.
+        last: String,
+    },
+    /// A document larger than allowed.
+    #[error("{url}: {size} bytes is more than the {limit} allowed for a document")]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// Size announced or received.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+impl FetchError {
+    /// The URL concerned.
+    pub fn url(&self) -> &str {
+        match self {
+            FetchError::BadUrl { url, .. }
+            | FetchError::Rejected { url, .. }
+            | FetchError::NotFound { url }
+            | FetchError::GaveUp { url, .. }
+            | FetchError::TooLarge { url, .. } => url,
+        }
+    }
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<Bytes>,
+>;
+
+#[derive(Debug, Clone)]
+enum Kind {
+    File(PathBuf),
+    Http { base: String, client: HttpClient },
+}
+
+/// A repository to fetch from; cheap to clone (clones share connections and counters).
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    kind: Kind,
+    opts: FetchOptions,
+    fetched: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+}
+
+/// One attempt's failure: retry or not.
+enum Attempt {
+    Retry(String),
+    Fatal(FetchError),
+}
+
+impl Fetcher {
+    /// A fetcher for the repository at `url`: `http://host[:port]/path` or `file:///path`
+    /// (a bare path is taken as a directory).
+    pub fn new(url: &str, opts: FetchOptions) -> Result<Self, FetchError> {
+        let bad = |reason: &str| FetchError::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
+        if opts.attempts == 0 {
+            return Err(bad("attempts must be at least 1"));
+        }
+        let kind = if let Some(path) = url.strip_prefix("file://") {
+            Kind::File(PathBuf::from(path))
+        } else if url.starts_with("http://") {
+            url.parse::<hyper::Uri>().map_err(|e| bad(&e.to_string()))?;
+            let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(opts.stall_timeout));
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector);
+            Kind::Http { base: url.trim_end_matches('/').to_owned(), client }
+        } else if url.starts_with("https://") {
+            return Err(bad("https is not supported yet; use http:// on a trusted network or file://"));
+        } else if url.contains("://") {
+            return Err(bad("only http:// and file:// repositories are supported"));
+        } else {
+            Kind::File(PathBuf::from(url))
+        };
+        Ok(Self { kind, opts, fetched: Arc::default(), requests: Arc::default() })
+    }
+
+    /// The full URL of `path` in the repository.
+    pub fn url(&self, path: &str) -> String {
+        match &self.kind {
+            Kind::File(dir) => format!("file://{}", dir.join(path).display()),
+            Kind::Http { base, .. } => format!("{base}/{path}"),
+        }
+    }
+
+    /// Payload and document bytes received so far, over all requests.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Requests made so far (each attempt counts).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// A whole (small) file.
+    pub async fn get(&self, path: &str) -> Result<Bytes, FetchError> {
+        self.with_retries(path, None).await
+    }
+
+    /// Bytes `range` of a file; the answer has exactly that length or it is an error.
+    pub async fn get_range(&self, path: &str, range: Range<u64>) -> Result<Bytes, FetchError> {
+        self.with_retries(path, Some(range)).await
+    }
+
+    async fn with_retries(&self, path: &str, range: Option<Range<u64>>) -> Result<Bytes, FetchError> {
+        let url = self.url(path);
+        let mut backoff = self.opts.first_backoff;
+        let mut last = String::new();
+        for attempt in 1..=self.opts.attempts {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            match self.attempt(path, &url, range.clone()).await {
+                Ok(b) => return Ok(b),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(why)) => last = why,
+            }
+            if attempt < self.opts.attempts {
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2);
+            }
+        }
+        Err(FetchError::GaveUp { url, attempts: self.opts.attempts, last })
+    }
+
+    async fn attempt(&self, path: &str, url: &str, range: Option<Range<u64>>) -> Result<Bytes, Attempt> {
+        match &self.kind {
+            Kind::File(dir) => self.attempt_file(&dir.join(path), url, range).await,
+            Kind::Http { client, .. } => self.attempt_http(client, url, range).await,
+        }
+    }
+
+    async fn attempt_file(
+        &self,
+        file: &std::path::Path,
+        url: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<Bytes, Attempt> {
+        let (file, url_owned, limit) = (file.to_owned(), url.to_owned(), self.opts.max_document);
+        let result = tokio::task::spawn_blocking(move || -> Result<Bytes, Attempt> {
+            use std::os::unix::fs::FileExt as _;
+            let f = std::fs::File::open(&file).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    Attempt::Fatal(FetchError::NotFound { url: url_owned.clone() })
+                }
+                _ => Attempt::Retry(e.to_string()),
+            })?;
+            let len = f.metadata().map_err(|e| Attempt::Retry(e.to_string()))?.len();
+            let range = match range {
+                Some(r) => r,
+                None if len > limit => {
+                    return Err(Attempt::Fatal(FetchError::TooLarge { url: url_owned, size: len, limit }));
+                }
+                None => 0..len,
+            };
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            f.read_exact_at(&mut buf, range.start).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    Attempt::Retry(format!("file is {len} bytes, shorter than the range {range:?}"))
+                }
+                _ => Attempt::Retry(e.to_string()),
+            })?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| Attempt::Retry(e.to_string()))?;
+        if let Ok(b) = &result {
+            self.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn attempt_http(
+        &self,
+        client: &HttpClient,
+        url: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<Bytes, Attempt> {
+        let mut req = hyper::Request::get(url);
+        if let Some(r) = &range {
+            req = req.header(hyper::header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
+        }
+        let req = req
+            .body(http_body_util::Empty::new())
+            .map_err(|e| Attempt::Fatal(FetchError::BadUrl { url: url.to_owned(), reason: e.to_string() }))?;
+        let stall = self.opts.stall_timeout;
+        let resp = match tokio::time::timeout(stall, client.request(req)).await {
+            Err(_) => return Err(Attempt::Retry(format!("no response for {:.1} s", stall.as_secs_f64()))),
+            Ok(Err(e)) => return Err(Attempt::Retry(error_text(&e))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        let expected = match (&range, status) {
+            (Some(r), 206) => {
+                check_content_range(resp.headers(), r)?;
+                Some(r.end - r.start)
+            }
+            (Some(_), 200) => {
+                return Err(Attempt::Fatal(FetchError::BadUrl {
+                    url: url.to_owned(),
+                    reason: "the server ignored the Range header (HTTP 200 instead of 206)".into(),
+                }));
+            }
+            (None, 200) => None,
+            (_, 500..=599) => return Err(Attempt::Retry(format!("HTTP {status}"))),
+            _ => return Err(Attempt::Fatal(FetchError::Rejected { url: url.to_owned(), status })),
+        };
+        let limit = expected.unwrap_or(self.opts.max_document);
+        if let Some(len) = resp
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        {
+            if expected.is_some_and(|e| e != len) {
+                return Err(Attempt::Retry(format!("Content-Length {len}, expected {limit}")));
+            }
+            if len > limit {
+                return Err(Attempt::Fatal(FetchError::TooLarge { url: url.to_owned(), size: len, limit }));
+            }
+        }
+        let mut body = resp.into_body();
+        let mut buf = BytesMut::with_capacity(expected.unwrap_or(64 << 10) as usize);
+        loop {
+            let frame = match tokio::time::timeout(stall, body.frame()).await {
+                Err(_) => {
+                    return Err(Attempt::Retry(format!("stalled: no data for {:.1} s", stall.as_secs_f64())));
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(Attempt::Retry(error_text(&e))),
+                Ok(Some(Ok(f))) => f,
+            };
+            if let Ok(data) = frame.into_data() {
+                self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+                buf.extend_from_slice(&data);
+                if buf.len() as u64 > limit {
+                    return Err(match expected {
+                        Some(_) => Attempt::Retry(format!("body longer than the {limit} bytes asked for")),
+                        None => Attempt::Fatal(FetchError::TooLarge {
+                            url: url.to_owned(),
+                            size: buf.len() as u64,
+                            limit,
+                        }),
+                    });
+                }
+            }
+        }
+        if let Some(e) = expected {
+            if buf.len() as u64 != e {
+                return Err(Attempt::Retry(format!("truncated body: {} of {e} bytes", buf.len())));
+            }
+        }
+        Ok(buf.freeze())
+    }
+}
+
+fn check_content_range(headers: &hyper::HeaderMap, r: &Range<u64>) -> Result<(), Attempt> {
+    let want = format!("bytes {}-{}/", r.start, r.end - 1);
+    match headers.get(hyper::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()) {
+        Some(v) if v.starts_with(&want) => Ok(()),
+        other => Err(Attempt::Retry(format!(
+            "Content-Range {other:?} does not match the range asked for ({want}...)"
+        ))),
+    }
+}
+
+/// An error and its causes on one line (hyper's own messages are terse).
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,187 @@
+//! The fetch policy against a scripted HTTP server that misbehaves on purpose: each failure
+//! mode must end in an error naming the URL and the problem, or in a retry that succeeds.
+
+use fetch::{FetchError, FetchOptions, Fetcher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// What the server does with request number `n` (from 0) for a range `start..=end`.
+#[derive(Clone, Copy, Debug)]
+enum Reply {
+    Ok,
+    Status(u16),
+    Reset,
+    Stall,
+    Truncate,
+    WrongLength,
+    IgnoreRange,
+}
+
+const DATA: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+/// Serves DATA at /f, replying to request n with script[min(n, len-1)]. Returns the base URL
+/// and the request counter.
+async fn server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&count);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let script = script.clone();
+            let c = Arc::clone(&c);
+            tokio::spawn(async move {
+                loop {
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&req).to_lowercase();
+                    let (s, e) = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("range: bytes="))
+                        .and_then(|r| r.trim().split_once('-'))
+                        .map(|(s, e)| (s.parse::<usize>().unwrap(), e.parse::<usize>().unwrap()))
+                        .unwrap_or((0, DATA.len() - 1));
+                    let n = c.fetch_add(1, Ordering::SeqCst);
+                    let reply = script[n.min(script.len() - 1)];
+                    let body = &DATA[s..=e];
+                    let head = |status: &str, len: usize| {
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: {len}\r\ncontent-range: bytes {s}-{e}/{}\r\n\r\n",
+                            DATA.len()
+                        )
+                    };
+                    match reply {
+                        Reply::Ok => {
+                            let _ = sock.write_all(head("206 Partial Content", body.len()).as_bytes()).await;
+                            let _ = sock.write_all(body).await;
+                        }
+                        Reply::IgnoreRange => {
+                            let h = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", DATA.len());
+                            let _ = sock.write_all(h.as_bytes()).await;
+                            let _ = sock.write_all(DATA).await;
+                        }
+                        Reply::Status(code) => {
+                            let h = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n");
+                            let _ = sock.write_all(h.as_bytes()).await;
+                        }
+                        Reply::Reset => {
+                            // Linger 0 makes the close send a TCP RST (and cannot block).
+                            #[allow(deprecated)]
+                            let _ = sock.set_linger(Some(Duration::ZERO));
+                            return;
+                        }
+                        Reply::Stall => {
+                            let _ = sock.write_all(head("206 Partial Content", body.len()).as_bytes()).await;
+                            let _ = sock.write_all(&body[..body.len() / 2]).await;
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        Reply::Truncate => {
+                            let _ = sock.write_all(head("206 Partial Content", body.len()).as_bytes()).await;
+                            let _ = sock.write_all(&body[..body.len() / 2]).await;
+                            return;
+                        }
+                        Reply::WrongLength => {
+                            let _ =
+                                sock.write_all(head("206 Partial Content", body.len() - 3).as_bytes()).await;
+                            let _ = sock.write_all(&body[..body.len() - 3]).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), count)
+}
+
+fn fast() -> FetchOptions {
+    FetchOptions {
+        attempts: 3,
+        stall_timeout: Duration::from_millis(300),
+        first_backoff: Duration::from_millis(10),
+        ..FetchOptions::default()
+    }
+}
+
+async fn range(script: Vec<Reply>) -> (Result<bytes::Bytes, FetchError>, usize) {
+    let (url, count) = server(script).await;
+    let f = Fetcher::new(&url, fast()).unwrap();
+    let r = f.get_range("f", 10..20).await;
+    (r, count.load(Ordering::SeqCst))
+}
+
+#[tokio::test]
+async fn a_good_range() {
+    let (r, n) = range(vec![Reply::Ok]).await;
+    assert_eq!(&r.unwrap()[..], &DATA[10..20]);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn not_found_is_not_retried() {
+    let (r, n) = range(vec![Reply::Status(404)]).await;
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("/f: HTTP 404 (not retried)"), "{e}");
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_reported() {
+    let (r, n) = range(vec![Reply::Status(500), Reply::Ok]).await;
+    assert_eq!(&r.unwrap()[..], &DATA[10..20]);
+    assert_eq!(n, 2);
+    let (r, n) = range(vec![Reply::Status(503)]).await;
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("HTTP 503 (gave up after 3 attempts)"), "{e}");
+    assert_eq!(n, 3);
+}
+
+#[tokio::test]
+async fn reset_stall_truncation_and_wrong_length_are_named() {
+    for (reply, expect) in [
+        (Reply::Reset, "gave up after 3 attempts"),
+        (Reply::Stall, "stalled: no data for 0.3 s"),
+        (Reply::Truncate, "gave up after 3 attempts"),
+        (Reply::WrongLength, "Content-Length 7, expected 10"),
+    ] {
+        let (r, n) = range(vec![reply]).await;
+        let e = r.unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(expect) && e.url().ends_with("/f"), "{reply:?}: {msg}");
+        assert_eq!(n, 3, "{reply:?} must be retried");
+    }
+    // A flaky connection that recovers.
+    let (r, _) = range(vec![Reply::Reset, Reply::Truncate, Reply::Ok]).await;
+    assert_eq!(&r.unwrap()[..], &DATA[10..20]);
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_ranges_is_refused() {
+    let (r, n) = range(vec![Reply::IgnoreRange]).await;
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("ignored the Range header"), "{e}");
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn file_repositories() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), DATA).unwrap();
+    let f = Fetcher::new(&format!("file://{}", dir.path().display()), fast()).unwrap();
+    assert_eq!(&f.get_range("f", 3..6).await.unwrap()[..], b"345");
+    assert_eq!(&f.get("f").await.unwrap()[..], DATA);
+    let e = f.get("missing").await.unwrap_err().to_string();
+    assert!(e.ends_with("/missing: no such file"), "{e}");
+    let e = f.get_range("f", 60..70).await.unwrap_err().to_string();
+    assert!(e.contains("shorter than the range"), "{e}");
+    let e = Fetcher::new("https://example.invalid", fast()).unwrap_err().to_string();
+    assert!(e.contains("https is not supported yet"), "{e}");
+}
