@@ -327,10 +327,8 @@ impl Fetcher {
                 }
             }
         }
-        if let Some(e) = expected {
-            if buf.len() as u64 != e {
-                return Err(Attempt::Retry(format!("truncated body: {} of {e} bytes", buf.len())));
-            }
+        if let Some(e) = expected.filter(|&e| buf.len() as u64 != e) {
+            return Err(Attempt::Retry(format!("truncated body: {} of {e} bytes", buf.len())));
         }
         Ok(buf.freeze())
     }
