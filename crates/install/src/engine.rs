@@ -1,0 +1,455 @@
+//! The install pipeline (see the crate docs for the order of steps).
+
+use crate::journal::{Journal, replace_file};
+use crate::plan::{self, Plan};
+use crate::slotio::{AlignedBuf, SlotIo};
+use fetch::{FetchError, Fetcher};
+use manifest::{Manifest, Sha256Digest};
+use payload::{ChunkDecoder, ChunkError};
+use slot::choice::{self, Slot};
+use slot::{Disk, DiskError, Tries};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Sync and journal after this many bytes written.
+const SYNC_EVERY: u64 = 64 << 20;
+/// Chunks queued for the writer at most.
+const WRITER_QUEUE: usize = 16;
+
+/// What to install where.
+#[derive(Debug, Clone)]
+pub struct InstallRequest<'a> {
+    /// The disk (block device or image file).
+    pub disk: &'a Path,
+    /// The running slot; the other one is written.
+    pub booted: Slot,
+    /// The verified manifest of the image.
+    pub manifest: &'a Manifest,
+    /// Its bytes (recorded for the next adaptive install).
+    pub manifest_bytes: &'a [u8],
+    /// Path of the payload in the repository.
+    pub payload_path: String,
+    /// The agent's state directory (journal, recorded manifests).
+    pub state_dir: &'a Path,
+    /// Tries given to the new slot.
+    pub tries: Tries,
+    /// Range requests in flight at once.
+    pub parallel: usize,
+    /// Largest range request, in bytes.
+    pub max_request: u64,
+}
+
+/// Live progress counters, readable from another task while the install runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Image bytes in the target (including resumed ones).
+    pub done: AtomicU64,
+    /// Image bytes taken from the other slot.
+    pub reused: AtomicU64,
+    /// Image bytes found already written (resume).
+    pub resumed: AtomicU64,
+    /// Image bytes verified by the read-back.
+    pub read_back: AtomicU64,
+}
+
+/// What an install did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Image size.
+    pub image_bytes: u64,
+    /// Compressed bytes planned to fetch.
+    pub fetch_bytes: u64,
+    /// Image bytes copied from the other slot.
+    pub reused_bytes: u64,
+    /// Image bytes already there from an interrupted install.
+    pub resumed_bytes: u64,
+    /// Whether the target was opened with O_DIRECT.
+    pub direct_io: bool,
+    /// Time to fetch, copy and write.
+    pub write_time: Duration,
+    /// Time to read back and verify.
+    pub verify_time: Duration,
+    /// The slot installed.
+    pub target: Option<Slot>,
+}
+
+/// Why an install stopped. The target is left unbootable in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The disk or its slot bits.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// The image does not fit the target slot.
+    #[error("image of {need} bytes does not fit slot {slot} ({have} bytes)")]
+    TargetTooSmall {
+        /// The target.
+        slot: Slot,
+        /// Image size.
+        need: u64,
+        /// Slot size.
+        have: u64,
+    },
+    /// The target slot is in use.
+    #[error("slot {slot} is in use ({why}); refusing to write it")]
+    TargetInUse {
+        /// The target.
+        slot: Slot,
+        /// By what.
+        why: String,
+    },
+    /// Local I/O failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or device.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The repository could not deliver.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// A fetched chunk is not what the manifest says.
+    #[error("{url}: {source}")]
+    BadChunk {
+        /// The payload URL.
+        url: String,
+        /// What is wrong.
+        source: ChunkError,
+    },
+    /// The read-back found chunks that differ from the manifest (a disk that lost writes).
+    #[error(
+        "read-back of slot {slot} found {count} chunk(s) that differ from the manifest (first: chunk {first}); they will be fetched again"
+    )]
+    ReadBack {
+        /// The target.
+        slot: Slot,
+        /// How many.
+        count: usize,
+        /// The first.
+        first: usize,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> InstallError {
+    let path = path.to_owned();
+    move |source| InstallError::Io { what, path, source }
+}
+
+/// The manifest recorded for the image in `slot`, if any (written after each install).
+pub fn recorded_manifest(state_dir: &Path, slot: Slot) -> Option<(Manifest, Vec<u8>)> {
+    let bytes = std::fs::read(record_path(state_dir, slot)).ok()?;
+    let m = Manifest::from_bytes(&bytes).ok()?;
+    m.validate().ok()?;
+    Some((m, bytes))
+}
+
+fn record_path(state_dir: &Path, slot: Slot) -> PathBuf {
+    state_dir.join(format!("slot-{slot}.manifest.json"))
+}
+
+/// Why the partition `number` of block device `disk` must not be written, if it is in use:
+/// mounted, or held by another device (dm-verity). `None` for image files.
+pub fn target_in_use(disk: &Path, number: u32) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(disk).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = meta.rdev();
+    let (maj, min) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{maj}:{min}")).ok()?;
+    for entry in std::fs::read_dir(&sys).ok()?.flatten() {
+        let p = entry.path();
+        let is_it =
+            std::fs::read_to_string(p.join("partition")).ok().is_some_and(|n| n.trim() == number.to_string());
+        if !is_it {
+            continue;
+        }
+        if let Some(holder) = std::fs::read_dir(p.join("holders")).ok()?.flatten().next() {
+            return Some(format!("held by {}", holder.file_name().to_string_lossy()));
+        }
+        let dev = std::fs::read_to_string(p.join("dev")).ok()?;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        if let Some(line) = mountinfo.lines().find(|l| l.split(' ').nth(2) == Some(dev.trim())) {
+            return Some(format!("mounted at {}", line.split(' ').nth(4).unwrap_or("?")));
+        }
+    }
+    None
+}
+
+/// A message to the writer thread: verified bytes for one or more chunks.
+struct Verified {
+    indices: Vec<usize>,
+    data: AlignedBuf,
+    local: bool,
+}
+
+/// Installs `req.manifest` into the slot that is not booted. See the crate docs.
+pub async fn install(
+    req: &InstallRequest<'_>,
+    fetcher: &Fetcher,
+    counters: &Arc<Counters>,
+) -> Result<Report, InstallError> {
+    let m = req.manifest;
+    let target = req.booted.other();
+    let mut disk = Disk::open(req.disk, true)?;
+    let (base, len) = disk.slot_extent(target);
+    if m.image_size > len {
+        return Err(InstallError::TargetTooSmall { slot: target, need: m.image_size, have: len });
+    }
+    if let Some(why) = target_in_use(req.disk, disk.partition(target).number) {
+        return Err(InstallError::TargetInUse { slot: target, why });
+    }
+    std::fs::create_dir_all(req.state_dir).map_err(io("create", req.state_dir))?;
+    let manifest_sha256 = Sha256Digest::of(req.manifest_bytes);
+    let partuuid = disk.partition(target).unique_guid.to_string();
+
+    // Resume only the same image into the same, still unbootable, target.
+    let resumable = Journal::load(req.state_dir).filter(|j| {
+        j.manifest_sha256 == manifest_sha256
+            && j.target_partuuid == partuuid
+            && j.chunk_count == m.chunks.len()
+            && disk.slots().get(target).priority() == 0
+    });
+    let mut journal = match resumable {
+        Some(j) => j,
+        None => {
+            // The old image's record goes first: from here on the slot's content is changing.
+            match std::fs::remove_file(record_path(req.state_dir, target)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io("remove", &record_path(req.state_dir, target))(e));
+                }
+                _ => {}
+            }
+            let j = Journal::new(manifest_sha256, partuuid, m.chunks.len());
+            j.save(req.state_dir).map_err(io("write journal in", req.state_dir))?;
+            j
+        }
+    };
+    // Unbootable before the first byte is written (a no-op when resuming).
+    disk.update(|s| choice::prepare(s, req.booted))?;
+
+    let local = recorded_manifest(req.state_dir, req.booted).map(|(lm, _)| lm);
+    let plan = plan::plan(m, &journal.done(), local.as_ref(), req.max_request);
+    let chunk_len = |i: usize| {
+        let r = m.chunk_range(i);
+        r.end - r.start
+    };
+    let resumed: u64 = plan.done.iter().map(|&i| chunk_len(i)).sum();
+    counters.resumed.store(resumed, Ordering::Relaxed);
+    counters.done.store(resumed, Ordering::Relaxed);
+    let mut report = Report {
+        image_bytes: m.image_size,
+        fetch_bytes: plan.fetch_bytes(),
+        resumed_bytes: resumed,
+        target: Some(target),
+        ..Report::default()
+    };
+
+    let target_io = Arc::new(SlotIo::open(req.disk, base, len, true).map_err(io("open", req.disk))?);
+    report.direct_io = target_io.is_direct();
+    let started = Instant::now();
+    let failed_local =
+        write_all(req, fetcher, counters, &plan, &target_io, local.as_ref(), &mut journal).await?;
+    if !failed_local.is_empty() {
+        // The other slot did not hold what its record says: fetch those chunks instead.
+        let mut done = journal.done();
+        for &i in &failed_local {
+            done[i] = false;
+        }
+        let retry = plan::plan(m, &done, None, req.max_request);
+        report.fetch_bytes += retry.fetch_bytes();
+        write_all(req, fetcher, counters, &retry, &target_io, None, &mut journal).await?;
+    }
+    report.reused_bytes = counters.reused.load(Ordering::Relaxed);
+    report.write_time = started.elapsed();
+
+    // Read back everything from the device and check it.
+    let started = Instant::now();
+    target_io.drop_cache().map_err(io("drop cache of", req.disk))?;
+    let bad = read_back(m, &target_io, counters).await.map_err(io("read back", req.disk))?;
+    report.verify_time = started.elapsed();
+    if let Some(&first) = bad.first() {
+        let mut done = journal.done();
+        for &i in &bad {
+            done[i] = false;
+        }
+        journal.set_done(&done);
+        journal.save(req.state_dir).map_err(io("write journal in", req.state_dir))?;
+        return Err(InstallError::ReadBack { slot: target, count: bad.len(), first });
+    }
+
+    // Record, then activate, then forget the journal.
+    let record = record_path(req.state_dir, target);
+    replace_file(&record, req.manifest_bytes).map_err(io("write", &record))?;
+    disk.update(|s| choice::activate(s, req.booted, req.tries))?;
+    Journal::remove(req.state_dir).map_err(io("remove journal in", req.state_dir))?;
+    Ok(report)
+}
+
+/// Fetches and copies the planned chunks into the target through one writer thread. Returns
+/// the local copies that failed verification.
+async fn write_all(
+    req: &InstallRequest<'_>,
+    fetcher: &Fetcher,
+    counters: &Arc<Counters>,
+    plan: &Plan,
+    target_io: &Arc<SlotIo>,
+    local: Option<&Manifest>,
+    journal: &mut Journal,
+) -> Result<Vec<usize>, InstallError> {
+    let m = Arc::new(req.manifest.clone());
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Verified>(WRITER_QUEUE);
+
+    // The writer: writes, syncs every SYNC_EVERY bytes and journals what is durable.
+    let writer = {
+        let (m, io_, counters) = (Arc::clone(&m), Arc::clone(target_io), Arc::clone(counters));
+        let (mut journal, state_dir, disk) = (journal.clone(), req.state_dir.to_owned(), req.disk.to_owned());
+        std::thread::spawn(move || -> Result<Journal, InstallError> {
+            let mut done = journal.done();
+            let mut unsynced = 0u64;
+            let persist = |done: &[bool], journal: &mut Journal| -> Result<(), InstallError> {
+                io_.sync().map_err(io("sync", &disk))?;
+                journal.set_done(done);
+                journal.save(&state_dir).map_err(io("write journal in", &state_dir))
+            };
+            for v in rx {
+                for &i in &v.indices {
+                    let at = m.chunk_range(i).start;
+                    io_.write(at, &v.data).map_err(io("write", &disk))?;
+                    let n = v.data.as_slice().len() as u64;
+                    done[i] = true;
+                    unsynced += n;
+                    counters.done.fetch_add(n, Ordering::Relaxed);
+                    if v.local {
+                        counters.reused.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                if unsynced >= SYNC_EVERY {
+                    persist(&done, &mut journal)?;
+                    unsynced = 0;
+                }
+            }
+            persist(&done, &mut journal)?;
+            Ok(journal)
+        })
+    };
+
+    // Local copies, on a blocking thread.
+    let local_task = {
+        let (m, tx, copies) = (Arc::clone(&m), tx.clone(), plan.local.clone());
+        let disk = req.disk.to_owned();
+        let booted = req.booted;
+        let have_local = local.is_some();
+        tokio::task::spawn_blocking(move || -> Result<Vec<usize>, InstallError> {
+            if copies.is_empty() || !have_local {
+                return Ok(Vec::new());
+            }
+            let d = Disk::open(&disk, false)?;
+            let (base, len) = d.slot_extent(booted);
+            let src = SlotIo::open(&disk, base, len, false).map_err(io("open", &disk))?;
+            let mut failed = Vec::new();
+            for c in copies {
+                let r = m.chunk_range(c.index);
+                let data = src.read(c.from, (r.end - r.start) as usize).map_err(io("read", &disk))?;
+                if Sha256Digest::of(data.as_slice()) != m.chunks[c.index].sha256 {
+                    failed.push(c.index);
+                    continue;
+                }
+                if tx.send(Verified { indices: vec![c.index], data, local: true }).is_err() {
+                    break;
+                }
+            }
+            Ok(failed)
+        })
+    };
+
+    // Network fetches, `parallel` requests in flight.
+    let url = fetcher.url(&req.payload_path);
+    let sem = Arc::new(tokio::sync::Semaphore::new(req.parallel.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut first_error = None;
+    for group in plan.fetch.clone() {
+        if first_error.is_some() {
+            break;
+        }
+        let permit = Arc::clone(&sem).acquire_owned().await.expect("semaphore open");
+        let (fetcher, path, m, tx, url) =
+            (fetcher.clone(), req.payload_path.clone(), Arc::clone(&m), tx.clone(), url.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let bytes = fetcher.get_range(&path, group.range.clone()).await?;
+            tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
+                let mut decoder = ChunkDecoder::new().map_err(io("zstd", Path::new(&url)))?;
+                let mut out = Vec::new();
+                for (frame, indices) in group.frames {
+                    decoder
+                        .decode_into(&m, indices[0], &bytes[frame], &mut out)
+                        .map_err(|source| InstallError::BadChunk { url: url.clone(), source })?;
+                    let data = AlignedBuf::from_slice(&out);
+                    if tx.send(Verified { indices, data, local: false }).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .expect("decode task panicked")
+        });
+        // Notice a failure early rather than after every request was issued.
+        while let Some(r) = tasks.try_join_next() {
+            if let Err(e) = r.expect("fetch task panicked") {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    drop(tx);
+    // Requests already in flight finish (each is bounded by the stall timeout): what they
+    // bring is written and journaled, so a resume has less to fetch.
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(j) => std::panic::resume_unwind(j.into_panic()),
+        }
+    }
+    let failed_local = local_task.await.expect("copy task panicked");
+    let written = tokio::task::spawn_blocking(move || writer.join().expect("writer thread panicked"))
+        .await
+        .expect("join task panicked");
+    // The writer's journal is the truth about what is durable, even when something failed.
+    match written {
+        Ok(j) => *journal = j,
+        Err(e) => return Err(first_error.unwrap_or(e)),
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    failed_local
+}
+
+/// Reads every chunk from the target and returns the indices that do not match the manifest.
+async fn read_back(m: &Manifest, io_: &Arc<SlotIo>, counters: &Arc<Counters>) -> std::io::Result<Vec<usize>> {
+    let (m, io_, counters) = (Arc::new(m.clone()), Arc::clone(io_), Arc::clone(counters));
+    tokio::task::spawn_blocking(move || {
+        let mut bad = Vec::new();
+        for (i, c) in m.chunks.iter().enumerate() {
+            let r = m.chunk_range(i);
+            let data = io_.read(r.start, (r.end - r.start) as usize)?;
+            if Sha256Digest::of(data.as_slice()) != c.sha256 {
+                bad.push(i);
+            }
+            counters.read_back.fetch_add(r.end - r.start, Ordering::Relaxed);
+        }
+        Ok(bad)
+    })
+    .await
+    .expect("read-back task panicked")
+}

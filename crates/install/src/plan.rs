@@ -1,0 +1,138 @@
+//! What to do for each chunk: nothing (already written), copy it from the local image, or fetch
+//! it; and how to group the fetches into few range requests. Pure.
+
+use manifest::{Manifest, Sha256Digest};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+
+/// A chunk taken from the image installed in the other slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalCopy {
+    /// Chunk index in the new image.
+    pub index: usize,
+    /// Byte offset of the same bytes in the source slot.
+    pub from: u64,
+}
+
+/// One range request: consecutive frames of the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchGroup {
+    /// The payload bytes to request.
+    pub range: Range<u64>,
+    /// Each frame in the range (relative to `range.start`) and the chunks it decodes to.
+    pub frames: Vec<(Range<usize>, Vec<usize>)>,
+}
+
+/// The plan for one install.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Chunks already in the target.
+    pub done: Vec<usize>,
+    /// Chunks to copy from the other slot.
+    pub local: Vec<LocalCopy>,
+    /// Range requests to make.
+    pub fetch: Vec<FetchGroup>,
+}
+
+impl Plan {
+    /// Compressed bytes the fetches will download.
+    pub fn fetch_bytes(&self) -> u64 {
+        self.fetch.iter().map(|g| g.range.end - g.range.start).sum()
+    }
+}
+
+/// Plans the install of `new`, given the chunks already done and the manifest of the image in
+/// the other slot (if known). Requests are at most `max_request` bytes unless one frame is
+/// bigger.
+pub fn plan(new: &Manifest, done: &[bool], local: Option<&Manifest>, max_request: u64) -> Plan {
+    let have: HashMap<Sha256Digest, u64> = local
+        .map(|m| m.chunks.iter().enumerate().map(|(j, c)| (c.sha256, m.chunk_range(j).start)).collect())
+        .unwrap_or_default();
+    let mut p = Plan::default();
+    // Frames to fetch, by payload offset: (length, chunk indices).
+    let mut frames: BTreeMap<u64, (u32, Vec<usize>)> = BTreeMap::new();
+    for (i, c) in new.chunks.iter().enumerate() {
+        if done.get(i).copied().unwrap_or(false) {
+            p.done.push(i);
+        } else if let Some(&from) = have.get(&c.sha256) {
+            p.local.push(LocalCopy { index: i, from });
+        } else {
+            frames.entry(c.offset).or_insert((c.length, Vec::new())).1.push(i);
+        }
+    }
+    let mut group: Option<FetchGroup> = None;
+    for (offset, (length, indices)) in frames {
+        let end = offset + u64::from(length);
+        match &mut group {
+            Some(g) if g.range.end == offset && end - g.range.start <= max_request => {
+                let rel = (offset - g.range.start) as usize..(end - g.range.start) as usize;
+                g.frames.push((rel, indices));
+                g.range.end = end;
+            }
+            _ => {
+                p.fetch.extend(group.take());
+                group = Some(FetchGroup { range: offset..end, frames: vec![(0..length as usize, indices)] });
+            }
+        }
+    }
+    p.fetch.extend(group);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use manifest::{Chunk, PayloadRef, VerityInfo};
+
+    fn manifest(digests: &[u8], frames: &[(u64, u32)]) -> Manifest {
+        let chunks = digests
+            .iter()
+            .zip(frames)
+            .map(|(&d, &(offset, length))| Chunk { sha256: Sha256Digest([d; 32]), offset, length })
+            .collect();
+        Manifest::new(
+            "1.0.0".parse().unwrap(),
+            "x86_64".into(),
+            digests.len() as u64 * 4096,
+            Sha256Digest([0; 32]),
+            4096,
+            PayloadRef { path: "payload".into(), size: 1 << 20, compression: "zstd".into() },
+            VerityInfo {
+                data_size: digests.len() as u64 * 4096,
+                data_block_size: 4096,
+                hash_block_size: 4096,
+                hash_algorithm: "sha256".into(),
+                salt: vec![],
+                root_hash: Sha256Digest([0; 32]),
+            },
+            String::new(),
+            chunks,
+        )
+    }
+
+    #[test]
+    fn done_local_and_fetched_chunks() {
+        // Chunks 1 and 3 share a frame (same digest); chunk 4 is in the old image.
+        let new = manifest(&[1, 2, 3, 2, 9], &[(0, 10), (10, 20), (30, 5), (10, 20), (35, 7)]);
+        let old = manifest(&[7, 9], &[(0, 1), (1, 1)]);
+        let p = plan(&new, &[true, false, false, false, false], Some(&old), 1 << 20);
+        assert_eq!(p.done, vec![0]);
+        assert_eq!(p.local, vec![LocalCopy { index: 4, from: 4096 }]);
+        assert_eq!(
+            p.fetch,
+            vec![FetchGroup { range: 10..35, frames: vec![(0..20, vec![1, 3]), (20..25, vec![2])] }]
+        );
+        assert_eq!(p.fetch_bytes(), 25);
+    }
+
+    #[test]
+    fn requests_are_split_at_gaps_and_at_the_size_limit() {
+        let new = manifest(&[1, 2, 3, 4], &[(0, 10), (10, 10), (30, 10), (40, 10)]);
+        let p = plan(&new, &[], None, 15);
+        let ranges: Vec<_> = p.fetch.iter().map(|g| g.range.clone()).collect();
+        assert_eq!(ranges, vec![0..10, 10..20, 30..40, 40..50]);
+        let p = plan(&new, &[], None, 20);
+        let ranges: Vec<_> = p.fetch.iter().map(|g| g.range.clone()).collect();
+        assert_eq!(ranges, vec![0..20, 30..50]);
+    }
+}

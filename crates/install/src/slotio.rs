@@ -1,0 +1,128 @@
+//! Reading and writing one slot of a disk: bounds-checked, with O_DIRECT where the target
+//! supports it.
+//!
+//! O_DIRECT keeps a 1 GiB install from pushing the node's working set out of the page cache and
+//! makes the read-back read the device, not the cache. It needs buffers, offsets and lengths
+//! aligned to the logical block size; every chunk (256 KiB by default, the last one a multiple
+//! of 4 KiB) and every slot offset is, and buffers come from [`AlignedBuf`]. Where the open
+//! with O_DIRECT fails (tmpfs, some filesystems) we fall back to buffered I/O, and before the
+//! read-back drop the slot's cached pages with `posix_fadvise(DONTNEED)` after an fdatasync.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+use std::path::Path;
+
+/// Alignment of every direct I/O buffer and transfer.
+pub(crate) const ALIGN: usize = 4096;
+
+/// A heap buffer whose contents start on an [`ALIGN`]-byte boundary (safe code: over-allocate
+/// and start at the first aligned byte).
+#[derive(Debug)]
+pub struct AlignedBuf {
+    v: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        let v = vec![0u8; len + ALIGN];
+        let off = v.as_ptr().align_offset(ALIGN);
+        Self { v, off, len }
+    }
+
+    /// A copy of `data`.
+    pub fn from_slice(data: &[u8]) -> Self {
+        let mut b = Self::zeroed(data.len());
+        b.as_mut_slice().copy_from_slice(data);
+        b
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.v[self.off..self.off + self.len]
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.v[self.off..self.off + self.len]
+    }
+}
+
+/// One slot's byte range on a disk.
+#[derive(Debug)]
+pub(crate) struct SlotIo {
+    file: File,
+    direct: bool,
+    base: u64,
+    len: u64,
+}
+
+impl SlotIo {
+    /// Opens the slot at `base..base + len` of `disk`.
+    pub(crate) fn open(disk: &Path, base: u64, len: u64, writable: bool) -> io::Result<Self> {
+        let direct = nix::fcntl::OFlag::O_DIRECT.bits();
+        let open = |flags: i32| {
+            std::fs::OpenOptions::new().read(true).write(writable).custom_flags(flags).open(disk)
+        };
+        let (file, direct) = match open(direct) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => (open(0)?, false),
+            Err(e) => return Err(e),
+        };
+        Ok(Self { file, direct, base, len })
+    }
+
+    /// Whether I/O bypasses the page cache.
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn check(&self, offset: u64, len: usize) -> io::Result<u64> {
+        let end = offset.checked_add(len as u64).filter(|&e| e <= self.len);
+        if end.is_none() {
+            return Err(io::Error::other(format!(
+                "refusing I/O at slot bytes {offset}..{} outside the slot's {} bytes",
+                offset + len as u64,
+                self.len
+            )));
+        }
+        Ok(self.base + offset)
+    }
+
+    /// Writes `data` at `offset` within the slot.
+    pub(crate) fn write(&self, offset: u64, data: &AlignedBuf) -> io::Result<()> {
+        let at = self.check(offset, data.len)?;
+        self.file.write_all_at(data.as_slice(), at)
+    }
+
+    /// Reads `len` bytes at `offset` within the slot.
+    pub(crate) fn read(&self, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+        let at = self.check(offset, len)?;
+        let mut b = AlignedBuf::zeroed(len);
+        self.file.read_exact_at(b.as_mut_slice(), at)?;
+        Ok(b)
+    }
+
+    /// Makes every write durable (fdatasync).
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// After a sync, drops the slot's pages from the page cache so that reads come from the
+    /// device (needed only without O_DIRECT).
+    pub(crate) fn drop_cache(&self) -> io::Result<()> {
+        if self.direct {
+            return Ok(());
+        }
+        nix::fcntl::posix_fadvise(
+            &self.file,
+            self.base as i64,
+            self.len as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .map_err(io::Error::from)
+    }
+}
