@@ -1,7 +1,7 @@
 //! `aclctl`: the node's local command line.
 //!
 //! Today it works on a disk directly (`--disk`, a block device or an image file, or the
-//! running system's disk found from the kernel command line): `status`, `rollback`,
+//! running system's disk found from the kernel command line): `status`, `update`, `rollback`,
 //! `mark-good`. Once the agent exists it will talk to it over its Unix socket and fall back
 //! to the disk where no agent runs.
 
@@ -10,6 +10,7 @@
 
 mod status;
 mod system;
+mod update;
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
@@ -43,6 +44,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Install the newest (or a given) release from a repository into the slot not booted.
+    Update {
+        #[command(flatten)]
+        target: Target,
+        /// Repository URL: http://host/path, file:///path, or a directory.
+        #[arg(long)]
+        repo: String,
+        /// Channel to follow.
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// Trusted public key file or directory of *.pub files; repeatable.
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+        /// How many distinct trusted keys must have signed each document.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// Install exactly this version (the only way to go to an older one).
+        #[arg(long)]
+        version: Option<semver::Version>,
+        /// Boot attempts the new slot gets before the boot path falls back.
+        #[arg(long, default_value_t = 3)]
+        tries: u8,
+        /// Range requests in flight at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the other slot boot next, if it holds an image that was confirmed good.
     Rollback {
         #[command(flatten)]
@@ -69,6 +99,9 @@ struct Target {
     /// Treat this slot as the booted one (A or B); default: from the kernel command line.
     #[arg(long, value_parser = parse_slot)]
     booted: Option<Slot>,
+    /// The agent's state directory (install journal, what each slot holds).
+    #[arg(long, default_value = "/var/lib/acl-update")]
+    state_dir: PathBuf,
 }
 
 fn parse_slot(s: &str) -> Result<Slot, String> {
@@ -84,7 +117,8 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aclctl: error: {}", cliutil::error_chain(&e));
-            let refused = matches!(e.downcast_ref::<DiskError>(), Some(DiskError::Transition { .. }));
+            let refused = matches!(e.downcast_ref::<DiskError>(), Some(DiskError::Transition { .. }))
+                || e.downcast_ref::<repo::TrustError>().is_some();
             std::process::ExitCode::from(if refused { EXIT_REFUSED } else { 1 })
         }
     }
@@ -94,7 +128,23 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Status { target, json } => {
             let (disk, booted) = open(&target, false)?;
-            status::print(&status::Status::of(&disk, booted), json)
+            status::print(&status::Status::of(&disk, booted, &target.state_dir), json)
+        }
+        Command::Update { target, repo, channel, trust, threshold, version, tries, parallel, json } => {
+            let (disk, booted) = open(&target, true)?;
+            let current = booted
+                .slot()
+                .or_else(|| choice::choose(&disk.slots()))
+                .context("no slot is bootable on this disk")?;
+            let path = disk.path().to_owned();
+            drop(disk);
+            let args = update::UpdateArgs { repo, channel, trust, threshold, version, tries, parallel };
+            update::run(&path, current, &target.state_dir, &args, json)?;
+            let (disk, booted) = open(&target, false)?;
+            if json {
+                return Ok(());
+            }
+            status::print(&status::Status::of(&disk, booted, &target.state_dir), false)
         }
         Command::Rollback { target, json } => change(&target, json, "rollback", choice::rollback),
         Command::MarkGood { target, json } => change(&target, json, "mark-good", choice::mark_good),
@@ -141,5 +191,5 @@ fn change(
         let show = |s: Option<Slot>| s.map_or("none".to_owned(), |s| s.to_string());
         println!("{what}: slot {} boots next (was {})", show(after), show(before));
     }
-    status::print(&status::Status::of(&disk, booted), json)
+    status::print(&status::Status::of(&disk, booted, &target.state_dir), json)
 }

@@ -50,7 +50,7 @@ struct SlotStatus {
     partition: u32,
     label: String,
     partuuid: String,
-    /// Not known yet: installed versions are recorded by the installer (issue 4).
+    /// The version the installer recorded for this slot, if any.
     version: Option<String>,
     priority: u8,
     tries: u8,
@@ -60,7 +60,11 @@ struct SlotStatus {
 }
 
 impl Status {
-    pub(crate) fn of<D: slot::table::BlockDevice>(disk: &Disk<D>, booted: Booted) -> Self {
+    pub(crate) fn of<D: slot::table::BlockDevice>(
+        disk: &Disk<D>,
+        booted: Booted,
+        state_dir: &std::path::Path,
+    ) -> Self {
         let slots = disk.slots();
         let next = choice::choose(&slots);
         let health = disk.health();
@@ -87,7 +91,7 @@ impl Status {
                 partition: p.number,
                 label: p.name.clone(),
                 partuuid: p.unique_guid.to_string(),
-                version: None,
+                version: install::recorded_manifest(state_dir, s).map(|(m, _)| m.version.to_string()),
                 priority: bits.priority(),
                 tries: bits.tries(),
                 successful: bits.successful(),

@@ -7,7 +7,7 @@
 //!
 //! | transition | target | effect |
 //! |---|---|---|
-//! | [`prepare`] | the slot not booted | priority 0, tries 0, not successful: never boots while written |
+//! | [`prepare`] | the slot not booted | priority 0, tries 0, not successful: never boots while written; only from a confirmed slot |
 //! | [`activate`] | the slot not booted | priority above the booted slot, tries = N, not successful |
 //! | [`boot_attempt`] | the chosen slot | what the boot path does: choose, and spend one try if unconfirmed |
 //! | [`mark_good`] | the booted slot | successful, tries 0 |
@@ -114,6 +114,16 @@ pub enum TransitionError {
         /// Its bits.
         bits: GptPrio,
     },
+    /// The booted slot has not passed its health checks yet; the other slot is the way back.
+    #[error(
+        "booted slot {slot} is not confirmed good yet ({bits}); the other slot is the way back and must not be overwritten"
+    )]
+    BootedNotConfirmed {
+        /// The booted slot.
+        slot: Slot,
+        /// Its bits.
+        bits: GptPrio,
+    },
     /// Marking the booted slot bad would leave nothing to boot.
     #[error("slot {other} is not bootable ({bits}): marking {slot} bad would leave no slot to boot")]
     NoFallback {
@@ -167,8 +177,15 @@ fn booted_bootable(s: &Slots, booted: Slot) -> Result<(), TransitionError> {
 }
 
 /// Marks the slot that is not booted unbootable, before anything is written to it.
+///
+/// Refused while the booted slot is not confirmed good: the other slot is then the way back,
+/// and overwriting it would leave no known-good image.
 pub fn prepare(s: &Slots, booted: Slot) -> Result<Slots, TransitionError> {
     booted_bootable(s, booted)?;
+    let bits = s.get(booted);
+    if !bits.successful() {
+        return Err(TransitionError::BootedNotConfirmed { slot: booted, bits });
+    }
     let target = booted.other();
     Ok(s.with(target, s.get(target).unbootable()))
 }

@@ -106,8 +106,13 @@ fn step(w: &World, a: Action) -> Option<World> {
             };
         }
         (Action::PowerCut | Action::Reboot, Some(_), _) => n.running = None,
-        (Action::StartUpdate, Some(r), Agent::Idle) if w.slots.get(r).successful() => {
-            n.slots = choice::prepare(&w.slots, r).expect("prepare refused on a confirmed slot");
+        (Action::StartUpdate, Some(r), Agent::Idle) => {
+            // The function itself must refuse to start from an unconfirmed slot.
+            n.slots = match choice::prepare(&w.slots, r) {
+                Ok(s) => s,
+                Err(_) if !w.slots.get(r).successful() => return None,
+                Err(e) => panic!("prepare refused on a confirmed slot: {e}"),
+            };
             n.agent = Agent::Prepared(r.other());
             // A staged but not yet booted update is withdrawn: the running slot boots next.
             n.intended = r;

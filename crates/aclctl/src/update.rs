@@ -1,0 +1,156 @@
+//! `aclctl update`: find the newest allowed release in a repository and install it into the
+//! slot that is not booted, with a progress bar, then make it boot next.
+
+use anyhow::{Context as _, Result};
+use fetch::{FetchOptions, Fetcher};
+use install::{Counters, InstallRequest};
+use repo::TrustPolicy;
+use repo::state::AcceptedState;
+use signing::TrustedKeys;
+use slot::Tries;
+use slot::choice::Slot;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Where to update from and how.
+#[derive(Debug)]
+pub(crate) struct UpdateArgs {
+    pub(crate) repo: String,
+    pub(crate) channel: String,
+    pub(crate) trust: Vec<PathBuf>,
+    pub(crate) threshold: usize,
+    pub(crate) version: Option<semver::Version>,
+    pub(crate) tries: u8,
+    pub(crate) parallel: usize,
+}
+
+/// Updates `disk` (booted from `booted`) and prints what happened.
+pub(crate) fn run(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, json: bool) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(update(disk, booted, state_dir, a, json))
+}
+
+async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, json: bool) -> Result<()> {
+    let tries = Tries::new(a.tries).with_context(|| format!("--tries {} must be 1 to 15", a.tries))?;
+    let policy = TrustPolicy::new(TrustedKeys::load(&a.trust)?, a.threshold).map_err(anyhow::Error::msg)?;
+    let fetcher = Fetcher::new(&a.repo, FetchOptions::default())?;
+    std::fs::create_dir_all(state_dir).with_context(|| format!("create {}", state_dir.display()))?;
+
+    // The channel index: signed, fresh, not older than the last one accepted.
+    let state_path = state_dir.join("accepted-index.json");
+    let mut state = AcceptedState::load(&state_path)?;
+    let index_path = repo::layout::index_path(&a.channel);
+    let index_bytes = fetcher.get(&index_path).await?;
+    let index_sig = fetcher.get(&format!("{index_path}.sig")).await?;
+    let (index, accepted) =
+        policy.index(&a.channel, &index_bytes, &index_sig, jiff::Timestamp::now(), state.get(&a.channel))?;
+    state.record(accepted);
+    state.save(&state_path)?;
+
+    // The release: the one asked for, or the newest; never a downgrade unless asked by version.
+    let arch = std::env::consts::ARCH;
+    let current = install::recorded_manifest(state_dir, booted).map(|(m, _)| m.version);
+    let release = match &a.version {
+        Some(v) => index
+            .releases
+            .iter()
+            .find(|r| &r.version == v && r.arch == arch)
+            .with_context(|| format!("channel {:?} has no release {v} for {arch}", a.channel))?,
+        None => index
+            .latest(arch)
+            .with_context(|| format!("channel {:?} has no release for {arch}", a.channel))?,
+    };
+    if a.version.is_none() && current.as_ref().is_some_and(|c| *c >= release.version) {
+        if !json {
+            println!(
+                "up to date: slot {booted} runs {}, the newest in {:?}",
+                current.expect("checked"),
+                a.channel
+            );
+        }
+        return Ok(());
+    }
+    let manifest_bytes = fetcher.get(&release.manifest).await?;
+    let manifest_sig = fetcher.get(&format!("{}.sig", release.manifest)).await?;
+    let m = policy.release_manifest(release, &manifest_bytes, &manifest_sig)?;
+    let dir = release.manifest.rsplit_once('/').map_or("", |(d, _)| d);
+    let payload_path =
+        if dir.is_empty() { m.payload.path.clone() } else { format!("{dir}/{}", m.payload.path) };
+
+    let req = InstallRequest {
+        disk,
+        booted,
+        manifest: &m,
+        manifest_bytes: &manifest_bytes,
+        payload_path,
+        state_dir,
+        tries,
+        parallel: a.parallel,
+        max_request: 4 << 20,
+    };
+    let counters = Arc::new(Counters::default());
+    let bar = cliutil::byte_bar(&format!("{}", m.version), m.image_size);
+    let ticker = {
+        let (bar, counters, fetcher) = (bar.clone(), Arc::clone(&counters), fetcher.clone());
+        tokio::spawn(async move {
+            loop {
+                let done = counters.done.load(Ordering::Relaxed);
+                let checked = counters.read_back.load(Ordering::Relaxed);
+                bar.set_position(if checked > 0 { checked } else { done });
+                bar.set_prefix(if checked > 0 { "verifying" } else { "installing" });
+                bar.set_message(format!(
+                    "fetched {} reused {}",
+                    mib(fetcher.bytes_fetched()),
+                    mib(counters.reused.load(Ordering::Relaxed))
+                ));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let result = install::install(&req, &fetcher, &counters).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let r = result?;
+    let target = booted.other();
+    if json {
+        let out = serde_json::json!({
+            "version": m.version.to_string(),
+            "slot": target,
+            "image_bytes": r.image_bytes,
+            "payload_bytes": m.payload.size,
+            "fetched_bytes": fetcher.bytes_fetched(),
+            "reused_bytes": r.reused_bytes,
+            "resumed_bytes": r.resumed_bytes,
+            "direct_io": r.direct_io,
+            "write_seconds": r.write_time.as_secs_f64(),
+            "verify_seconds": r.verify_time.as_secs_f64(),
+        });
+        println!("{out:#}");
+        return Ok(());
+    }
+    println!(
+        "installed {} into slot {target}: fetched {} ({:.1}% of the {} payload), reused {} from slot {booted}, resumed {}",
+        m.version,
+        mib(fetcher.bytes_fetched()),
+        100.0 * fetcher.bytes_fetched() as f64 / m.payload.size as f64,
+        mib(m.payload.size),
+        mib(r.reused_bytes),
+        mib(r.resumed_bytes),
+    );
+    println!(
+        "  write {:.2} s, read-back verify {:.2} s ({}); slot {target} boots next: reboot to use it",
+        r.write_time.as_secs_f64(),
+        r.verify_time.as_secs_f64(),
+        if r.direct_io { "O_DIRECT" } else { "buffered, cache dropped" }
+    );
+    if current.is_none() && r.reused_bytes == 0 {
+        println!("  (no record of what slot {booted} holds, so nothing could be reused)");
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
