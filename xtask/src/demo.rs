@@ -1,8 +1,10 @@
-//! The main job, end to end on this machine: keys, two OS images, a repository, verification.
+//! The main job, end to end on this machine: keys, two OS images, a repository, verification,
+//! then a node's disk (a GPT disk-image file in Flatcar's layout) updated twice with `aclctl`:
+//! a full install of 1.0.0 and an adaptive one of 1.1.0 that fetches only the chunks it lacks.
 //!
-//! Later issues extend it to a full update of a disk-image file through the agent; for now it
-//! exercises everything a release engineer does, with the real tools (mkfs.erofs for the
-//! filesystems, aclpub for the rest), and reports how much of v2 an installed v1 already has.
+//! It uses the real tools: mkfs.erofs for the filesystems, sgdisk for the disk, nginx to serve
+//! the repository over HTTP, aclpub and aclctl for the rest. The agent daemon (issue 5) will take
+//! over from aclctl; the commands here are what it will do.
 
 use crate::tools;
 use anyhow::{Context as _, Result};
@@ -23,9 +25,10 @@ const PACKAGES: &[(&str, usize, usize)] = &[
 
 pub(crate) fn run(sh: &Shell) -> Result<()> {
     tools::ensure(sh, &tools::DEMO_TOOLS)?;
-    cmd!(sh, "cargo build --quiet --locked -p publish").run()?;
+    cmd!(sh, "cargo build --quiet --locked -p publish -p aclctl").run()?;
     let root = sh.current_dir();
     let aclpub = root.join("target/debug/aclpub");
+    let aclctl = root.join("target/debug/aclctl");
     let demo = root.join("target/demo");
     if demo.exists() {
         std::fs::remove_dir_all(&demo).with_context(|| format!("remove {}", demo.display()))?;
@@ -67,7 +70,46 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
 
     println!("\n== 5. what a node on 1.0.0 must download for 1.1.0 (chunks it lacks)");
     report_reuse(&demo.join("build-1.0.0"), &demo.join("build-1.1.0"))?;
-    println!("\ndemo finished: repository in {}", demo.join("repo").display());
+
+    println!("\n== 6. a node's disk: GPT disk-image file, Flatcar layout, slot A booted");
+    let disk = "node-disk.img";
+    std::fs::File::create(demo.join(disk))?.set_len(256 << 20)?;
+    let usr = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
+    cmd!(
+        sh,
+        "sgdisk -n 1:0:+16M -c 1:EFI-SYSTEM -t 1:EF00 -n 2:0:+1M -c 2:BIOS-BOOT -t 2:EF02
+         -n 3:0:+80M -c 3:USR-A -t 3:{usr} -n 4:0:+80M -c 4:USR-B -t 4:{usr}
+         -n 6:0:+16M -c 6:OEM -n 7:0:+1M -c 7:OEM-CONFIG -n 9:0:0 -c 9:ROOT
+         -A 3:set:48 -A 3:set:56 {disk}"
+    )
+    .quiet()
+    .ignore_stdout()
+    .run()?;
+    cmd!(sh, "{aclctl} status --disk {disk} --state-dir state").run()?;
+
+    println!("\n== 7. serve the repository with nginx and install 1.0.0 into slot B");
+    let server = crate::nginx::Nginx::start(&demo.join("repo"), &demo.join("nginx"))?;
+    let url = server.url();
+    let trust = ["--trust", "trust", "--threshold", "2"];
+    cmd!(
+        sh,
+        "{aclctl} update --disk {disk} --state-dir state --booted A --repo {url} {trust...} --version 1.0.0"
+    )
+    .run()?;
+
+    println!("\n== 8. 'reboot' into B (the boot path spends a try), health passes: mark B good");
+    cmd!(sh, "{aclctl} mark-good --disk {disk} --state-dir state --booted B").run()?;
+
+    println!("\n== 9. update to the newest release: chunks B already has are copied, not fetched");
+    cmd!(sh, "{aclctl} update --disk {disk} --state-dir state --booted B --repo {url} {trust...}").run()?;
+    drop(server);
+    cmd!(sh, "sgdisk -v {disk}").quiet().ignore_stdout().run()?;
+    println!("\nsgdisk -v {disk}: no problems found");
+    println!(
+        "\ndemo finished: repository in {}, disk {}",
+        demo.join("repo").display(),
+        demo.join(disk).display()
+    );
     Ok(())
 }
 

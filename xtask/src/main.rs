@@ -12,6 +12,7 @@
 
 mod bench;
 mod demo;
+mod nginx;
 mod tools;
 
 use anyhow::{Result, bail};

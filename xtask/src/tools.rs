@@ -13,7 +13,8 @@ pub(crate) const TEST_TOOLS: [Tool; 4] = [
     ("losetup", "mount"),
 ];
 /// Tools the demo calls.
-pub(crate) const DEMO_TOOLS: [Tool; 1] = [("mkfs.erofs", "erofs-utils")];
+pub(crate) const DEMO_TOOLS: [Tool; 3] =
+    [("mkfs.erofs", "erofs-utils"), ("sgdisk", "gdisk"), ("nginx", "nginx")];
 /// Tools the benchmarks call.
 pub(crate) const BENCH_TOOLS: [Tool; 1] = [("zstd", "zstd")];
 

@@ -1,0 +1,62 @@
+//! Debian's nginx serving a directory on a free loopback port, for the demo and benchmarks.
+
+use anyhow::{Context as _, Result, bail};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+/// A running nginx; stopped on drop.
+#[derive(Debug)]
+pub(crate) struct Nginx {
+    child: Child,
+    port: u16,
+}
+
+impl Nginx {
+    /// Serves `root` from 127.0.0.1 on a free port; `work` holds its config, pid and temp files.
+    pub(crate) fn start(root: &Path, work: &Path) -> Result<Nginx> {
+        std::fs::create_dir_all(work)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let conf = work.join("nginx.conf");
+        let tmp = work.display();
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off; master_process off; worker_processes 1; pid {tmp}/nginx.pid; error_log stderr;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{ access_log off; sendfile on; tcp_nopush on;\n\
+                   client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n\
+                   uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
+                   server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
+                root.display()
+            ),
+        )?;
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg("stderr")
+            .spawn()
+            .context("start nginx")?;
+        let server = Nginx { child, port };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        bail!("nginx did not listen on 127.0.0.1:{port}")
+    }
+
+    /// The base URL.
+    pub(crate) fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
