@@ -197,3 +197,105 @@ fn compressed_sizes(data: &[u8], cs: usize) -> Result<Vec<(manifest::Sha256Diges
         Ok(all)
     })
 }
+
+/// `cargo xtask bench install`: a full install of a `mib` MiB image from nginx on loopback
+/// into a slot on a loop device, against `curl | zstd -d | dd oflag=direct` of the same
+/// payload into the same slot (which verifies nothing). Also reports our peak RSS.
+pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
+    tools::ensure(sh, &tools::BENCH_TOOLS)?;
+    cmd!(sh, "cargo build --quiet --release --locked -p publish -p aclctl").run()?;
+    let root = sh.current_dir();
+    let (aclpub, aclctl) = (root.join("target/release/aclpub"), root.join("target/release/aclctl"));
+    let input = input(sh, mib)?;
+    let dir = root.join(format!("target/bench/install-{mib}m"));
+    let repo = dir.join("repo");
+    let version = "1.0.0";
+    if !repo.join("channels/stable/index.json").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("trust"))?;
+        sh.change_dir(&dir);
+        cmd!(sh, "{aclpub} keygen --out keys bench").quiet().ignore_stdout().run()?;
+        std::fs::copy(dir.join("keys/bench.pub"), dir.join("trust/bench.pub"))?;
+        println!("building the {mib} MiB image (once) ...");
+        cmd!(sh, "{aclpub} build {input} --out build --version {version}").quiet().ignore_stdout().run()?;
+        cmd!(sh, "{aclpub} sign --key keys/bench.key build/manifest.json").quiet().ignore_stdout().run()?;
+        cmd!(sh, "{aclpub} publish build --repo repo --channel stable --key keys/bench.key --trust trust")
+            .quiet()
+            .ignore_stdout()
+            .run()?;
+        sh.change_dir(&root);
+    }
+    let m = manifest::Manifest::from_bytes(&std::fs::read(repo.join(format!("images/{version}/x86_64/manifest.json")))?)?;
+
+    // A disk-image file with slots big enough, on a loop device.
+    let slot_mib = m.image_size.div_ceil(1 << 20) + 16;
+    let disk_file = dir.join("disk.img");
+    let _ = std::fs::remove_file(&disk_file);
+    std::fs::File::create(&disk_file)?.set_len((2 * slot_mib + 8) << 20)?;
+    let usr = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
+    let a = format!("3:0:+{slot_mib}M");
+    let b = format!("4:0:+{slot_mib}M");
+    cmd!(sh, "sgdisk -n {a} -c 3:USR-A -t 3:{usr} -n {b} -c 4:USR-B -t 4:{usr} -A 3:set:48 -A 3:set:56 {disk_file}")
+        .quiet()
+        .ignore_stdout()
+        .run()?;
+    let dev = cmd!(sh, "losetup --find --show {disk_file}").read()?;
+    let result = (|| -> Result<()> {
+        let server = crate::nginx::Nginx::start(&repo, &dir.join("nginx"))?;
+        let url = server.url();
+        let state = dir.join("state");
+        let offset = slot_b_offset(sh, &disk_file)?;
+
+        // Baseline first, so that ours does not profit from anything it warmed.
+        let payload_url = format!("{url}/images/{version}/x86_64/payload");
+        cmd!(sh, "cat {repo}/images/{version}/x86_64/payload").quiet().ignore_stdout().run()?;
+        let started = Instant::now();
+        let pipeline =
+            format!("curl -sf {payload_url} | zstd -dq | dd of={dev} oflag=direct,seek_bytes seek={offset} bs=4M status=none");
+        cmd!(sh, "sh -c {pipeline}").run()?;
+        let base = started.elapsed().as_secs_f64();
+
+        let _ = std::fs::remove_dir_all(&state);
+        let started = Instant::now();
+        let out = cmd!(
+            sh,
+            "/usr/bin/time -f %M {aclctl} update --disk {dev} --booted A --state-dir {state} --repo {url} --trust {dir}/trust --json"
+        )
+        .output()?;
+        let ours = started.elapsed().as_secs_f64();
+        if !out.status.success() {
+            bail!("aclctl update failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let rss_kib: u64 = stderr.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let gib = m.image_size as f64 / 1e6;
+        println!("bench install: {} MiB image ({} MiB payload), nginx on loopback -> loop device slot", m.image_size >> 20, m.payload.size >> 20);
+        println!(
+            "  aclctl update       {ours:7.2} s  {:7.1} MB/s  (write {:.2} s + read-back verify {:.2} s, O_DIRECT {}), peak RSS {:.1} MiB",
+            gib / ours,
+            report["write_seconds"].as_f64().unwrap_or(0.0),
+            report["verify_seconds"].as_f64().unwrap_or(0.0),
+            report["direct_io"],
+            rss_kib as f64 / 1024.0
+        );
+        println!("  baseline curl|zstd -d|dd oflag=direct {base:7.2} s  {:7.1} MB/s  (verifies nothing)", gib / base);
+        println!("  ratio (time ours / time baseline): {:.2}", ours / base);
+        println!("  rerun: cargo xtask bench install --size-mib {mib}");
+        Ok(())
+    })();
+    let _ = cmd!(sh, "losetup -d {dev}").quiet().run();
+    result
+}
+
+/// Byte offset of USR-B (partition 4) in a disk image, from `sgdisk -i 4`.
+fn slot_b_offset(sh: &Shell, disk: &Path) -> Result<u64> {
+    let out = cmd!(sh, "sgdisk -i 4 {disk}").read()?;
+    let first: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("First sector: "))
+        .and_then(|l| l.split_whitespace().next())
+        .context("sgdisk -i printed no first sector")?
+        .parse()?;
+    Ok(first * 512)
+}

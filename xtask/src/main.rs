@@ -6,6 +6,7 @@
 //! | `demo` | the main job: build two signed images, publish them, verify the repository |
 //! | `bench build [--size-mib N]` | build an image of real files; MB/s against `zstd` in the same run |
 //! | `bench chunk-size` | compression ratio and adaptive-update cost for several chunk sizes |
+//! | `bench install [--size-mib N]` | install from nginx to a loop device against curl, zstd and dd |
 
 // A task runner reports to its user on standard output.
 #![allow(clippy::print_stdout)]
@@ -27,6 +28,7 @@ fn main() -> Result<()> {
         ["demo"] => demo::run(&sh),
         ["bench", "build", rest @ ..] => bench::build(&sh, size_arg(rest)?.unwrap_or(1024)),
         ["bench", "chunk-size", rest @ ..] => bench::chunk_size(&sh, size_arg(rest)?.unwrap_or(256)),
+        ["bench", "install", rest @ ..] => bench::install(&sh, size_arg(rest)?.unwrap_or(1024)),
         _ => {
             println!(
                 "usage: cargo xtask <test | demo | bench build [--size-mib N] | bench chunk-size [--size-mib N]>"
