@@ -225,7 +225,9 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
             .run()?;
         sh.change_dir(&root);
     }
-    let m = manifest::Manifest::from_bytes(&std::fs::read(repo.join(format!("images/{version}/x86_64/manifest.json")))?)?;
+    let m = manifest::Manifest::from_bytes(&std::fs::read(
+        repo.join(format!("images/{version}/x86_64/manifest.json")),
+    )?)?;
 
     // A disk-image file with slots big enough, on a loop device.
     let slot_mib = m.image_size.div_ceil(1 << 20) + 16;
@@ -235,10 +237,13 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
     let usr = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
     let a = format!("3:0:+{slot_mib}M");
     let b = format!("4:0:+{slot_mib}M");
-    cmd!(sh, "sgdisk -n {a} -c 3:USR-A -t 3:{usr} -n {b} -c 4:USR-B -t 4:{usr} -A 3:set:48 -A 3:set:56 {disk_file}")
-        .quiet()
-        .ignore_stdout()
-        .run()?;
+    cmd!(
+        sh,
+        "sgdisk -n {a} -c 3:USR-A -t 3:{usr} -n {b} -c 4:USR-B -t 4:{usr} -A 3:set:48 -A 3:set:56 {disk_file}"
+    )
+    .quiet()
+    .ignore_stdout()
+    .run()?;
     let dev = cmd!(sh, "losetup --find --show {disk_file}").read()?;
     let result = (|| -> Result<()> {
         let server = crate::nginx::Nginx::start(&repo, &dir.join("nginx"))?;
@@ -250,8 +255,9 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
         let payload_url = format!("{url}/images/{version}/x86_64/payload");
         cmd!(sh, "cat {repo}/images/{version}/x86_64/payload").quiet().ignore_stdout().run()?;
         let started = Instant::now();
-        let pipeline =
-            format!("curl -sf {payload_url} | zstd -dq | dd of={dev} oflag=direct,seek_bytes seek={offset} bs=4M status=none");
+        let pipeline = format!(
+            "curl -sf {payload_url} | zstd -dq | dd of={dev} oflag=direct,seek_bytes seek={offset} bs=4M status=none"
+        );
         cmd!(sh, "sh -c {pipeline}").run()?;
         let base = started.elapsed().as_secs_f64();
 
@@ -270,7 +276,11 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
         let rss_kib: u64 = stderr.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let gib = m.image_size as f64 / 1e6;
-        println!("bench install: {} MiB image ({} MiB payload), nginx on loopback -> loop device slot", m.image_size >> 20, m.payload.size >> 20);
+        println!(
+            "bench install: {} MiB image ({} MiB payload), nginx on loopback -> loop device slot",
+            m.image_size >> 20,
+            m.payload.size >> 20
+        );
         println!(
             "  aclctl update       {ours:7.2} s  {:7.1} MB/s  (write {:.2} s + read-back verify {:.2} s, O_DIRECT {}), peak RSS {:.1} MiB",
             gib / ours,
@@ -279,8 +289,52 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
             report["direct_io"],
             rss_kib as f64 / 1024.0
         );
-        println!("  baseline curl|zstd -d|dd oflag=direct {base:7.2} s  {:7.1} MB/s  (verifies nothing)", gib / base);
+        println!(
+            "  baseline curl|zstd -d|dd oflag=direct {base:7.2} s  {:7.1} MB/s  (verifies nothing)",
+            gib / base
+        );
         println!("  ratio (time ours / time baseline): {:.2}", ours / base);
+
+        // kill -9 in the middle of a full install, then resume: how much is fetched twice?
+        let docs: u64 = ["channels/stable/index.json", "channels/stable/index.json.sig"]
+            .iter()
+            .map(|p| p.to_string())
+            .chain([
+                format!("images/{version}/x86_64/manifest.json"),
+                format!("images/{version}/x86_64/manifest.json.sig"),
+            ])
+            .map(|p| std::fs::metadata(repo.join(p)).map_or(0, |m| m.len()))
+            .sum();
+        let state = dir.join("state-kill");
+        let _ = std::fs::remove_dir_all(&state);
+        let sent_before = server.bytes_sent(&dir.join("nginx"));
+        let update = |state: &Path| {
+            let mut c = std::process::Command::new(&aclctl);
+            c.args(["update", "--disk", &dev, "--booted", "A", "--repo", &url, "--json", "--trust"])
+                .arg(dir.join("trust"))
+                .arg("--state-dir")
+                .arg(state);
+            c
+        };
+        let mut child = update(&state).stdout(std::process::Stdio::null()).spawn()?;
+        let kill_after = report["write_seconds"].as_f64().unwrap_or(1.0) / 2.0;
+        std::thread::sleep(std::time::Duration::from_secs_f64(kill_after));
+        child.kill()?;
+        child.wait()?;
+        let out = update(&state).output()?;
+        if !out.status.success() {
+            bail!("resumed aclctl update failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let resumed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let sent = server.bytes_sent(&dir.join("nginx")) - sent_before;
+        let twice = sent.saturating_sub(m.payload.size + 2 * docs);
+        println!(
+            "  kill -9 after {kill_after:.2} s, then resume: {} MiB of the image were journaled; fetched twice {:.1} MiB = {:.2}% of the image",
+            resumed["resumed_bytes"].as_u64().unwrap_or(0) >> 20,
+            twice as f64 / 1048576.0,
+            100.0 * twice as f64 / m.image_size as f64
+        );
         println!("  rerun: cargo xtask bench install --size-mib {mib}");
         Ok(())
     })();

@@ -24,7 +24,8 @@ impl Nginx {
             format!(
                 "daemon off; master_process off; worker_processes 1; pid {tmp}/nginx.pid; error_log stderr;\n\
                  events {{ worker_connections 256; }}\n\
-                 http {{ access_log off; sendfile on; tcp_nopush on;\n\
+                 http {{ log_format sent '$body_bytes_sent'; access_log {tmp}/access.log sent;\n\
+                   sendfile on; tcp_nopush on;\n\
                    client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n\
                    uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
                    server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
@@ -46,6 +47,15 @@ impl Nginx {
             std::thread::sleep(Duration::from_millis(25));
         }
         bail!("nginx did not listen on 127.0.0.1:{port}")
+    }
+
+    /// Body bytes sent so far, from the access log (written when each request completes).
+    pub(crate) fn bytes_sent(&self, work: &Path) -> u64 {
+        std::fs::read_to_string(work.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .sum()
     }
 
     /// The base URL.

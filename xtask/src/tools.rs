@@ -16,8 +16,14 @@ pub(crate) const TEST_TOOLS: [Tool; 4] = [
 pub(crate) const DEMO_TOOLS: [Tool; 3] =
     [("mkfs.erofs", "erofs-utils"), ("sgdisk", "gdisk"), ("nginx", "nginx")];
 /// Tools the benchmarks call.
-pub(crate) const BENCH_TOOLS: [Tool; 6] =
-    [("zstd", "zstd"), ("sgdisk", "gdisk"), ("nginx", "nginx"), ("curl", "curl"), ("time", "time"), ("losetup", "mount")];
+pub(crate) const BENCH_TOOLS: [Tool; 6] = [
+    ("zstd", "zstd"),
+    ("sgdisk", "gdisk"),
+    ("nginx", "nginx"),
+    ("curl", "curl"),
+    ("time", "time"),
+    ("losetup", "mount"),
+];
 
 fn have(sh: &xshell::Shell, cmd: &str) -> bool {
     ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].iter().any(|d| std::path::Path::new(d).join(cmd).exists())

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Sync and journal after this many bytes written.
-const SYNC_EVERY: u64 = 64 << 20;
+/// Sync and journal after this many bytes written: at most this much work is redone after a
+/// crash (1.6% of a 1 GiB image), at the cost of one fdatasync per 16 MiB.
+const SYNC_EVERY: u64 = 16 << 20;
 /// Chunks queued for the writer at most.
 const WRITER_QUEUE: usize = 16;
 
