@@ -69,6 +69,10 @@ enum Command {
         /// Range requests in flight at once.
         #[arg(long, default_value_t = 4)]
         parallel: usize,
+        /// A PEM file of CA certificates to trust for an https:// repository, besides the
+        /// system's.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -130,7 +134,18 @@ fn run(cli: Cli) -> Result<()> {
             let (disk, booted) = open(&target, false)?;
             status::print(&status::Status::of(&disk, booted, &target.state_dir), json)
         }
-        Command::Update { target, repo, channel, trust, threshold, version, tries, parallel, json } => {
+        Command::Update {
+            target,
+            repo,
+            channel,
+            trust,
+            threshold,
+            version,
+            tries,
+            parallel,
+            ca_file,
+            json,
+        } => {
             let (disk, booted) = open(&target, true)?;
             let current = booted
                 .slot()
@@ -138,7 +153,8 @@ fn run(cli: Cli) -> Result<()> {
                 .context("no slot is bootable on this disk")?;
             let path = disk.path().to_owned();
             drop(disk);
-            let args = update::UpdateArgs { repo, channel, trust, threshold, version, tries, parallel };
+            let args =
+                update::UpdateArgs { repo, channel, trust, threshold, version, tries, parallel, ca_file };
             update::run(&path, current, &target.state_dir, &args, json)?;
             let (disk, booted) = open(&target, false)?;
             if json {

@@ -24,6 +24,7 @@ pub(crate) struct UpdateArgs {
     pub(crate) version: Option<semver::Version>,
     pub(crate) tries: u8,
     pub(crate) parallel: usize,
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 /// Updates `disk` (booted from `booted`) and prints what happened.
@@ -35,7 +36,8 @@ pub(crate) fn run(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, j
 async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, json: bool) -> Result<()> {
     let tries = Tries::new(a.tries).with_context(|| format!("--tries {} must be 1 to 15", a.tries))?;
     let policy = TrustPolicy::new(TrustedKeys::load(&a.trust)?, a.threshold).map_err(anyhow::Error::msg)?;
-    let fetcher = Fetcher::new(&a.repo, FetchOptions::default())?;
+    let fetcher =
+        Fetcher::new(&a.repo, FetchOptions { ca_file: a.ca_file.clone(), ..FetchOptions::default() })?;
     std::fs::create_dir_all(state_dir).with_context(|| format!("create {}", state_dir.display()))?;
 
     // The channel index: signed, fresh, not older than the last one accepted.

@@ -8,8 +8,9 @@
 //!   backoff, up to `attempts` times; 4xx answers are not (the file is not there);
 //! - every error names the URL and what went wrong, and says how many attempts were made.
 //!
-//! HTTPS and proxies are not supported yet (see ARCHITECTURE.md); a `https://` URL is refused
-//! with a clear error rather than fetched in the clear.
+//! HTTPS uses rustls (ring) with the system's trusted roots plus an optional CA file; a
+//! certificate that does not verify is an error that is not retried. Proxies are not
+//! supported yet (see ARCHITECTURE.md).
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
@@ -31,6 +32,10 @@ pub struct FetchOptions {
     /// The largest whole file [`Fetcher::get`] accepts (documents are small; a bigger answer is
     /// an attack or a mistake).
     pub max_document: u64,
+    /// A PEM file of CA certificates to trust for HTTPS, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Whether to trust the system's CA certificates for HTTPS (on by default).
+    pub system_roots: bool,
 }
 
 impl Default for FetchOptions {
@@ -40,6 +45,8 @@ impl Default for FetchOptions {
             stall_timeout: Duration::from_secs(30),
             first_backoff: Duration::from_millis(500),
             max_document: 64 << 20,
+            ca_file: None,
+            system_roots: true,
         }
     }
 }
@@ -79,6 +86,14 @@ pub enum FetchError {
         /// What the last attempt ran into.
         last: String,
     },
+    /// The TLS connection failed (certificate not trusted or not for this host): not retried.
+    #[error("{url}: TLS: {reason} (not retried)")]
+    Tls {
+        /// The URL.
+        url: String,
+        /// What rustls said.
+        reason: String,
+    },
     /// A document larger than allowed.
     #[error("{url}: {size} bytes is more than the {limit} allowed for a document")]
     TooLarge {
@@ -99,13 +114,14 @@ impl FetchError {
             | FetchError::Rejected { url, .. }
             | FetchError::NotFound { url }
             | FetchError::GaveUp { url, .. }
+            | FetchError::Tls { url, .. }
             | FetchError::TooLarge { url, .. } => url,
         }
     }
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     http_body_util::Empty<Bytes>,
 >;
 
@@ -140,19 +156,24 @@ impl Fetcher {
         }
         let kind = if let Some(path) = url.strip_prefix("file://") {
             Kind::File(PathBuf::from(path))
-        } else if url.starts_with("http://") {
+        } else if url.starts_with("http://") || url.starts_with("https://") {
             url.parse::<hyper::Uri>().map_err(|e| bad(&e.to_string()))?;
-            let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(opts.stall_timeout));
+            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(opts.stall_timeout));
+            http.enforce_http(false);
+            let tls = tls_config(&opts).map_err(|reason| bad(&reason))?;
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
             let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(connector);
             Kind::Http { base: url.trim_end_matches('/').to_owned(), client }
-        } else if url.starts_with("https://") {
-            return Err(bad("https is not supported yet; use http:// on a trusted network or file://"));
         } else if url.contains("://") {
-            return Err(bad("only http:// and file:// repositories are supported"));
+            return Err(bad("only http://, https:// and file:// repositories are supported"));
         } else {
             Kind::File(PathBuf::from(url))
         };
@@ -269,7 +290,12 @@ impl Fetcher {
         let stall = self.opts.stall_timeout;
         let resp = match tokio::time::timeout(stall, client.request(req)).await {
             Err(_) => return Err(Attempt::Retry(format!("no response for {:.1} s", stall.as_secs_f64()))),
-            Ok(Err(e)) => return Err(Attempt::Retry(error_text(&e))),
+            Ok(Err(e)) => {
+                if let Some(tls) = tls_error(&e) {
+                    return Err(Attempt::Fatal(FetchError::Tls { url: url.to_owned(), reason: tls }));
+                }
+                return Err(Attempt::Retry(error_text(&e)));
+            }
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
@@ -342,6 +368,53 @@ fn check_content_range(headers: &hyper::HeaderMap, r: &Range<u64>) -> Result<(),
             "Content-Range {other:?} does not match the range asked for ({want}...)"
         ))),
     }
+}
+
+/// The rustls client configuration: ring only (one crypto provider, so rustls never has to
+/// guess), the system's roots and/or the CA file.
+fn tls_config(opts: &FetchOptions) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    if opts.system_roots {
+        // Unreadable system certificates are skipped; an empty store is caught below.
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+    }
+    if let Some(path) = &opts.ca_file {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let certs =
+            CertificateDer::pem_file_iter(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+        let mut n = 0;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            roots.add(cert).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!("CA file {} holds no certificate", path.display()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The rustls error somewhere in `e`'s causes, if any. tokio-rustls wraps it in an io::Error,
+/// whose `source()` skips the wrapped error, so look inside with `get_ref` too.
+fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(t) = e.downcast_ref::<rustls::Error>() {
+        return Some(t.to_string());
+    }
+    if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        if let Some(t) = tls_error(inner) {
+            return Some(t);
+        }
+    }
+    e.source().and_then(tls_error)
 }
 
 /// An error and its causes on one line (hyper's own messages are terse).

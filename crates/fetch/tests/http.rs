@@ -182,6 +182,6 @@ async fn file_repositories() {
     assert!(e.ends_with("/missing: no such file"), "{e}");
     let e = f.get_range("f", 60..70).await.unwrap_err().to_string();
     assert!(e.contains("shorter than the range"), "{e}");
-    let e = Fetcher::new("https://example.invalid", fast()).unwrap_err().to_string();
-    assert!(e.contains("https is not supported yet"), "{e}");
+    let e = Fetcher::new("ftp://example.invalid", fast()).unwrap_err().to_string();
+    assert!(e.contains("only http://, https:// and file://"), "{e}");
 }

@@ -1,0 +1,123 @@
+//! HTTPS: a server whose certificate chains to a CA we are given is trusted; one for another
+//! host name, or from a CA we do not trust, is refused at once (no retries) with the reason.
+
+use fetch::{FetchOptions, Fetcher};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+struct Pki {
+    ca_pem: String,
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+fn pki() -> Pki {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Pki { ca_pem: cert.pem(), ca: rcgen::Issuer::new(params, key) }
+}
+
+/// An HTTPS server on 127.0.0.1 with a certificate for `names`, answering every request with
+/// a 206 of the bytes asked for from a fixed body.
+async fn server(pki: &Pki, names: &[&str]) -> u16 {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let cert = params.signed_by(&key, &pki.ca).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else { return };
+                let mut req = Vec::new();
+                let mut b = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&b[..n]),
+                    }
+                }
+                let body = b"0123456789";
+                let head = "HTTP/1.1 206 Partial Content\r\ncontent-length: 4\r\ncontent-range: bytes 2-5/10\r\n\r\n";
+                let _ = tls.write_all(head.as_bytes()).await;
+                let _ = tls.write_all(&body[2..6]).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+fn opts(ca: Option<&std::path::Path>) -> FetchOptions {
+    FetchOptions {
+        attempts: 3,
+        stall_timeout: Duration::from_secs(5),
+        first_backoff: Duration::from_millis(10),
+        ca_file: ca.map(|p| p.to_owned()),
+        system_roots: true,
+        ..FetchOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn trusted_certificate_is_accepted() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let port = server(&pki, &["localhost"]).await;
+    let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
+    assert_eq!(&f.get_range("f", 2..6).await.unwrap()[..], b"2345");
+}
+
+#[tokio::test]
+async fn certificate_for_another_name_is_refused_without_retries() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let port = server(&pki, &["updates.example.com"]).await;
+    let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
+    let e = f.get_range("f", 2..6).await.unwrap_err().to_string();
+    assert!(e.contains("TLS: invalid peer certificate") && e.contains("not retried"), "{e}");
+    assert_eq!(f.requests(), 1);
+}
+
+#[tokio::test]
+async fn untrusted_ca_is_refused() {
+    let pki = pki();
+    let port = server(&pki, &["localhost"]).await;
+    let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(None)).unwrap();
+    let e = f.get_range("f", 2..6).await.unwrap_err().to_string();
+    assert!(e.contains("TLS: invalid peer certificate: UnknownIssuer"), "{e}");
+}
+
+#[tokio::test]
+async fn a_bad_ca_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate").unwrap();
+    let e = Fetcher::new("https://localhost/repo", opts(Some(&ca))).unwrap_err().to_string();
+    assert!(e.contains("holds no certificate"), "{e}");
+    let e = Fetcher::new("https://localhost/repo", opts(Some(&dir.path().join("missing.pem"))))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.pem"), "{e}");
+}
