@@ -409,12 +409,8 @@ fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     if let Some(t) = e.downcast_ref::<rustls::Error>() {
         return Some(t.to_string());
     }
-    if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
-        if let Some(t) = tls_error(inner) {
-            return Some(t);
-        }
-    }
-    e.source().and_then(tls_error)
+    let wrapped = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|inner| tls_error(inner));
+    wrapped.or_else(|| e.source().and_then(tls_error))
 }
 
 /// An error and its causes on one line (hyper's own messages are terse).
