@@ -117,6 +117,7 @@ fn parse_slot(s: &str) -> Result<Slot, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    cliutil::fix_malloc_threshold();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

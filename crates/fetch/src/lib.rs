@@ -409,7 +409,8 @@ fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     if let Some(t) = e.downcast_ref::<rustls::Error>() {
         return Some(t.to_string());
     }
-    let wrapped = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|inner| tls_error(inner));
+    let wrapped =
+        e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|inner| tls_error(inner));
     wrapped.or_else(|| e.source().and_then(tls_error))
 }
 

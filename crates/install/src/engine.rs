@@ -2,7 +2,7 @@
 
 use crate::journal::{Journal, replace_file};
 use crate::plan::{self, Plan};
-use crate::slotio::{AlignedBuf, SlotIo};
+use crate::slotio::{AlignedBuf, BufPool, SlotIo};
 use fetch::{FetchError, Fetcher};
 use manifest::{Manifest, Sha256Digest};
 use payload::{ChunkDecoder, ChunkError};
@@ -306,10 +306,13 @@ async fn write_all(
 ) -> Result<Vec<usize>, InstallError> {
     let m = Arc::new(req.manifest.clone());
     let (tx, rx) = std::sync::mpsc::sync_channel::<Verified>(WRITER_QUEUE);
+    // One byte of room past the chunk size lets the decoder see an over-long frame.
+    let pool = Arc::new(BufPool::new(pool_capacity(&m)));
 
     // The writer: writes, syncs every SYNC_EVERY bytes and journals what is durable.
     let writer = {
-        let (m, io_, counters) = (Arc::clone(&m), Arc::clone(target_io), Arc::clone(counters));
+        let (m, io_, counters, pool) =
+            (Arc::clone(&m), Arc::clone(target_io), Arc::clone(counters), Arc::clone(&pool));
         let (mut journal, state_dir, disk) = (journal.clone(), req.state_dir.to_owned(), req.disk.to_owned());
         std::thread::spawn(move || -> Result<Journal, InstallError> {
             let mut done = journal.done();
@@ -331,6 +334,7 @@ async fn write_all(
                         counters.reused.fetch_add(n, Ordering::Relaxed);
                     }
                 }
+                pool.put(v.data);
                 if unsynced >= SYNC_EVERY {
                     persist(&done, &mut journal)?;
                     unsynced = 0;
@@ -343,7 +347,7 @@ async fn write_all(
 
     // Local copies, on a blocking thread.
     let local_task = {
-        let (m, tx, copies) = (Arc::clone(&m), tx.clone(), plan.local.clone());
+        let (m, tx, copies, pool) = (Arc::clone(&m), tx.clone(), plan.local.clone(), Arc::clone(&pool));
         let disk = req.disk.to_owned();
         let booted = req.booted;
         let have_local = local.is_some();
@@ -357,9 +361,11 @@ async fn write_all(
             let mut failed = Vec::new();
             for c in copies {
                 let r = m.chunk_range(c.index);
-                let data = src.read(c.from, (r.end - r.start) as usize).map_err(io("read", &disk))?;
+                let mut data = pool.get((r.end - r.start) as usize);
+                src.read_into(c.from, &mut data).map_err(io("read", &disk))?;
                 if Sha256Digest::of(data.as_slice()) != m.chunks[c.index].sha256 {
                     failed.push(c.index);
+                    pool.put(data);
                     continue;
                 }
                 if tx.send(Verified { indices: vec![c.index], data, local: true }).is_err() {
@@ -382,17 +388,18 @@ async fn write_all(
         let permit = Arc::clone(&sem).acquire_owned().await.expect("semaphore open");
         let (fetcher, path, m, tx, url) =
             (fetcher.clone(), req.payload_path.clone(), Arc::clone(&m), tx.clone(), url.clone());
+        let pool = Arc::clone(&pool);
         tasks.spawn(async move {
             let _permit = permit;
             let bytes = fetcher.get_range(&path, group.range.clone()).await?;
             tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
                 let mut decoder = ChunkDecoder::new().map_err(io("zstd", Path::new(&url)))?;
-                let mut out = Vec::new();
                 for (frame, indices) in group.frames {
-                    decoder
-                        .decode_into(&m, indices[0], &bytes[frame], &mut out)
+                    let mut data = pool.get(pool_capacity(&m));
+                    let n = decoder
+                        .decode_to(&m, indices[0], &bytes[frame], data.as_mut_slice())
                         .map_err(|source| InstallError::BadChunk { url: url.clone(), source })?;
-                    let data = AlignedBuf::from_slice(&out);
+                    data.set_len(n);
                     if tx.send(Verified { indices, data, local: false }).is_err() {
                         break;
                     }
@@ -436,14 +443,20 @@ async fn write_all(
     failed_local
 }
 
+fn pool_capacity(m: &Manifest) -> usize {
+    m.chunk_size as usize + crate::slotio::ALIGN
+}
+
 /// Reads every chunk from the target and returns the indices that do not match the manifest.
 async fn read_back(m: &Manifest, io_: &Arc<SlotIo>, counters: &Arc<Counters>) -> std::io::Result<Vec<usize>> {
     let (m, io_, counters) = (Arc::new(m.clone()), Arc::clone(io_), Arc::clone(counters));
     tokio::task::spawn_blocking(move || {
         let mut bad = Vec::new();
+        let mut data = AlignedBuf::zeroed(m.chunk_size as usize);
         for (i, c) in m.chunks.iter().enumerate() {
             let r = m.chunk_range(i);
-            let data = io_.read(r.start, (r.end - r.start) as usize)?;
+            data.set_len((r.end - r.start) as usize);
+            io_.read_into(r.start, &mut data)?;
             if Sha256Digest::of(data.as_slice()) != c.sha256 {
                 bad.push(i);
             }

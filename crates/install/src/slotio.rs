@@ -17,7 +17,8 @@ use std::path::Path;
 pub(crate) const ALIGN: usize = 4096;
 
 /// A heap buffer whose contents start on an [`ALIGN`]-byte boundary (safe code: over-allocate
-/// and start at the first aligned byte).
+/// and start at the first aligned byte). Its length can change within its capacity, so that
+/// buffers are reused for chunks of any size.
 #[derive(Debug)]
 pub struct AlignedBuf {
     v: Vec<u8>,
@@ -26,7 +27,7 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
-    /// `len` zero bytes.
+    /// `len` zero bytes (capacity `len`).
     pub fn zeroed(len: usize) -> Self {
         let v = vec![0u8; len + ALIGN];
         let off = v.as_ptr().align_offset(ALIGN);
@@ -40,6 +41,17 @@ impl AlignedBuf {
         b
     }
 
+    /// The most bytes it can hold.
+    pub fn capacity(&self) -> usize {
+        self.v.len() - ALIGN
+    }
+
+    /// Sets the length (contents up to it are whatever was there); at most the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity(), "AlignedBuf::set_len past capacity");
+        self.len = len;
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         &self.v[self.off..self.off + self.len]
@@ -48,6 +60,39 @@ impl AlignedBuf {
     /// The bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.v[self.off..self.off + self.len]
+    }
+}
+
+/// Reusable chunk buffers. Allocating and freeing a quarter-megabyte buffer per chunk makes
+/// glibc's heap grow with the image (its mmap threshold adapts upward and freed blocks stay in
+/// per-thread arenas); a pool keeps the number of buffers, and so memory, fixed.
+#[derive(Debug)]
+pub(crate) struct BufPool {
+    free: std::sync::Mutex<Vec<AlignedBuf>>,
+    capacity: usize,
+}
+
+impl BufPool {
+    /// A pool of buffers that hold `capacity` bytes each.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self { free: std::sync::Mutex::new(Vec::new()), capacity }
+    }
+
+    /// A buffer of `len` bytes (at most the pool's capacity).
+    pub(crate) fn get(&self, len: usize) -> AlignedBuf {
+        let reused = self.free.lock().ok().and_then(|mut f| f.pop());
+        let mut b = reused.unwrap_or_else(|| AlignedBuf::zeroed(self.capacity));
+        b.set_len(len);
+        b
+    }
+
+    /// Returns a buffer for reuse.
+    pub(crate) fn put(&self, b: AlignedBuf) {
+        if b.capacity() == self.capacity {
+            if let Ok(mut f) = self.free.lock() {
+                f.push(b);
+            }
+        }
     }
 }
 
@@ -98,12 +143,10 @@ impl SlotIo {
         self.file.write_all_at(data.as_slice(), at)
     }
 
-    /// Reads `len` bytes at `offset` within the slot.
-    pub(crate) fn read(&self, offset: u64, len: usize) -> io::Result<AlignedBuf> {
-        let at = self.check(offset, len)?;
-        let mut b = AlignedBuf::zeroed(len);
-        self.file.read_exact_at(b.as_mut_slice(), at)?;
-        Ok(b)
+    /// Fills `buf` (its whole length) from `offset` within the slot.
+    pub(crate) fn read_into(&self, offset: u64, buf: &mut AlignedBuf) -> io::Result<()> {
+        let at = self.check(offset, buf.as_slice().len())?;
+        self.file.read_exact_at(buf.as_mut_slice(), at)
     }
 
     /// Makes every write durable (fdatasync).

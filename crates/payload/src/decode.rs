@@ -75,22 +75,39 @@ impl ChunkDecoder {
         frame: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), ChunkError> {
+        let expected = Self::expected_len(manifest, index)?;
+        out.clear();
+        out.resize(expected as usize + 1, 0);
+        let n = self.decode_to(manifest, index, frame, out)?;
+        out.truncate(n);
+        Ok(())
+    }
+
+    /// Like [`Self::decode_into`], into a caller's buffer (for example a pooled, aligned one)
+    /// of at least the chunk's length plus one byte; returns the chunk's length.
+    pub fn decode_to(
+        &mut self,
+        manifest: &Manifest,
+        index: usize,
+        frame: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, ChunkError> {
         let chunk = manifest
             .chunks
             .get(index)
             .ok_or(ChunkError::NoSuchChunk { index, count: manifest.chunks.len() })?;
         let range = manifest.chunk_range(index);
         let expected = range.end - range.start;
-        out.clear();
-        // One more byte than expected, so that an over-long frame is reported as a length error.
-        out.reserve(expected as usize + 1);
-        self.zstd
-            .decompress_to_buffer(frame, out)
+        // One byte more than expected, so that an over-long frame is a length error.
+        let room = out.len().min(expected as usize + 1);
+        let n = self
+            .zstd
+            .decompress_to_buffer(frame, &mut out[..room])
             .map_err(|e| ChunkError::Decompress { index, reason: e.to_string() })?;
-        if out.len() as u64 != expected {
-            return Err(ChunkError::Length { index, expected, found: out.len() as u64 });
+        if n as u64 != expected {
+            return Err(ChunkError::Length { index, expected, found: n as u64 });
         }
-        let found = Sha256Digest::of(out);
+        let found = Sha256Digest::of(&out[..n]);
         if found != chunk.sha256 {
             return Err(ChunkError::Digest {
                 index,
@@ -100,6 +117,14 @@ impl ChunkDecoder {
                 found,
             });
         }
-        Ok(())
+        Ok(n)
+    }
+
+    fn expected_len(manifest: &Manifest, index: usize) -> Result<u64, ChunkError> {
+        if index >= manifest.chunks.len() {
+            return Err(ChunkError::NoSuchChunk { index, count: manifest.chunks.len() });
+        }
+        let r = manifest.chunk_range(index);
+        Ok(r.end - r.start)
     }
 }
