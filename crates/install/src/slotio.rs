@@ -88,10 +88,11 @@ impl BufPool {
 
     /// Returns a buffer for reuse.
     pub(crate) fn put(&self, b: AlignedBuf) {
-        if b.capacity() == self.capacity {
-            if let Ok(mut f) = self.free.lock() {
-                f.push(b);
-            }
+        if b.capacity() != self.capacity {
+            return;
+        }
+        if let Ok(mut f) = self.free.lock() {
+            f.push(b);
         }
     }
 }
