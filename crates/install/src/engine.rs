@@ -448,20 +448,46 @@ fn pool_capacity(m: &Manifest) -> usize {
 }
 
 /// Reads every chunk from the target and returns the indices that do not match the manifest.
+///
+/// Two threads take batches of chunks in turn and read each batch with one large read, so
+/// that the device sees big sequential reads while the other thread hashes.
 async fn read_back(m: &Manifest, io_: &Arc<SlotIo>, counters: &Arc<Counters>) -> std::io::Result<Vec<usize>> {
+    const BATCH: usize = 16;
     let (m, io_, counters) = (Arc::new(m.clone()), Arc::clone(io_), Arc::clone(counters));
     tokio::task::spawn_blocking(move || {
-        let mut bad = Vec::new();
-        let mut data = AlignedBuf::zeroed(m.chunk_size as usize);
-        for (i, c) in m.chunks.iter().enumerate() {
-            let r = m.chunk_range(i);
-            data.set_len((r.end - r.start) as usize);
-            io_.read_into(r.start, &mut data)?;
-            if Sha256Digest::of(data.as_slice()) != c.sha256 {
-                bad.push(i);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let batches = m.chunks.len().div_ceil(BATCH);
+        let worker = || -> std::io::Result<Vec<usize>> {
+            let mut bad = Vec::new();
+            let mut data = AlignedBuf::zeroed(m.chunk_size as usize * BATCH);
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= batches {
+                    return Ok(bad);
+                }
+                let chunks = b * BATCH..((b + 1) * BATCH).min(m.chunks.len());
+                let start = m.chunk_range(chunks.start).start;
+                let end = m.chunk_range(chunks.end - 1).end;
+                data.set_len((end - start) as usize);
+                io_.read_into(start, &mut data)?;
+                for i in chunks {
+                    let r = m.chunk_range(i);
+                    let bytes = &data.as_slice()[(r.start - start) as usize..(r.end - start) as usize];
+                    if Sha256Digest::of(bytes) != m.chunks[i].sha256 {
+                        bad.push(i);
+                    }
+                    counters.read_back.fetch_add(r.end - r.start, Ordering::Relaxed);
+                }
             }
-            counters.read_back.fetch_add(r.end - r.start, Ordering::Relaxed);
-        }
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let t = s.spawn(worker);
+            let mine = worker();
+            (mine, t.join().expect("read-back thread panicked"))
+        });
+        let mut bad = a?;
+        bad.extend(b?);
+        bad.sort_unstable();
         Ok(bad)
     })
     .await
