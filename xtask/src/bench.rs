@@ -123,21 +123,7 @@ pub(crate) fn chunk_size(sh: &Shell, mib: u64) -> Result<()> {
     let path = input(sh, mib)?;
     let old = std::fs::read(&path).with_context(|| path.display().to_string())?;
     let mut new = old.clone();
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let pkg_at = (old.len() as u64 * 37 / 100) & !4095;
-    for b in &mut new[pkg_at as usize..pkg_at as usize + (4 << 20)] {
-        *b = b.wrapping_add(1);
-    }
-    for _ in 0..16 {
-        let at = (next() % (old.len() as u64 / 4096)) as usize * 4096;
-        new[at + 100] ^= 0xff;
-    }
+    let pkg_at = upgrade_one_package(&mut new);
     println!(
         "bench chunk-size: {mib} MiB of real files, zstd level {LEVEL}; update = 4 MiB package + 16 metadata blocks"
     );
@@ -171,6 +157,28 @@ pub(crate) fn chunk_size(sh: &Shell, mib: u64) -> Result<()> {
     }
     println!("  rerun: cargo xtask bench chunk-size --size-mib {mib}");
     Ok(())
+}
+
+/// What upgrading one package does to a filesystem image built from the same tree: 4 MiB of
+/// its files rewritten in place (at 37% of the image) and 16 scattered 4 KiB metadata blocks
+/// changed. Returns where the package lies.
+fn upgrade_one_package(data: &mut [u8]) -> u64 {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let pkg_at = (data.len() as u64 * 37 / 100) & !4095;
+    for b in &mut data[pkg_at as usize..pkg_at as usize + (4 << 20)] {
+        *b = b.wrapping_add(1);
+    }
+    for _ in 0..16 {
+        let at = (next() % (data.len() as u64 / 4096)) as usize * 4096;
+        data[at + 100] ^= 0xff;
+    }
+    pkg_at
 }
 
 /// (digest, compressed size) of every chunk, compressed on all cores.
@@ -223,6 +231,18 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
             .quiet()
             .ignore_stdout()
             .run()?;
+        // 1.1.0: one package upgraded in place (4 MiB of files) plus 16 metadata blocks.
+        let v2_input = dir.join("input-1.1.0.img");
+        let mut data = std::fs::read(&input)?;
+        upgrade_one_package(&mut data);
+        std::fs::write(&v2_input, data)?;
+        cmd!(sh, "{aclpub} build {v2_input} --out build2 --version 1.1.0").quiet().ignore_stdout().run()?;
+        cmd!(sh, "{aclpub} sign --key keys/bench.key build2/manifest.json").quiet().ignore_stdout().run()?;
+        cmd!(sh, "{aclpub} publish build2 --repo repo --channel stable --key keys/bench.key --trust trust")
+            .quiet()
+            .ignore_stdout()
+            .run()?;
+        std::fs::remove_file(&v2_input)?;
         sh.change_dir(&root);
     }
     let m = manifest::Manifest::from_bytes(&std::fs::read(
@@ -265,7 +285,7 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
         let started = Instant::now();
         let out = cmd!(
             sh,
-            "/usr/bin/time -f %M {aclctl} update --disk {dev} --booted A --state-dir {state} --repo {url} --trust {dir}/trust --json"
+            "/usr/bin/time -f %M {aclctl} update --disk {dev} --booted A --state-dir {state} --repo {url} --trust {dir}/trust --version {version} --json"
         )
         .output()?;
         let ours = started.elapsed().as_secs_f64();
@@ -310,10 +330,22 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
         let sent_before = server.bytes_sent(&dir.join("nginx"));
         let update = |state: &Path| {
             let mut c = std::process::Command::new(&aclctl);
-            c.args(["update", "--disk", &dev, "--booted", "A", "--repo", &url, "--json", "--trust"])
-                .arg(dir.join("trust"))
-                .arg("--state-dir")
-                .arg(state);
+            c.args([
+                "update",
+                "--disk",
+                &dev,
+                "--booted",
+                "A",
+                "--repo",
+                &url,
+                "--json",
+                "--version",
+                version,
+                "--trust",
+            ])
+            .arg(dir.join("trust"))
+            .arg("--state-dir")
+            .arg(state);
             c
         };
         let mut child = update(&state).stdout(std::process::Stdio::null()).spawn()?;
@@ -334,6 +366,30 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
             resumed["resumed_bytes"].as_u64().unwrap_or(0) >> 20,
             twice as f64 / 1048576.0,
             100.0 * twice as f64 / m.image_size as f64
+        );
+
+        // The node confirms 1.0.0 in B, then updates to 1.1.0 (one package changed) into A.
+        let trust = dir.join("trust");
+        cmd!(sh, "{aclctl} mark-good --disk {dev} --booted B --state-dir {state}")
+            .quiet()
+            .ignore_stdout()
+            .run()?;
+        let sent_before = server.bytes_sent(&dir.join("nginx"));
+        let out = cmd!(
+            sh,
+            "{aclctl} update --disk {dev} --booted B --state-dir {state} --repo {url} --trust {trust} --json"
+        )
+        .read()?;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let adaptive: serde_json::Value = serde_json::from_str(&out)?;
+        let sent = server.bytes_sent(&dir.join("nginx")) - sent_before;
+        let payload2 = adaptive["payload_bytes"].as_u64().unwrap_or(1);
+        println!(
+            "  update to 1.1.0 (one package): fetched {:.1} MiB = {:.2}% of its {:.0} MiB payload (documents included); reused {} MiB from slot B",
+            sent as f64 / 1048576.0,
+            100.0 * sent as f64 / payload2 as f64,
+            payload2 as f64 / 1048576.0,
+            adaptive["reused_bytes"].as_u64().unwrap_or(0) >> 20
         );
         println!("  rerun: cargo xtask bench install --size-mib {mib}");
         Ok(())
