@@ -1,0 +1,180 @@
+//! Shared by the install tests: a signed repository built with our tools, GPT disk images.
+#![allow(dead_code, unreachable_pub)]
+
+use fetch::{FetchOptions, Fetcher};
+use install::{Counters, InstallError, InstallRequest, Report};
+use manifest::{Manifest, Sha256Digest};
+use repo::local::{PublishRequest, publish, sign_document};
+use signing::{SecretKey, TrustedKeys};
+use slot::choice::Slot;
+use slot::{Disk, Tries};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found =
+        ["/usr/sbin", "/usr/bin", "/sbin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.exists());
+    if found.is_none() {
+        assert!(std::env::var_os("ACL_REQUIRE_TOOLS").is_none(), "{name} ({package}) is required");
+        eprintln!("skipped: {name} not installed (apt-get install {package})");
+    }
+    found
+}
+
+pub fn run(cmd: &Path, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{} {args:?}: {}", cmd.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A 160 MiB disk, Flatcar-style names, 56 MiB slots; A good and booted, B empty.
+pub fn disk(sgdisk: &Path, dir: &Path) -> PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::File::create(&path).unwrap().set_len(160 << 20).unwrap();
+    let usr = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
+    run(
+        sgdisk,
+        &[
+            "-n",
+            "1:0:+4M",
+            "-c",
+            "1:EFI-SYSTEM",
+            "-t",
+            "1:EF00",
+            "-n",
+            "3:0:+56M",
+            "-c",
+            "3:USR-A",
+            "-t",
+            &format!("3:{usr}"),
+            "-n",
+            "4:0:+56M",
+            "-c",
+            "4:USR-B",
+            "-t",
+            &format!("4:{usr}"),
+            "-n",
+            "9:0:0",
+            "-c",
+            "9:ROOT",
+            "-A",
+            "3:set:48",
+            "-A",
+            "3:set:56",
+            path.to_str().unwrap(),
+        ],
+    );
+    path
+}
+
+/// A filesystem-like image: text, zeros and noise; `variant` rewrites 1 MiB in the middle.
+pub fn fs_image(path: &Path, variant: u8) {
+    let size = 24 << 20;
+    let mut v = Vec::with_capacity(size);
+    let mut x: u32 = 99;
+    while v.len() < size {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        match (x >> 16) % 3 {
+            0 => v.extend_from_slice(format!("file {} line {x}\n", v.len()).as_bytes()),
+            1 => v.extend(std::iter::repeat_n(0u8, (x % 20000) as usize)),
+            _ => v.extend((0..(x % 5000)).map(|i| (x.wrapping_mul(i + 3) >> 11) as u8)),
+        }
+    }
+    v.truncate(size);
+    for b in &mut v[12 << 20..13 << 20] {
+        *b = b.wrapping_add(variant);
+    }
+    std::fs::write(path, v).unwrap();
+}
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub key: SecretKey,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap(), key: SecretKey::from_seed([5; 32]) }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Builds, signs and publishes `version` (content `variant`); returns its manifest.
+    pub fn release(&self, version: &str, variant: u8) -> (Manifest, Vec<u8>) {
+        let fs = self.path(&format!("fs-{version}"));
+        fs_image(&fs, variant);
+        let out = self.path(&format!("build-{version}"));
+        let opts = payload::BuildOptions {
+            version: version.parse().unwrap(),
+            arch: "x86_64".into(),
+            kernel_cmdline: String::new(),
+            chunk_size: 256 << 10,
+            level: 3,
+            threads: 2,
+            salt: None,
+        };
+        payload::build(&fs, &out, &opts, &|_| {}).unwrap();
+        sign_document(&out.join("manifest.json"), std::slice::from_ref(&self.key)).unwrap();
+        let policy = repo::TrustPolicy::new(TrustedKeys::new([self.key.public()]).unwrap(), 1).unwrap();
+        let req = PublishRequest {
+            repo: &self.path("repo"),
+            image_dir: &out,
+            channel: "stable",
+            expires_in: jiff::SignedDuration::from_hours(24),
+            waves: vec![],
+            now: jiff::Timestamp::now(),
+            threads: 2,
+        };
+        publish(&req, std::slice::from_ref(&self.key), &policy, &|_, _| {}).unwrap();
+        let bytes = std::fs::read(out.join("manifest.json")).unwrap();
+        (Manifest::from_bytes(&bytes).unwrap(), bytes)
+    }
+
+    pub fn file_fetcher(&self) -> Fetcher {
+        Fetcher::new(&format!("file://{}", self.path("repo").display()), FetchOptions::default()).unwrap()
+    }
+
+    pub async fn install(
+        &self,
+        disk: &Path,
+        booted: Slot,
+        rel: &(Manifest, Vec<u8>),
+        f: &Fetcher,
+    ) -> Result<Report, InstallError> {
+        self.install_with(disk, booted, rel, f, 1 << 20).await
+    }
+
+    pub async fn install_with(
+        &self,
+        disk: &Path,
+        booted: Slot,
+        rel: &(Manifest, Vec<u8>),
+        f: &Fetcher,
+        max_request: u64,
+    ) -> Result<Report, InstallError> {
+        let (m, bytes) = rel;
+        let req = InstallRequest {
+            disk,
+            booted,
+            manifest: m,
+            manifest_bytes: bytes,
+            payload_path: format!("images/{}/x86_64/payload", m.version),
+            state_dir: &self.path("state"),
+            tries: Tries::new(3).unwrap(),
+            parallel: 4,
+            max_request,
+        };
+        install::install(&req, f, &Arc::new(Counters::default())).await
+    }
+}
+
+/// SHA-256 of the first `len` bytes of `slot`, read independently of the installer.
+pub fn slot_digest(disk: &Path, slot: Slot, len: u64) -> Sha256Digest {
+    use std::os::unix::fs::FileExt as _;
+    let (base, _) = Disk::open(disk, false).unwrap().slot_extent(slot);
+    let mut buf = vec![0u8; len as usize];
+    std::fs::File::open(disk).unwrap().read_exact_at(&mut buf, base).unwrap();
+    Sha256Digest::of(&buf)
+}

@@ -1,0 +1,190 @@
+//! Every way the repository side can fail during an install: each ends in an error that names
+//! the URL and the problem, with the booted slot untouched and the target left unbootable.
+
+mod common;
+
+use common::*;
+use fetch::{FetchOptions, Fetcher};
+use slot::Disk;
+use slot::choice::Slot;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    NotFound,
+    ServerError,
+    Reset,
+    Stall,
+    Truncate,
+    WrongLength,
+}
+
+/// Serves files under `root` with Range support, misbehaving as `mode` says for every
+/// request after the first `good` ones.
+async fn server(root: PathBuf, mode: Mode, good: usize) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let (root, count) = (root.clone(), count.clone());
+            tokio::spawn(async move {
+                loop {
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 2048];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&req).into_owned();
+                    let path =
+                        text.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_owned();
+                    let data = std::fs::read(root.join(&path)).unwrap_or_default();
+                    let lower = text.to_lowercase();
+                    let (s, e) = lower
+                        .lines()
+                        .find_map(|l| l.strip_prefix("range: bytes="))
+                        .and_then(|r| r.trim().split_once('-'))
+                        .map(|(s, e)| (s.parse::<usize>().unwrap(), e.parse::<usize>().unwrap()))
+                        .unwrap_or((0, data.len().saturating_sub(1)));
+                    let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = data.get(s..=e).unwrap_or_default().to_vec();
+                    let head = |len: usize| {
+                        format!(
+                            "HTTP/1.1 206 Partial Content\r\ncontent-length: {len}\r\ncontent-range: bytes {s}-{e}/{}\r\n\r\n",
+                            data.len()
+                        )
+                    };
+                    let mode = if n < good { None } else { Some(mode) };
+                    match mode {
+                        None => {
+                            let _ = sock.write_all(head(body.len()).as_bytes()).await;
+                            let _ = sock.write_all(&body).await;
+                        }
+                        Some(Mode::NotFound) => {
+                            let _ =
+                                sock.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
+                        }
+                        Some(Mode::ServerError) => {
+                            let _ = sock.write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n").await;
+                        }
+                        Some(Mode::Reset) => {
+                            #[allow(deprecated)]
+                            let _ = sock.set_linger(Some(Duration::ZERO));
+                            return;
+                        }
+                        Some(Mode::Stall) => {
+                            let _ = sock.write_all(head(body.len()).as_bytes()).await;
+                            let _ = sock.write_all(&body[..body.len() / 2]).await;
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        Some(Mode::Truncate) => {
+                            let _ = sock.write_all(head(body.len()).as_bytes()).await;
+                            let _ = sock.write_all(&body[..body.len() / 2]).await;
+                            return;
+                        }
+                        Some(Mode::WrongLength) => {
+                            let _ = sock.write_all(head(body.len() - 1).as_bytes()).await;
+                            let _ = sock.write_all(&body[..body.len() - 1]).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn quick() -> FetchOptions {
+    FetchOptions {
+        attempts: 2,
+        stall_timeout: Duration::from_millis(300),
+        first_backoff: Duration::from_millis(10),
+        ..FetchOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_failures_leave_the_target_unbootable() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let v1 = f.release("1.0.0", 0);
+    for (mode, expect) in [
+        (Mode::NotFound, "HTTP 404 (not retried)"),
+        (Mode::ServerError, "HTTP 500 (gave up after 2 attempts)"),
+        (Mode::Reset, "(gave up after 2 attempts)"),
+        (Mode::Stall, "stalled: no data for 0.3 s (gave up after 2 attempts)"),
+        (Mode::Truncate, "(gave up after 2 attempts)"),
+        (Mode::WrongLength, "Content-Length"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk(&sgdisk, dir.path());
+        let booted = slot_digest(&disk, Slot::A, 4 << 20);
+        // A few requests succeed first, so the failure comes mid-install.
+        let url = server(f.path("repo"), mode, 3).await;
+        let fetcher = Fetcher::new(&url, quick()).unwrap();
+        let _ = std::fs::remove_dir_all(f.path("state"));
+        let e = f.install_with(&disk, Slot::A, &v1, &fetcher, 128 << 10).await.unwrap_err().to_string();
+        assert!(e.contains(&url) && e.contains("/payload") && e.contains(expect), "{mode:?}: {e}");
+        let s = Disk::open(&disk, false).unwrap().slots();
+        assert_eq!(s.b.priority(), 0, "{mode:?}: target must stay unbootable");
+        assert!(s.a.bootable() && s.a.successful(), "{mode:?}: booted slot bits changed");
+        assert_eq!(slot_digest(&disk, Slot::A, 4 << 20), booted, "{mode:?}: booted slot written");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_from_another_image_is_refused() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let v1 = f.release("1.0.0", 0);
+    let _v2 = f.release("1.1.0", 1);
+    let disk = disk(&sgdisk, f.dir.path());
+    // The repository serves 1.1.0's payload under 1.0.0's name.
+    let p1 = f.path("repo/images/1.0.0/x86_64/payload");
+    std::fs::copy(f.path("repo/images/1.1.0/x86_64/payload"), &p1).unwrap();
+    let e = f.install(&disk, Slot::A, &v1, &f.file_fetcher()).await.unwrap_err().to_string();
+    assert!(e.contains("1.0.0/x86_64/payload: chunk"), "{e}");
+    assert_eq!(Disk::open(&disk, false).unwrap().slots().b.priority(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fails_writes_is_reported() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let Some(mount) = tool("mount", "mount") else { return };
+    if !nix_is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let f = Fixture::new();
+    let v1 = f.release("1.0.0", 0);
+    // A 160 MiB sparse disk image on a 12 MiB tmpfs: writes fail with ENOSPC mid-install.
+    let mnt = f.path("small");
+    std::fs::create_dir(&mnt).unwrap();
+    run(&mount, &["-t", "tmpfs", "-o", "size=12m", "tmpfs", mnt.to_str().unwrap()]);
+    let _unmount = Unmount(mnt.clone());
+    let disk = disk(&sgdisk, &mnt);
+    let e = f.install(&disk, Slot::A, &v1, &f.file_fetcher()).await.unwrap_err().to_string();
+    assert!(e.contains("No space left on device"), "{e}");
+    assert_eq!(Disk::open(&disk, false).unwrap().slots().b.priority(), 0);
+}
+
+/// Unmounts on drop, also when the test fails.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
