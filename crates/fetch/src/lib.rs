@@ -9,8 +9,12 @@
 //! - every error names the URL and what went wrong, and says how many attempts were made.
 //!
 //! HTTPS uses rustls (ring) with the system's trusted roots plus an optional CA file; a
-//! certificate that does not verify is an error that is not retried. Proxies are not
-//! supported yet (see ARCHITECTURE.md).
+//! certificate that does not verify is an error that is not retried.
+//!
+//! Proxies come from the usual environment variables (`HTTPS_PROXY`, `HTTP_PROXY`,
+//! `ALL_PROXY`, `NO_PROXY`, upper or lower case) or from [`Proxy::Explicit`]. Requests go
+//! through the proxy as an HTTP CONNECT tunnel, for http:// and https:// repositories alike, so
+//! TLS stays end to end; the proxy must allow CONNECT to the repository's port.
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
@@ -36,6 +40,25 @@ pub struct FetchOptions {
     pub ca_file: Option<PathBuf>,
     /// Whether to trust the system's CA certificates for HTTPS (on by default).
     pub system_roots: bool,
+    /// Which proxy to use.
+    pub proxy: Proxy,
+}
+
+/// Where the proxy setting comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Proxy {
+    /// The environment variables (the default).
+    #[default]
+    FromEnv,
+    /// No proxy, whatever the environment says.
+    Off,
+    /// This proxy URL for every host not in the comma-separated `no_proxy` list.
+    Explicit {
+        /// `http://[user:pass@]host:port`.
+        url: String,
+        /// Hosts, domains or networks to reach directly.
+        no_proxy: String,
+    },
 }
 
 impl Default for FetchOptions {
@@ -47,6 +70,7 @@ impl Default for FetchOptions {
             max_document: 64 << 20,
             ca_file: None,
             system_roots: true,
+            proxy: Proxy::FromEnv,
         }
     }
 }
@@ -120,15 +144,16 @@ impl FetchError {
     }
 }
 
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Empty<Bytes>,
->;
+type HttpConnector = hyper_util::client::legacy::connect::HttpConnector;
+type Tunnel = hyper_util::client::legacy::connect::proxy::Tunnel<HttpConnector>;
+type Client<C> =
+    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<C>, http_body_util::Empty<Bytes>>;
 
 #[derive(Debug, Clone)]
 enum Kind {
     File(PathBuf),
-    Http { base: String, client: HttpClient },
+    Http { base: String, client: Client<HttpConnector> },
+    Proxied { base: String, client: Box<Client<Tunnel>>, proxy: String },
 }
 
 /// A repository to fetch from; cheap to clone (clones share connections and counters).
@@ -157,21 +182,34 @@ impl Fetcher {
         let kind = if let Some(path) = url.strip_prefix("file://") {
             Kind::File(PathBuf::from(path))
         } else if url.starts_with("http://") || url.starts_with("https://") {
-            url.parse::<hyper::Uri>().map_err(|e| bad(&e.to_string()))?;
-            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+            let uri = url.parse::<hyper::Uri>().map_err(|e| bad(&e.to_string()))?;
+            let mut http = HttpConnector::new();
             http.set_nodelay(true);
             http.set_connect_timeout(Some(opts.stall_timeout));
             http.enforce_http(false);
             let tls = tls_config(&opts).map_err(|reason| bad(&reason))?;
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http);
-            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector);
-            Kind::Http { base: url.trim_end_matches('/').to_owned(), client }
+            let base = url.trim_end_matches('/').to_owned();
+            let matcher = match &opts.proxy {
+                Proxy::FromEnv => Some(hyper_util::client::proxy::matcher::Matcher::from_env()),
+                Proxy::Off => None,
+                Proxy::Explicit { url, no_proxy } => Some(
+                    hyper_util::client::proxy::matcher::Matcher::builder()
+                        .all(url.clone())
+                        .no(no_proxy.clone())
+                        .build(),
+                ),
+            };
+            match matcher.and_then(|m| m.intercept(&uri)) {
+                None => Kind::Http { base, client: client(http, tls) },
+                Some(via) => {
+                    let mut tunnel = Tunnel::new(via.uri().clone(), http);
+                    if let Some(auth) = via.basic_auth() {
+                        tunnel = tunnel.with_auth(auth.clone());
+                    }
+                    let proxy = format!("{}", via.uri());
+                    Kind::Proxied { base, client: Box::new(client(tunnel, tls)), proxy }
+                }
+            }
         } else if url.contains("://") {
             return Err(bad("only http://, https:// and file:// repositories are supported"));
         } else {
@@ -184,7 +222,15 @@ impl Fetcher {
     pub fn url(&self, path: &str) -> String {
         match &self.kind {
             Kind::File(dir) => format!("file://{}", dir.join(path).display()),
-            Kind::Http { base, .. } => format!("{base}/{path}"),
+            Kind::Http { base, .. } | Kind::Proxied { base, .. } => format!("{base}/{path}"),
+        }
+    }
+
+    /// The proxy requests go through, if any.
+    pub fn proxy(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Proxied { proxy, .. } => Some(proxy),
+            _ => None,
         }
     }
 
@@ -231,6 +277,12 @@ impl Fetcher {
         match &self.kind {
             Kind::File(dir) => self.attempt_file(&dir.join(path), url, range).await,
             Kind::Http { client, .. } => self.attempt_http(client, url, range).await,
+            Kind::Proxied { client, proxy, .. } => {
+                self.attempt_http(client, url, range).await.map_err(|e| match e {
+                    Attempt::Retry(why) => Attempt::Retry(format!("{why} (via proxy {proxy})")),
+                    fatal => fatal,
+                })
+            }
         }
     }
 
@@ -274,12 +326,16 @@ impl Fetcher {
         result
     }
 
-    async fn attempt_http(
+    async fn attempt_http<C>(
         &self,
-        client: &HttpClient,
+        client: &Client<C>,
         url: &str,
         range: Option<Range<u64>>,
-    ) -> Result<Bytes, Attempt> {
+    ) -> Result<Bytes, Attempt>
+    where
+        hyper_rustls::HttpsConnector<C>:
+            hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    {
         let mut req = hyper::Request::get(url);
         if let Some(r) = &range {
             req = req.header(hyper::header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
@@ -368,6 +424,21 @@ fn check_content_range(headers: &hyper::HeaderMap, r: &Range<u64>) -> Result<(),
             "Content-Range {other:?} does not match the range asked for ({want}...)"
         ))),
     }
+}
+
+fn client<C>(connector: C, tls: rustls::ClientConfig) -> Client<C>
+where
+    hyper_rustls::HttpsConnector<C>:
+        hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(https)
 }
 
 /// The rustls client configuration: ring only (one crypto provider, so rustls never has to
