@@ -188,3 +188,61 @@ fn nix_is_root() -> bool {
         .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
+
+/// A TLS server whose certificate is for another host name (signed by a CA we trust).
+async fn tls_server_for_another_name(ca_file: &std::path::Path) -> u16 {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(ca_file, ca_cert.pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["updates.example.com".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(sock).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_does_not_match_is_refused() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let v1 = f.release("1.0.0", 0);
+    let disk = disk(&sgdisk, f.dir.path());
+    let booted = slot_digest(&disk, Slot::A, 4 << 20);
+    let ca = f.path("ca.pem");
+    let port = tls_server_for_another_name(&ca).await;
+    let opts = FetchOptions { ca_file: Some(ca), ..quick() };
+    let fetcher = Fetcher::new(&format!("https://localhost:{port}"), opts).unwrap();
+    let e = f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap_err().to_string();
+    assert!(
+        e.contains("/payload: TLS: invalid peer certificate") && e.contains("updates.example.com"),
+        "{e}"
+    );
+    assert_eq!(Disk::open(&disk, false).unwrap().slots().b.priority(), 0);
+    assert_eq!(slot_digest(&disk, Slot::A, 4 << 20), booted);
+}
