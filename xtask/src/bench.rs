@@ -218,7 +218,7 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
     let dir = root.join(format!("target/bench/install-{mib}m"));
     let repo = dir.join("repo");
     let version = "1.0.0";
-    if !repo.join("channels/stable/index.json").exists() {
+    if !repo.join("images/1.1.0/x86_64/manifest.json").exists() {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("trust"))?;
         sh.change_dir(&dir);
