@@ -64,13 +64,13 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
             .latest(arch)
             .with_context(|| format!("channel {:?} has no release for {arch}", a.channel))?,
     };
-    if a.version.is_none() && current.as_ref().is_some_and(|c| *c >= release.version) {
-        if !json {
-            println!(
-                "up to date: slot {booted} runs {}, the newest in {:?}",
-                current.expect("checked"),
-                a.channel
-            );
+    if let Some(current) = current.as_ref().filter(|c| a.version.is_none() && **c >= release.version) {
+        if json {
+            let out =
+                serde_json::json!({ "up_to_date": true, "version": current.to_string(), "slot": booted });
+            println!("{out:#}");
+        } else {
+            println!("up to date: slot {booted} runs {current}, the newest in {:?}", a.channel);
         }
         return Ok(());
     }
@@ -118,6 +118,7 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
     let target = booted.other();
     if json {
         let out = serde_json::json!({
+            "up_to_date": false,
             "version": m.version.to_string(),
             "slot": target,
             "image_bytes": r.image_bytes,
