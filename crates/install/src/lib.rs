@@ -6,7 +6,7 @@
 //! 1. refuse a target that is the booted slot, is in use, or is too small;
 //! 2. mark the target unbootable (`slot::choice::prepare`) and start a [`Journal`], unless a
 //!    journal for the same image and target shows an install to resume;
-//! 3. [`plan`]: chunks already written, chunks to copy from the image in the other slot (its
+//! 3. [`plan()`]: chunks already written, chunks to copy from the image in the other slot (its
 //!    manifest is recorded in the state directory), chunks to fetch in coalesced range requests;
 //! 4. fetch (several requests in flight) and copy; every chunk is decompressed and its SHA-256
 //!    checked before any byte of it is written; a writer thread writes, syncs and journals;

@@ -16,7 +16,7 @@ use std::path::Path;
 /// Alignment of every direct I/O buffer and transfer.
 pub(crate) const ALIGN: usize = 4096;
 
-/// A heap buffer whose contents start on an [`ALIGN`]-byte boundary (safe code: over-allocate
+/// A heap buffer whose contents start on a 4096-byte boundary (safe code: over-allocate
 /// and start at the first aligned byte). Its length can change within its capacity, so that
 /// buffers are reused for chunks of any size.
 #[derive(Debug)]
