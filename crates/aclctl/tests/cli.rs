@@ -3,22 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
-
-fn tool(name: &str, package: &str) -> Option<PathBuf> {
-    let found =
-        ["/usr/sbin", "/usr/bin", "/sbin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.exists());
-    if found.is_none() {
-        assert!(std::env::var_os("ACL_REQUIRE_TOOLS").is_none(), "{name} ({package}) is required");
-        eprintln!("skipped: {name} not installed (apt-get install {package})");
-    }
-    found
-}
-
-fn sh(cmd: &Path, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{} {args:?}: {}", cmd.display(), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use testkit::{flatcar_layout, run, tool};
 
 fn aclctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_aclctl")).args(args).output().unwrap()
@@ -32,48 +17,12 @@ fn json(args: &[&str]) -> serde_json::Value {
 
 /// Flatcar layout after a completed update: B (priority 2) confirmed, A (priority 1) the way back.
 fn updated_disk(sgdisk: &Path, target: &Path) {
-    let usr = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
-    let t = target.to_str().unwrap();
-    sh(
-        sgdisk,
-        &[
-            "-n",
-            "1:0:+8M",
-            "-c",
-            "1:EFI-SYSTEM",
-            "-t",
-            "1:EF00",
-            "-n",
-            "3:0:+8M",
-            "-c",
-            "3:USR-A",
-            "-t",
-            &format!("3:{usr}"),
-            "-n",
-            "4:0:+8M",
-            "-c",
-            "4:USR-B",
-            "-t",
-            &format!("4:{usr}"),
-            "-n",
-            "9:0:0",
-            "-c",
-            "9:ROOT",
-            "-A",
-            "3:set:48",
-            "-A",
-            "3:set:56",
-            "-A",
-            "4:set:49",
-            "-A",
-            "4:set:56",
-            t,
-        ],
-    );
+    flatcar_layout(sgdisk, target, 8);
+    run(sgdisk, &["-A", "4:set:49", "-A", "4:set:56", target.to_str().unwrap()]);
 }
 
 fn attributes(sgdisk: &Path, target: &Path, n: u32) -> String {
-    let out = sh(sgdisk, &["-i", &n.to_string(), target.to_str().unwrap()]);
+    let out = run(sgdisk, &["-i", &n.to_string(), target.to_str().unwrap()]);
     out.lines().find_map(|l| l.strip_prefix("Attribute flags: ")).unwrap().trim().to_owned()
 }
 
@@ -91,7 +40,7 @@ fn rollback_round_trip(sgdisk: &Path, disk: &Path) {
     assert!(text.contains("rollback: slot A boots next (was B)"), "{text}");
     eprintln!("aclctl rollback on {d}: {:.1} ms (process start to exit)", took.as_secs_f64() * 1e3);
 
-    assert!(sh(sgdisk, &["-v", d]).contains("No problems found"));
+    assert!(run(sgdisk, &["-v", d]).contains("No problems found"));
     assert_eq!(attributes(sgdisk, disk, 3), "0102000000000000");
     assert_eq!(attributes(sgdisk, disk, 4), "0101000000000000");
     assert_eq!(json(&["status", "--disk", d, "--json"])["next_boot"], "A");
@@ -118,7 +67,7 @@ fn rollback_on_an_image_file_and_a_loop_device() {
     let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
     updated_disk(&sgdisk, &dev);
     let result = std::panic::catch_unwind(|| rollback_round_trip(&sgdisk, &dev));
-    sh(&losetup, &["-d", dev.to_str().unwrap()]);
+    run(&losetup, &["-d", dev.to_str().unwrap()]);
     result.unwrap();
 }
 
@@ -131,7 +80,7 @@ fn mark_good_and_refusals() {
     updated_disk(&sgdisk, &img);
     let d = img.to_str().unwrap();
     // B on trial: priority 2, 1 try left, not yet successful.
-    sh(&sgdisk, &["-A", "4:clear:56", "-A", "4:set:52", d]);
+    run(&sgdisk, &["-A", "4:clear:56", "-A", "4:set:52", d]);
     let s = json(&["status", "--disk", d, "--booted", "B", "--json"]);
     assert_eq!(s["booted"], "B");
     assert!(s["slots"][1]["role"].as_str().unwrap().contains("on trial (1 tries left)"), "{s}");
@@ -141,7 +90,7 @@ fn mark_good_and_refusals() {
     assert_eq!(attributes(&sgdisk, &img, 4), "0102000000000000");
 
     // Nothing to roll back to: A marked unbootable.
-    sh(&sgdisk, &["-A", "3:clear:48", "-A", "3:clear:56", d]);
+    run(&sgdisk, &["-A", "3:clear:48", "-A", "3:clear:56", d]);
     let out = aclctl(&["rollback", "--disk", d, "--booted", "B"]);
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);

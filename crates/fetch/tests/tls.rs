@@ -6,37 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+/// A CA (its PEM) and a server configuration for `names` that it signed.
 struct Pki {
     ca_pem: String,
-    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-fn pki() -> Pki {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Pki { ca_pem: cert.pem(), ca: rcgen::Issuer::new(params, key) }
 }
 
 /// An HTTPS server on 127.0.0.1 with a certificate for `names`, answering every request with
 /// a 206 of the bytes asked for from a fixed body.
-async fn server(pki: &Pki, names: &[&str]) -> u16 {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    let cert = params.signed_by(&key, &pki.ca).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
+async fn server(names: &[&str]) -> (Pki, u16) {
+    let (ca_pem, config) = testkit::tls_server(names);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -62,7 +40,7 @@ async fn server(pki: &Pki, names: &[&str]) -> u16 {
             });
         }
     });
-    port
+    (Pki { ca_pem }, port)
 }
 
 fn opts(ca: Option<&std::path::Path>) -> FetchOptions {
@@ -78,22 +56,20 @@ fn opts(ca: Option<&std::path::Path>) -> FetchOptions {
 
 #[tokio::test]
 async fn trusted_certificate_is_accepted() {
-    let pki = pki();
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
+    let (pki, port) = server(&["localhost"]).await;
     std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let port = server(&pki, &["localhost"]).await;
     let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
     assert_eq!(&f.get_range("f", 2..6).await.unwrap()[..], b"2345");
 }
 
 #[tokio::test]
 async fn certificate_for_another_name_is_refused_without_retries() {
-    let pki = pki();
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
+    let (pki, port) = server(&["updates.example.com"]).await;
     std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let port = server(&pki, &["updates.example.com"]).await;
     let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
     let e = f.get_range("f", 2..6).await.unwrap_err().to_string();
     assert!(e.contains("TLS: invalid peer certificate") && e.contains("not retried"), "{e}");
@@ -102,8 +78,7 @@ async fn certificate_for_another_name_is_refused_without_retries() {
 
 #[tokio::test]
 async fn untrusted_ca_is_refused() {
-    let pki = pki();
-    let port = server(&pki, &["localhost"]).await;
+    let (_pki, port) = server(&["localhost"]).await;
     let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(None)).unwrap();
     let e = f.get_range("f", 2..6).await.unwrap_err().to_string();
     assert!(e.contains("TLS: invalid peer certificate: UnknownIssuer"), "{e}");

@@ -157,7 +157,7 @@ async fn a_chunk_from_another_image_is_refused() {
 async fn a_disk_that_fails_writes_is_reported() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
     let Some(mount) = tool("mount", "mount") else { return };
-    if !nix_is_root() {
+    if !is_root() {
         eprintln!("skipped: mounting a small tmpfs needs root");
         return;
     }
@@ -183,36 +183,10 @@ impl Drop for Unmount {
     }
 }
 
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
-}
-
 /// A TLS server whose certificate is for another host name (signed by a CA we trust).
 async fn tls_server_for_another_name(ca_file: &std::path::Path) -> u16 {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    std::fs::write(ca_file, ca_cert.pem()).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["updates.example.com".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
+    let (ca_pem, config) = testkit::tls_server(&["updates.example.com"]);
+    std::fs::write(ca_file, ca_pem).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

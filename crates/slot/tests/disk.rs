@@ -1,12 +1,10 @@
 //! Slots on real GPT tables made by Debian's sgdisk, in image files and on loop devices.
 //! After every operation `sgdisk -v` must find no problem and `sgdisk -i` must show our bits.
 
-mod common;
-
-use common::*;
 use slot::choice::{self, Slot};
 use slot::{Disk, GptPrio, Tries};
 use std::path::Path;
+use testkit::*;
 
 /// Everything `sgdisk` prints about the table except the attribute lines.
 fn layout_without_attributes(sgdisk: &Path, target: &Path) -> String {
@@ -78,7 +76,7 @@ fn cycle(sgdisk: &Path, target: &Path) {
 fn update_cycle_on_an_image_file() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
     let dir = tempfile::tempdir().unwrap();
-    cycle(&sgdisk, &flatcar_image(&sgdisk, dir.path()));
+    cycle(&sgdisk, &flatcar_image(&sgdisk, dir.path(), 64, 16));
 }
 
 #[test]
@@ -89,7 +87,7 @@ fn update_cycle_on_loop_devices_512_and_4096() {
         let file = dir.path().join("disk.img");
         std::fs::File::create(&file).unwrap().set_len(64 << 20).unwrap();
         let Some(lo) = Loop::attach(&file, sector) else { return };
-        flatcar_layout(&sgdisk, &lo.dev);
+        flatcar_layout(&sgdisk, &lo.dev, 16);
         assert_eq!(Disk::open(&lo.dev, false).unwrap().sector_size(), u64::from(sector));
         cycle(&sgdisk, &lo.dev);
     }
@@ -106,7 +104,7 @@ fn corrupt_primary_falls_back_to_backup_and_is_repaired() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
     for (what, offset) in [("primary header", 512 + 60), ("primary entry array", 1024 + 2 * 128 + 60)] {
         let dir = tempfile::tempdir().unwrap();
-        let img = flatcar_image(&sgdisk, dir.path());
+        let img = flatcar_image(&sgdisk, dir.path(), 64, 16);
         let want = Disk::open(&img, true).unwrap().update(|s| choice::prepare(s, Slot::A)).unwrap();
         flip(&img, offset);
         let mut disk = Disk::open(&img, true).unwrap();
@@ -123,7 +121,7 @@ fn corrupt_primary_falls_back_to_backup_and_is_repaired() {
 fn corrupt_backup_is_repaired_and_both_corrupt_is_an_error() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
     let dir = tempfile::tempdir().unwrap();
-    let img = flatcar_image(&sgdisk, dir.path());
+    let img = flatcar_image(&sgdisk, dir.path(), 64, 16);
     let len = std::fs::metadata(&img).unwrap().len();
     flip(&img, len - 512 + 60);
     let mut disk = Disk::open(&img, true).unwrap();
@@ -172,7 +170,7 @@ fn disks_that_are_not_ab_disks_are_named() {
 fn refused_transitions_write_nothing() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
     let dir = tempfile::tempdir().unwrap();
-    let img = flatcar_image(&sgdisk, dir.path());
+    let img = flatcar_image(&sgdisk, dir.path(), 64, 16);
     let before = std::fs::read(&img).unwrap();
     let e = Disk::open(&img, true).unwrap().update(|s| choice::rollback(s, Slot::A)).unwrap_err().to_string();
     assert!(e.contains("slot B cannot be rolled back to: it was never confirmed good"), "{e}");
@@ -185,7 +183,7 @@ fn cgpt_and_we_agree_on_the_bits() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
     let Some(cgpt) = tool("cgpt", "cgpt") else { return };
     let dir = tempfile::tempdir().unwrap();
-    let img = flatcar_image(&sgdisk, dir.path());
+    let img = flatcar_image(&sgdisk, dir.path(), 64, 16);
     let d = img.to_str().unwrap();
     let show = |i: &str, what: &str| run(&cgpt, &["show", "-i", i, what, d]).trim().to_owned();
 

@@ -3,15 +3,13 @@
 //! the table must read back valid with either the old or the new bits, and repair must leave
 //! both copies valid without changing them.
 
-mod common;
-
-use common::*;
 use slot::choice::{self, Slot};
 use slot::table::BlockDevice;
 use slot::{Disk, Slots, Tries};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use testkit::*;
 
 /// An in-memory disk (a shared base image plus an overlay of written sectors) that logs
 /// every write and sync.
@@ -142,7 +140,7 @@ fn check_all_cuts(
 fn every_cut_reads_back_old_or_new() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
     let dir = tempfile::tempdir().unwrap();
-    let img = flatcar_image(&sgdisk, dir.path());
+    let img = flatcar_image(&sgdisk, dir.path(), 64, 16);
     let base = Arc::new(std::fs::read(&img).unwrap());
     let activate = |s: &Slots| choice::activate(s, Slot::A, Tries::new(2).unwrap());
     let mut cases = check_all_cuts(&base, activate);

@@ -1,5 +1,5 @@
 //! Shared by the install tests: a signed repository built with our tools, GPT disk images.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use fetch::{FetchOptions, Fetcher};
 use install::{Counters, InstallError, InstallRequest, Report};
@@ -9,62 +9,13 @@ use signing::{SecretKey, TrustedKeys};
 use slot::choice::Slot;
 use slot::{Disk, Tries};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
-pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
-    let found =
-        ["/usr/sbin", "/usr/bin", "/sbin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.exists());
-    if found.is_none() {
-        assert!(std::env::var_os("ACL_REQUIRE_TOOLS").is_none(), "{name} ({package}) is required");
-        eprintln!("skipped: {name} not installed (apt-get install {package})");
-    }
-    found
-}
+pub use testkit::{is_root, run, tool};
 
-pub fn run(cmd: &Path, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{} {args:?}: {}", cmd.display(), String::from_utf8_lossy(&out.stderr));
-}
-
-/// A 160 MiB disk, Flatcar-style names, 56 MiB slots; A good and booted, B empty.
+/// A 160 MiB disk in Flatcar's layout with 56 MiB slots; A good and booted, B empty.
 pub fn disk(sgdisk: &Path, dir: &Path) -> PathBuf {
-    let path = dir.join("disk.img");
-    std::fs::File::create(&path).unwrap().set_len(160 << 20).unwrap();
-    let usr = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
-    run(
-        sgdisk,
-        &[
-            "-n",
-            "1:0:+4M",
-            "-c",
-            "1:EFI-SYSTEM",
-            "-t",
-            "1:EF00",
-            "-n",
-            "3:0:+56M",
-            "-c",
-            "3:USR-A",
-            "-t",
-            &format!("3:{usr}"),
-            "-n",
-            "4:0:+56M",
-            "-c",
-            "4:USR-B",
-            "-t",
-            &format!("4:{usr}"),
-            "-n",
-            "9:0:0",
-            "-c",
-            "9:ROOT",
-            "-A",
-            "3:set:48",
-            "-A",
-            "3:set:56",
-            path.to_str().unwrap(),
-        ],
-    );
-    path
+    testkit::flatcar_image(sgdisk, dir, 160, 56)
 }
 
 /// A filesystem-like image: text, zeros and noise; `variant` rewrites 1 MiB in the middle.
