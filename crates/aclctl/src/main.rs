@@ -77,6 +77,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the agent's merged configuration (or, with --defaults, every key and its default).
+    Config {
+        /// Print the documented defaults instead (what /usr/lib/acl-update/config.d ships).
+        #[arg(long)]
+        defaults: bool,
+        /// Look for the configuration files under this directory instead of /.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// Make the other slot boot next, if it holds an image that was confirmed good.
     Rollback {
         #[command(flatten)]
@@ -117,6 +126,7 @@ fn parse_slot(s: &str) -> Result<Slot, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    cliutil::default_sigpipe();
     cliutil::fix_malloc_threshold();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -163,9 +173,50 @@ fn run(cli: Cli) -> Result<()> {
             }
             status::print(&status::Status::of(&disk, booted, &target.state_dir), false)
         }
+        Command::Config { defaults, root } => print_config(defaults, &root),
         Command::Rollback { target, json } => change(&target, json, "rollback", choice::rollback),
         Command::MarkGood { target, json } => change(&target, json, "mark-good", choice::mark_good),
     }
+}
+
+/// `aclctl config`: the merged files, validated, as TOML with where each key came from.
+fn print_config(defaults: bool, root: &std::path::Path) -> Result<()> {
+    if defaults {
+        print!("{}", config::DEFAULT_TOML);
+        return Ok(());
+    }
+    let loaded = config::load(&config::Sources::under(root))?;
+    config::Settings::from_loaded(&loaded)?;
+    println!("# merged from, in order (later files win):");
+    for f in &loaded.files {
+        println!("#   {}", f.display());
+    }
+    if loaded.files.is_empty() {
+        println!("#   (no files: every key has its default)");
+    }
+    let text = toml::to_string_pretty(&loaded.config).context("print configuration")?;
+    // Annotate each `key = value` with where it was set; an array of tables (`[[reboot.windows]]`)
+    // is set as a whole, so its header carries the annotation.
+    let mut section = String::new();
+    let mut in_array = false;
+    for line in text.lines() {
+        if let Some(s) = line.strip_prefix("[[").and_then(|s| s.strip_suffix("]]")) {
+            in_array = true;
+            println!("{line:<60} # {}", loaded.origin(s));
+            continue;
+        }
+        if let Some(s) = line.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            section = s.to_owned();
+            in_array = false;
+        }
+        match line.split_once(" = ") {
+            Some((key, _)) if !section.is_empty() && !in_array => {
+                println!("{line:<60} # {}", loaded.origin(&format!("{section}.{}", key.trim())));
+            }
+            _ => println!("{line}"),
+        }
+    }
+    Ok(())
 }
 
 /// Opens the disk and works out the booted slot (`None` when the disk is not the running

@@ -105,3 +105,28 @@ fn mark_good_and_refusals() {
     // A slot name that is not A or B is a usage error.
     assert_eq!(aclctl(&["status", "--disk", d, "--booted", "C"]).status.code(), Some(2));
 }
+
+#[test]
+fn config_is_merged_annotated_and_refused_when_invalid() {
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc/acl-update");
+    std::fs::create_dir_all(etc.join("config.d")).unwrap();
+    std::fs::write(etc.join("config.toml"), "[updates]\nrepository = \"https://u.example/acl\"\n").unwrap();
+    std::fs::write(etc.join("config.d/10-beta.toml"), "[updates]\nchannel = \"beta\"\n").unwrap();
+    let r = root.path().to_str().unwrap();
+    let out = aclctl(&["config", "--root", r]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let channel = text.lines().find(|l| l.starts_with("channel = ")).unwrap();
+    assert!(channel.contains("\"beta\"") && channel.ends_with("config.d/10-beta.toml:2"), "{channel}");
+    assert!(text.lines().any(|l| l.starts_with("tries = 3") && l.ends_with("# default")), "{text}");
+
+    std::fs::write(etc.join("config.d/20-typo.toml"), "[updates]\n\nchanel = \"x\"\n").unwrap();
+    let out = aclctl(&["config", "--root", r]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("20-typo.toml:3: unknown field `chanel`"), "{err}");
+
+    let defaults = aclctl(&["config", "--defaults"]);
+    assert!(String::from_utf8_lossy(&defaults.stdout).contains("check-interval = \"1h\""));
+}

@@ -35,6 +35,18 @@ pub fn fix_malloc_threshold() {
     }
 }
 
+/// Lets the process die quietly of SIGPIPE when its output is closed (`aclctl status | head`),
+/// as C tools do, instead of Rust's default of ignoring the signal and panicking in `println!`.
+#[allow(unsafe_code)]
+pub fn default_sigpipe() {
+    // SAFETY: resetting a signal to its default disposition installs no handler of ours; it
+    // is done at the start of main, before any other thread exists.
+    unsafe {
+        let _ =
+            nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl);
+    }
+}
+
 /// A byte-count progress bar with rate and ETA on standard error (drawn only on a terminal).
 pub fn byte_bar(label: &str, total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);

@@ -17,6 +17,7 @@ const EXIT_REJECTED: u8 = 3;
 const EXIT_FAILED: u8 = 1;
 
 fn main() -> std::process::ExitCode {
+    cliutil::default_sigpipe();
     let args = cli::Cli::parse();
     match commands::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

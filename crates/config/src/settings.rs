@@ -1,0 +1,212 @@
+//! The validated settings: parsed types, checked ranges, nothing optional that is required.
+
+use crate::{ConfigError, Loaded};
+use jiff::civil::{Time, Weekday};
+use jiff::{SignedDuration, Timestamp, tz::TimeZone};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What the agent does about updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Check, install and reboot when allowed.
+    Automatic,
+    /// Check and report; install nothing.
+    CheckOnly,
+    /// Nothing.
+    Off,
+}
+
+/// A maintenance window: on these weekdays, from `start` for `length`, in `time_zone`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    /// The weekdays the window opens on.
+    pub days: Vec<Weekday>,
+    /// Local opening time.
+    pub start: Time,
+    /// How long it stays open.
+    pub length: Duration,
+    /// The time zone of `start`.
+    pub time_zone: TimeZone,
+}
+
+impl Window {
+    /// Whether `t` falls inside the window (including a window opened on an earlier day that
+    /// is still open).
+    pub fn contains(&self, t: Timestamp) -> bool {
+        let today = t.to_zoned(self.time_zone.clone()).date();
+        (0..=7).any(|back| {
+            let Ok(day) = today.checked_sub(jiff::Span::new().days(back)) else { return false };
+            if !self.days.contains(&day.weekday()) {
+                return false;
+            }
+            let Ok(open) = day.to_datetime(self.start).to_zoned(self.time_zone.clone()) else { return false };
+            let open = open.timestamp();
+            let len = SignedDuration::try_from(self.length).unwrap_or(SignedDuration::MAX);
+            open <= t && open.checked_add(len).is_ok_and(|close| t < close)
+        })
+    }
+}
+
+/// Everything the agent needs, checked.
+#[derive(Debug, Clone)]
+#[allow(missing_docs)]
+pub struct Settings {
+    pub mode: Mode,
+    pub repository: String,
+    pub channel: String,
+    pub check_interval: Duration,
+    pub pinned_version: Option<semver::Version>,
+    pub tries: u8,
+    pub paused: bool,
+    pub parallel: NonZeroUsize,
+    pub trust_keys: Vec<PathBuf>,
+    pub threshold: NonZeroUsize,
+    pub ca_file: Option<PathBuf>,
+    pub windows: Vec<Window>,
+    pub health_deadline: Duration,
+    pub check_timeout: Duration,
+    pub required_dir: PathBuf,
+    pub wanted_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub disk: Option<PathBuf>,
+    pub socket: PathBuf,
+}
+
+impl Settings {
+    /// Validates a loaded configuration; the first problem found is the error.
+    pub fn from_loaded(l: &Loaded) -> Result<Self, ConfigError> {
+        let c = &l.config;
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
+            origin: l.origin(key),
+            key: key.into(),
+            reason,
+        };
+        let duration = |key: &str, text: &str, min: Duration| -> Result<Duration, ConfigError> {
+            let d: SignedDuration = text.parse().map_err(|e| {
+                bad(key, format!("{text:?} is not a duration like \"90s\", \"10m\" or \"1h 30m\": {e}"))
+            })?;
+            let d = Duration::try_from(d).map_err(|_| bad(key, format!("{text:?} is negative")))?;
+            if d < min {
+                return Err(bad(key, format!("{text:?} is shorter than the minimum {}s", min.as_secs())));
+            }
+            Ok(d)
+        };
+        let mode = match c.updates.mode.as_str() {
+            "automatic" => Mode::Automatic,
+            "check" => Mode::CheckOnly,
+            "off" => Mode::Off,
+            other => {
+                return Err(bad(
+                    "updates.mode",
+                    format!("{other:?} is not one of \"automatic\", \"check\", \"off\""),
+                ));
+            }
+        };
+        let repo = c.updates.repository.trim();
+        let scheme_ok = ["http://", "https://", "file://", "/"].iter().any(|p| repo.starts_with(p));
+        if mode != Mode::Off && !scheme_ok {
+            let why = if repo.is_empty() {
+                "is required unless mode is \"off\"".to_owned()
+            } else {
+                format!("{repo:?} is not an http://, https:// or file:// URL")
+            };
+            return Err(bad("updates.repository", why));
+        }
+        let channel = &c.updates.channel;
+        if channel.is_empty()
+            || !channel.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        {
+            return Err(bad(
+                "updates.channel",
+                format!("{channel:?} must be lowercase letters, digits, '.', '_' or '-'"),
+            ));
+        }
+        let pinned_version = match c.updates.pinned_version.trim() {
+            "" => None,
+            v => Some(
+                v.parse()
+                    .map_err(|e| bad("updates.pinned-version", format!("{v:?} is not a version: {e}")))?,
+            ),
+        };
+        if !(1..=15).contains(&c.updates.tries) {
+            return Err(bad(
+                "updates.tries",
+                format!("{} is not in 1..=15 (4 bits in the GPT)", c.updates.tries),
+            ));
+        }
+        let parallel = NonZeroUsize::new(c.updates.parallel)
+            .filter(|n| n.get() <= 64)
+            .ok_or_else(|| bad("updates.parallel", format!("{} is not in 1..=64", c.updates.parallel)))?;
+        let threshold = NonZeroUsize::new(c.trust.threshold)
+            .ok_or_else(|| bad("trust.threshold", "must be at least 1".into()))?;
+        if c.trust.keys.is_empty() {
+            return Err(bad("trust.keys", "at least one key file or directory is required".into()));
+        }
+        let mut windows = Vec::new();
+        for (i, w) in c.reboot.windows.iter().enumerate() {
+            let key = "reboot.windows";
+            let at = |reason: String| bad(key, format!("window {}: {reason}", i + 1));
+            let days = w
+                .days
+                .iter()
+                .map(|d| weekday(d).ok_or_else(|| at(format!("{d:?} is not a weekday (Mon..Sun)"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            if days.is_empty() {
+                return Err(at("no days".into()));
+            }
+            let start: Time = w
+                .start
+                .parse()
+                .map_err(|_| at(format!("start {:?} is not a time like \"02:30\"", w.start)))?;
+            let length = duration(key, &w.length, Duration::from_secs(60))
+                .map_err(|_| at(format!("length {:?} is not a duration of at least 1m", w.length)))?;
+            if length > Duration::from_secs(7 * 86400) {
+                return Err(at(format!("length {:?} is longer than a week", w.length)));
+            }
+            let time_zone =
+                TimeZone::get(&w.time_zone).map_err(|e| at(format!("time zone {:?}: {e}", w.time_zone)))?;
+            windows.push(Window { days, start, length, time_zone });
+        }
+        let opt_path = |s: &str| (!s.trim().is_empty()).then(|| PathBuf::from(s.trim()));
+        Ok(Settings {
+            mode,
+            repository: repo.to_owned(),
+            channel: channel.clone(),
+            check_interval: duration(
+                "updates.check-interval",
+                &c.updates.check_interval,
+                Duration::from_secs(60),
+            )?,
+            pinned_version,
+            tries: c.updates.tries,
+            paused: c.updates.paused,
+            parallel,
+            trust_keys: c.trust.keys.clone(),
+            threshold,
+            ca_file: opt_path(&c.trust.ca_file),
+            windows,
+            health_deadline: duration("health.deadline", &c.health.deadline, Duration::from_secs(10))?,
+            check_timeout: duration("health.check-timeout", &c.health.check_timeout, Duration::from_secs(1))?,
+            required_dir: c.health.required_dir.clone(),
+            wanted_dir: c.health.wanted_dir.clone(),
+            state_dir: c.agent.state_dir.clone(),
+            disk: opt_path(&c.agent.disk),
+            socket: c.agent.socket.clone(),
+        })
+    }
+}
+
+fn weekday(s: &str) -> Option<Weekday> {
+    Some(match s.to_ascii_lowercase().get(..3)? {
+        "mon" => Weekday::Monday,
+        "tue" => Weekday::Tuesday,
+        "wed" => Weekday::Wednesday,
+        "thu" => Weekday::Thursday,
+        "fri" => Weekday::Friday,
+        "sat" => Weekday::Saturday,
+        "sun" => Weekday::Sunday,
+        _ => return None,
+    })
+}
