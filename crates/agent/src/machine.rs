@@ -1,0 +1,348 @@
+//! The agent's state machine: a documented enum and one total `step` function.
+//!
+//! `step(state, event) -> (state, actions)` does no I/O and reads no clock: events carry the
+//! time and the results of I/O, actions ask for I/O. The daemon persists the new state
+//! (crash-safely) *before* it carries out the actions, so a kill -9 at any point leaves a state
+//! from which [`Event::Started`] resumes correctly: an interrupted install is resumed (its
+//! journal knows the chunks), a requested reboot is judged by which slot actually booted, an
+//! interrupted health check starts again within its deadline.
+//!
+//! | phase | on | goes to | actions |
+//! |---|---|---|---|
+//! | Idle | Tick, check due, not paused | Idle | Check |
+//! | Idle | Checked(Update r) | Installing r | Install r |
+//! | Idle | Checked(Wait/UpToDate/Blocked) | Idle (note kept) | - |
+//! | Installing v | Installed ok | Staged v | RequestReboot |
+//! | Installing v | Installed err | Idle | (failure of v recorded) |
+//! | Staged v | RebootAllowed | Rebooting v | Reboot |
+//! | Rebooting v | Started, v booted unconfirmed | Verifying v until deadline | RunHealth |
+//! | Rebooting v | Started, v did not boot | Idle | (failure: did not boot) |
+//! | Verifying v | Health passed | Idle | MarkGood |
+//! | Verifying v | Health failed / deadline | Idle | MarkBadAndReboot (failure recorded) |
+//! | any | Started, booted slot unconfirmed | Verifying | RunHealth |
+//! | Installing v | Started (after a crash) | Installing v | Install v (resumes) |
+//! | Idle | Operator Rollback | Idle | Rollback, Reboot |
+//! | Staged v | Operator Rollback | Idle | Unstage (v no longer boots next) |
+//!
+//! Invalid events in a phase are ignored with a note (`Action::Log`), never a panic: a daemon
+//! must not die of a late or duplicated event.
+
+use jiff::{SignedDuration, Timestamp};
+use policy::{Decision, Failure};
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+/// Where the agent is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum Phase {
+    /// Nothing in progress.
+    Idle,
+    /// Writing `version` into the other slot.
+    Installing {
+        /// The release.
+        version: Version,
+    },
+    /// Installed and set to boot next; waiting for the reboot to be allowed.
+    Staged {
+        /// The release.
+        version: Version,
+    },
+    /// Reboot asked for; the next start sees which slot booted.
+    Rebooting {
+        /// The version expected to boot.
+        version: Version,
+    },
+    /// Running an unconfirmed slot; health checks decide before `deadline`.
+    Verifying {
+        /// The version running.
+        version: Version,
+        /// The time by which it must pass.
+        deadline: Timestamp,
+    },
+}
+
+/// Everything the agent keeps across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// The phase.
+    pub phase: Phase,
+    /// When the repository was last checked.
+    pub last_check: Option<Timestamp>,
+    /// The last decision or error, for the operator.
+    pub note: String,
+    /// Versions that failed here (backoff, then skipped).
+    pub failures: Vec<Failure>,
+    /// Operator pause: no checks, installs or reboots.
+    pub paused: bool,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            phase: Phase::Idle,
+            last_check: None,
+            note: String::new(),
+            failures: Vec::new(),
+            paused: false,
+        }
+    }
+}
+
+/// What the running system looks like at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Boot {
+    /// The version of the booted slot, if known.
+    pub version: Option<Version>,
+    /// Whether the booted slot is confirmed good.
+    pub confirmed: bool,
+}
+
+/// Something that happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The agent (re)started.
+    Started {
+        /// The booted system.
+        boot: Boot,
+        /// The time.
+        now: Timestamp,
+    },
+    /// Time passed.
+    Tick {
+        /// The time.
+        now: Timestamp,
+    },
+    /// A repository check finished.
+    Checked {
+        /// The policy's decision.
+        decision: Result<Decision, String>,
+        /// The time.
+        now: Timestamp,
+    },
+    /// An install finished.
+    Installed {
+        /// Ok, or why not.
+        result: Result<(), String>,
+        /// The time.
+        now: Timestamp,
+    },
+    /// A reboot is now allowed (window open, lock held, operator allowed it).
+    RebootAllowed,
+    /// The health checks finished.
+    Health {
+        /// Passed, or the failures.
+        result: Result<(), String>,
+        /// The time.
+        now: Timestamp,
+    },
+    /// An operator asked for something.
+    Operator(Request),
+}
+
+/// An operator's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Check the repository now.
+    CheckNow,
+    /// Stop all update activity.
+    Pause,
+    /// Resume.
+    Resume,
+    /// Go back to the other slot.
+    Rollback,
+}
+
+/// Something the daemon must do, after persisting the new state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Check the repository and decide (policy).
+    Check,
+    /// Install this version into the other slot.
+    Install(Version),
+    /// Ask for permission to reboot (window, lock, operator); answered by `RebootAllowed`.
+    RequestReboot,
+    /// Reboot now.
+    Reboot,
+    /// Run the health checks.
+    RunHealth,
+    /// Mark the booted slot good.
+    MarkGood,
+    /// Mark the booted slot bad and reboot into the other one.
+    MarkBadAndReboot,
+    /// Make the other slot boot next (operator rollback).
+    Rollback,
+    /// Make the staged slot unbootable again (a staged update withdrawn).
+    Unstage,
+    /// Tell the operator (log and event history).
+    Log(String),
+}
+
+/// Settings the machine needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Time between repository checks.
+    pub check_interval: SignedDuration,
+    /// Time a new slot has to pass its health checks.
+    pub health_deadline: SignedDuration,
+}
+
+fn fail(state: &mut State, version: &Version, reason: &str, now: Timestamp) {
+    match state.failures.iter_mut().find(|f| &f.version == version) {
+        Some(f) => {
+            f.count += 1;
+            f.last = now;
+            f.reason = reason.to_owned();
+        }
+        None => state.failures.push(Failure {
+            version: version.clone(),
+            count: 1,
+            last: now,
+            reason: reason.to_owned(),
+        }),
+    }
+}
+
+/// The transition function (see the module docs for the table).
+pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) {
+    let mut s = state.clone();
+    let mut actions = Vec::new();
+    let ignored = |what: &str| vec![Action::Log(format!("ignored {what} in phase {:?}", state.phase))];
+    match (event, &state.phase) {
+        (Event::Started { boot, now }, phase) => {
+            let unconfirmed_version = (!boot.confirmed).then(|| boot.version.clone()).flatten();
+            match (phase, unconfirmed_version) {
+                (Phase::Rebooting { version }, Some(booted)) if &booted == version => {
+                    s.phase = Phase::Verifying {
+                        version: booted,
+                        deadline: now.saturating_add(cfg.health_deadline).unwrap_or(*now),
+                    };
+                    actions.push(Action::RunHealth);
+                }
+                (Phase::Verifying { version, deadline }, Some(booted)) if &booted == version => {
+                    if now >= deadline {
+                        fail(&mut s, version, "health checks did not pass before the deadline", *now);
+                        s.phase = Phase::Idle;
+                        s.note = format!("{version}: health deadline passed; rolling back");
+                        actions.push(Action::MarkBadAndReboot);
+                    } else {
+                        actions.push(Action::RunHealth);
+                    }
+                }
+                (_, Some(booted)) => {
+                    // An unconfirmed slot runs that we did not expect (state lost, or an operator
+                    // activated it): it still has to prove itself.
+                    s.phase = Phase::Verifying {
+                        version: booted,
+                        deadline: now.saturating_add(cfg.health_deadline).unwrap_or(*now),
+                    };
+                    actions.push(Action::RunHealth);
+                }
+                (Phase::Rebooting { version }, None) => {
+                    // The new slot did not come up (kernel panic, tries ran out) or was rolled
+                    // back to: the confirmed one runs.
+                    if boot.version.as_ref() != Some(version) {
+                        fail(&mut s, version, "did not boot (the boot path fell back)", *now);
+                        s.note = format!(
+                            "{version} did not boot; running {}",
+                            boot.version.as_ref().map_or("?".into(), |v| v.to_string())
+                        );
+                        actions.push(Action::Log(s.note.clone()));
+                    }
+                    s.phase = Phase::Idle;
+                }
+                (Phase::Installing { version }, None) => actions.push(Action::Install(version.clone())),
+                (Phase::Staged { .. }, None) => actions.push(Action::RequestReboot),
+                (Phase::Verifying { .. }, None) => s.phase = Phase::Idle,
+                (Phase::Idle, None) => {}
+            }
+        }
+        (Event::Tick { now }, Phase::Idle) => {
+            let due = state
+                .last_check
+                .is_none_or(|t| t.saturating_add(cfg.check_interval).is_ok_and(|d| d <= *now));
+            if due && !state.paused {
+                s.last_check = Some(*now);
+                actions.push(Action::Check);
+            }
+        }
+        (Event::Tick { now }, Phase::Verifying { version, deadline }) if now >= deadline => {
+            fail(&mut s, version, "health checks did not pass before the deadline", *now);
+            s.phase = Phase::Idle;
+            s.note = format!("{version}: health deadline passed; rolling back");
+            actions.push(Action::MarkBadAndReboot);
+        }
+        (Event::Tick { .. }, _) => {}
+        (Event::Checked { decision, now }, Phase::Idle) => {
+            s.last_check = Some(*now);
+            match decision {
+                Ok(Decision::Update(r)) if !state.paused => {
+                    s.phase = Phase::Installing { version: r.version.clone() };
+                    s.note = format!("installing {}", r.version);
+                    actions.push(Action::Install(r.version.clone()));
+                }
+                Ok(Decision::Update(r)) => s.note = format!("{} available; paused", r.version),
+                Ok(Decision::UpToDate) => s.note = "up to date".into(),
+                Ok(Decision::Wait { reason, .. }) => s.note = reason.clone(),
+                Ok(Decision::Blocked { reason }) => s.note = reason.clone(),
+                Err(e) => s.note = format!("check failed: {e}"),
+            }
+        }
+        (Event::Installed { result, now }, Phase::Installing { version }) => match result {
+            Ok(()) => {
+                s.phase = Phase::Staged { version: version.clone() };
+                s.note = format!("{version} installed; waiting to reboot");
+                actions.push(Action::RequestReboot);
+            }
+            Err(e) => {
+                fail(&mut s, version, e, *now);
+                s.phase = Phase::Idle;
+                s.note = format!("install of {version} failed: {e}");
+                actions.push(Action::Log(s.note.clone()));
+            }
+        },
+        (Event::RebootAllowed, Phase::Staged { version }) if !state.paused => {
+            s.phase = Phase::Rebooting { version: version.clone() };
+            actions.push(Action::Reboot);
+        }
+        (Event::Health { result, now }, Phase::Verifying { version, .. }) => {
+            s.phase = Phase::Idle;
+            match result {
+                Ok(()) => {
+                    s.note = format!("{version} is healthy");
+                    s.failures.retain(|f| &f.version != version);
+                    actions.push(Action::MarkGood);
+                }
+                Err(why) => {
+                    fail(&mut s, version, why, *now);
+                    s.note = format!("{version} failed its health checks: {why}; rolling back");
+                    actions.push(Action::MarkBadAndReboot);
+                }
+            }
+        }
+        (Event::Operator(Request::Pause), _) => {
+            s.paused = true;
+            s.note = "paused by the operator".into();
+        }
+        (Event::Operator(Request::Resume), _) => {
+            s.paused = false;
+            s.note = "resumed".into();
+        }
+        (Event::Operator(Request::CheckNow), Phase::Idle) => actions.push(Action::Check),
+        (Event::Operator(Request::Rollback), Phase::Idle) => {
+            s.note = "rolled back by the operator".into();
+            actions.push(Action::Rollback);
+            actions.push(Action::Reboot);
+        }
+        (Event::Operator(Request::Rollback), Phase::Staged { version }) => {
+            s.phase = Phase::Idle;
+            s.note = format!("staged {version} withdrawn by the operator");
+            actions.push(Action::Unstage);
+        }
+        (e, _) => actions = ignored(&format!("{e:?}")),
+    }
+    (s, actions)
+}
+
+#[cfg(test)]
+mod tests;

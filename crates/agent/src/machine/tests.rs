@@ -1,0 +1,205 @@
+//! The state machine through whole update cycles, failures, restarts in every phase, and
+//! operator requests.
+
+use super::*;
+use manifest::{Release, Sha256Digest, Wave};
+
+fn t(min: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + min * 60).unwrap()
+}
+
+fn v(s: &str) -> Version {
+    s.parse().unwrap()
+}
+
+fn cfg() -> Config {
+    Config { check_interval: SignedDuration::from_hours(1), health_deadline: SignedDuration::from_mins(10) }
+}
+
+fn release(version: &str) -> Release {
+    Release {
+        version: v(version),
+        arch: "x86_64".into(),
+        manifest: String::new(),
+        manifest_sha256: Sha256Digest([0; 32]),
+        waves: vec![Wave { start: t(0), percent: 100 }],
+    }
+}
+
+/// Runs events in order from `s`, returning the final state and every action.
+fn run(s: &State, events: &[Event]) -> (State, Vec<Action>) {
+    let mut s = s.clone();
+    let mut all = Vec::new();
+    for e in events {
+        let (n, a) = step(&s, e, &cfg());
+        // What the daemon does: persist, then act. Round-trip through JSON as it would.
+        s = serde_json::from_str(&serde_json::to_string(&n).unwrap()).unwrap();
+        all.extend(a);
+    }
+    (s, all)
+}
+
+fn booted(version: &str, confirmed: bool, now: Timestamp) -> Event {
+    Event::Started { boot: Boot { version: Some(v(version)), confirmed }, now }
+}
+
+/// The events of a full, successful update from 1.0.0 to 2.0.0.
+fn happy_path() -> Vec<Event> {
+    vec![
+        booted("1.0.0", true, t(0)),
+        Event::Tick { now: t(1) },
+        Event::Checked { decision: Ok(Decision::Update(release("2.0.0"))), now: t(2) },
+        Event::Installed { result: Ok(()), now: t(5) },
+        Event::RebootAllowed,
+        booted("2.0.0", false, t(7)),
+        Event::Health { result: Ok(()), now: t(9) },
+    ]
+}
+
+#[test]
+fn a_full_update_cycle() {
+    let (s, actions) = run(&State::default(), &happy_path());
+    assert_eq!(s.phase, Phase::Idle);
+    assert_eq!(
+        actions,
+        vec![
+            Action::Check,
+            Action::Install(v("2.0.0")),
+            Action::RequestReboot,
+            Action::Reboot,
+            Action::RunHealth,
+            Action::MarkGood
+        ]
+    );
+    assert_eq!(s.note, "2.0.0 is healthy");
+}
+
+#[test]
+fn killed_in_every_phase_the_restart_resumes() {
+    // Stop after each prefix of the happy path; restart with what is actually booted then.
+    let events = happy_path();
+    for cut in 1..events.len() {
+        let (s, _) = run(&State::default(), &events[..cut]);
+        let boot = match &s.phase {
+            Phase::Rebooting { .. } | Phase::Verifying { .. } => booted("2.0.0", false, t(8)),
+            _ => booted("1.0.0", true, t(8)),
+        };
+        let (after, actions) = step(&s, &boot, &cfg());
+        let expect = match &s.phase {
+            Phase::Idle => vec![],
+            Phase::Installing { version } => vec![Action::Install(version.clone())],
+            Phase::Staged { .. } => vec![Action::RequestReboot],
+            Phase::Rebooting { .. } | Phase::Verifying { .. } => vec![Action::RunHealth],
+        };
+        assert_eq!(actions, expect, "killed after {cut} events in {:?}", s.phase);
+        if let Phase::Rebooting { .. } = s.phase {
+            assert!(matches!(after.phase, Phase::Verifying { .. }));
+        }
+    }
+}
+
+#[test]
+fn failed_health_rolls_back_and_records_why() {
+    let mut events = happy_path();
+    events[6] =
+        Event::Health { result: Err("required check 50-kubelet failed (exit status 1)".into()), now: t(9) };
+    let (s, actions) = run(&State::default(), &events);
+    assert_eq!(actions.last(), Some(&Action::MarkBadAndReboot));
+    assert_eq!(s.failures.len(), 1);
+    assert_eq!(s.failures[0].count, 1);
+    assert!(s.note.contains("50-kubelet failed"), "{}", s.note);
+}
+
+#[test]
+fn health_deadline_rolls_back() {
+    let events = &happy_path()[..6];
+    let (s, _) = run(&State::default(), events);
+    assert!(matches!(s.phase, Phase::Verifying { .. }));
+    let (s2, a) = step(&s, &Event::Tick { now: t(16) }, &cfg());
+    assert!(a.is_empty(), "before the deadline nothing happens");
+    assert_eq!(s2, s);
+    let (s3, a) = step(&s, &Event::Tick { now: t(17) }, &cfg());
+    assert_eq!(a, vec![Action::MarkBadAndReboot]);
+    assert_eq!(s3.phase, Phase::Idle);
+    // Restarting after the deadline has the same effect.
+    let (_, a) = step(&s, &booted("2.0.0", false, t(30)), &cfg());
+    assert_eq!(a, vec![Action::MarkBadAndReboot]);
+}
+
+#[test]
+fn a_slot_that_never_boots_is_recorded_as_failed() {
+    let events = &happy_path()[..5];
+    let (s, _) = run(&State::default(), events);
+    assert!(matches!(s.phase, Phase::Rebooting { .. }));
+    // The kernel panicked until tries ran out; 1.0.0 came back.
+    let (s, a) = step(&s, &booted("1.0.0", true, t(20)), &cfg());
+    assert_eq!(s.phase, Phase::Idle);
+    assert!(matches!(&a[..], [Action::Log(m)] if m.contains("2.0.0 did not boot")), "{a:?}");
+    assert_eq!(s.failures[0].reason, "did not boot (the boot path fell back)");
+}
+
+#[test]
+fn a_failed_install_is_recorded_and_the_agent_returns_to_idle() {
+    let (s, _) = run(&State::default(), &happy_path()[..3]);
+    let (s, a) = step(&s, &Event::Installed { result: Err("HTTP 404".into()), now: t(4) }, &cfg());
+    assert_eq!(s.phase, Phase::Idle);
+    assert_eq!(s.failures[0].reason, "HTTP 404");
+    assert!(matches!(&a[..], [Action::Log(_)]));
+}
+
+#[test]
+fn checks_follow_the_interval_and_pause() {
+    let s = State::default();
+    let (s, a) = step(&s, &Event::Tick { now: t(0) }, &cfg());
+    assert_eq!(a, vec![Action::Check]);
+    let (s, a) = step(&s, &Event::Tick { now: t(59) }, &cfg());
+    assert!(a.is_empty(), "no check before the interval");
+    let (s, a) = step(&s, &Event::Tick { now: t(60) }, &cfg());
+    assert_eq!(a, vec![Action::Check]);
+    let (s, _) = step(&s, &Event::Operator(Request::Pause), &cfg());
+    let (s, a) = step(&s, &Event::Tick { now: t(200) }, &cfg());
+    assert!(a.is_empty(), "paused");
+    let (s, a) =
+        step(&s, &Event::Checked { decision: Ok(Decision::Update(release("3.0.0"))), now: t(201) }, &cfg());
+    assert!(a.is_empty() && s.phase == Phase::Idle && s.note.contains("paused"));
+    let (s, _) = step(&s, &Event::Operator(Request::Resume), &cfg());
+    let (_, a) = step(&s, &Event::Tick { now: t(400) }, &cfg());
+    assert_eq!(a, vec![Action::Check]);
+}
+
+#[test]
+fn operator_rollback_and_withdrawal() {
+    let (idle, _) = run(&State::default(), &happy_path());
+    let (_, a) = step(&idle, &Event::Operator(Request::Rollback), &cfg());
+    assert_eq!(a, vec![Action::Rollback, Action::Reboot]);
+    let (staged, _) = run(&State::default(), &happy_path()[..4]);
+    let (s, a) = step(&staged, &Event::Operator(Request::Rollback), &cfg());
+    assert_eq!(a, vec![Action::Unstage]);
+    assert_eq!(s.phase, Phase::Idle);
+}
+
+#[test]
+fn late_or_duplicate_events_are_ignored_not_fatal() {
+    let s = State::default();
+    for e in [
+        Event::Installed { result: Ok(()), now: t(1) },
+        Event::RebootAllowed,
+        Event::Health { result: Ok(()), now: t(1) },
+    ] {
+        let (n, a) = step(&s, &e, &cfg());
+        assert_eq!(n, s);
+        assert!(matches!(&a[..], [Action::Log(m)] if m.starts_with("ignored")), "{a:?}");
+    }
+}
+
+#[test]
+fn state_survives_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(crate::persist::load(dir.path()).unwrap(), State::default());
+    let (s, _) = run(&State::default(), &happy_path()[..4]);
+    crate::persist::save(dir.path(), &s).unwrap();
+    assert_eq!(crate::persist::load(dir.path()).unwrap(), s);
+    std::fs::write(dir.path().join(crate::persist::STATE_FILE), b"{not json").unwrap();
+    let e = crate::persist::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("agent-state.json"), "{e}");
+}
