@@ -135,7 +135,16 @@ pub(crate) fn chunk_size(sh: &Shell, mib: u64) -> Result<()> {
         "  {:>10} {:>9} {:>12} {:>14} {:>12} {:>9} {:>16}",
         "chunk", "chunks", "payload %", "update MiB", "update %", "manifest", "shifted update %"
     );
-    for cs in [64usize << 10, 256 << 10, 1 << 20, 4 << 20] {
+    let rows = [
+        ("fixed", Cut::Fixed(64 << 10), 64),
+        ("fixed", Cut::Fixed(256 << 10), 256),
+        ("fixed", Cut::Fixed(1 << 20), 1024),
+        ("fixed", Cut::Fixed(4 << 20), 4096),
+        ("cdc", Cut::Cdc(64 << 10), 64),
+        ("cdc", Cut::Cdc(256 << 10), 256),
+        ("cdc", Cut::Cdc(1 << 20), 1024),
+    ];
+    for (kind, cs, kib) in rows {
         let old_sizes = compressed_sizes(&old, cs)?;
         let new_sizes = compressed_sizes(&new, cs)?;
         let payload: u64 = new_sizes.iter().map(|(_, s)| s).sum();
@@ -145,8 +154,8 @@ pub(crate) fn chunk_size(sh: &Shell, mib: u64) -> Result<()> {
         let grown_sizes = compressed_sizes(&grown, cs)?;
         let shifted: u64 = grown_sizes.iter().filter(|(d, _)| !have.contains(d)).map(|(_, s)| s).sum();
         println!(
-            "  {:>9}K {:>9} {:>11.1}% {:>14.2} {:>11.2}% {:>7.0}KiB {:>15.1}%",
-            cs >> 10,
+            "  {kind:>5} {:>4}K {:>8} {:>11.1}% {:>14.2} {:>11.2}% {:>7.0}KiB {:>15.1}%",
+            kib,
             new_sizes.len(),
             100.0 * payload as f64 / new.len() as f64,
             update as f64 / 1048576.0,
@@ -182,8 +191,8 @@ fn upgrade_one_package(data: &mut [u8]) -> u64 {
 }
 
 /// (digest, compressed size) of every chunk, compressed on all cores.
-fn compressed_sizes(data: &[u8], cs: usize) -> Result<Vec<(manifest::Sha256Digest, u64)>> {
-    let chunks: Vec<&[u8]> = data.chunks(cs).collect();
+fn compressed_sizes(data: &[u8], cut: Cut) -> Result<Vec<(manifest::Sha256Digest, u64)>> {
+    let chunks: Vec<&[u8]> = split(data, cut);
     let n = threads();
     let per = chunks.len().div_ceil(n);
     std::thread::scope(|s| {
@@ -204,6 +213,34 @@ fn compressed_sizes(data: &[u8], cs: usize) -> Result<Vec<(manifest::Sha256Diges
         }
         Ok(all)
     })
+}
+
+/// How a bench row cuts chunks: fixed size, or content-defined as `aclpub build` does.
+#[derive(Clone, Copy)]
+enum Cut {
+    Fixed(usize),
+    Cdc(u32),
+}
+
+fn split(data: &[u8], cut: Cut) -> Vec<&[u8]> {
+    match cut {
+        Cut::Fixed(cs) => data.chunks(cs).collect(),
+        Cut::Cdc(avg) => {
+            let chunker = payload::chunker::Chunker::new(avg).expect("valid average");
+            let mut out = Vec::new();
+            let (mut start, mut blocks) = (0usize, 0u32);
+            for (i, block) in data.chunks(payload::chunker::BLOCK).enumerate() {
+                blocks += 1;
+                let end = (i * payload::chunker::BLOCK + block.len()).min(data.len());
+                if chunker.cut_after(block, blocks) || end == data.len() {
+                    out.push(&data[start..end]);
+                    start = end;
+                    blocks = 0;
+                }
+            }
+            out
+        }
+    }
 }
 
 /// `cargo xtask bench install`: a full install of a `mib` MiB image from nginx on loopback

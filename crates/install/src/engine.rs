@@ -444,28 +444,39 @@ async fn write_all(
 }
 
 fn pool_capacity(m: &Manifest) -> usize {
-    m.chunk_size as usize + crate::slotio::ALIGN
+    m.max_chunk_size as usize + crate::slotio::ALIGN
 }
 
 /// Reads every chunk from the target and returns the indices that do not match the manifest.
 ///
-/// Two threads take batches of chunks in turn and read each batch with one large read, so
-/// that the device sees big sequential reads while the other thread hashes.
+/// Two threads take batches of consecutive chunks (about 4 MiB each) in turn and read each
+/// batch with one large read, so the device sees big sequential reads while the other thread
+/// hashes.
 async fn read_back(m: &Manifest, io_: &Arc<SlotIo>, counters: &Arc<Counters>) -> std::io::Result<Vec<usize>> {
-    const BATCH: usize = 16;
+    const BATCH_BYTES: u64 = 4 << 20;
     let (m, io_, counters) = (Arc::new(m.clone()), Arc::clone(io_), Arc::clone(counters));
     tokio::task::spawn_blocking(move || {
+        // Batch boundaries: consecutive chunks until a batch reaches BATCH_BYTES.
+        let mut batches = Vec::new();
+        let mut first = 0;
+        for i in 0..m.chunks.len() {
+            if m.chunk_range(i).end - m.chunk_range(first).start >= BATCH_BYTES || i + 1 == m.chunks.len() {
+                batches.push(first..i + 1);
+                first = i + 1;
+            }
+        }
+        let largest = batches
+            .iter()
+            .map(|b| m.chunk_range(b.end - 1).end - m.chunk_range(b.start).start)
+            .max()
+            .unwrap_or(0);
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let batches = m.chunks.len().div_ceil(BATCH);
         let worker = || -> std::io::Result<Vec<usize>> {
             let mut bad = Vec::new();
-            let mut data = AlignedBuf::zeroed(m.chunk_size as usize * BATCH);
+            let mut data = AlignedBuf::zeroed(largest as usize);
             loop {
                 let b = next.fetch_add(1, Ordering::Relaxed);
-                if b >= batches {
-                    return Ok(bad);
-                }
-                let chunks = b * BATCH..((b + 1) * BATCH).min(m.chunks.len());
+                let Some(chunks) = batches.get(b).cloned() else { return Ok(bad) };
                 let start = m.chunk_range(chunks.start).start;
                 let end = m.chunk_range(chunks.end - 1).end;
                 data.set_len((end - start) as usize);

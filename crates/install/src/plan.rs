@@ -88,7 +88,14 @@ mod tests {
         let chunks = digests
             .iter()
             .zip(frames)
-            .map(|(&d, &(offset, length))| Chunk { sha256: Sha256Digest([d; 32]), offset, length })
+            .enumerate()
+            .map(|(i, (&d, &(offset, length)))| Chunk {
+                image_offset: i as u64 * 4096,
+                size: 4096,
+                sha256: Sha256Digest([d; 32]),
+                offset,
+                length,
+            })
             .collect();
         Manifest::new(
             "1.0.0".parse().unwrap(),

@@ -1,12 +1,12 @@
 //! The image manifest: what a slot image is, chunk by chunk.
 //!
-//! A slot image is the raw filesystem, zero-padded to a whole number of chunks, followed by its
-//! dm-verity hash tree. Aligning the tree to a chunk boundary keeps every chunk either pure data
-//! or pure tree, so the builder can stream the data in one pass and append the tree afterwards.
-//! The image is cut into chunks of `chunk_size` bytes (the last may be shorter); chunk `i`
-//! covers bytes `i * chunk_size ..` of the image, so the list needs no image offsets. Each chunk
-//! is one zstd frame at `offset .. offset + length` of the payload file; identical chunks (zero
-//! padding, most often) share one frame.
+//! A slot image is the raw filesystem, zero-padded to a whole 4 KiB block, followed by its
+//! dm-verity hash tree. The image is cut into chunks of whole 4 KiB blocks, contiguous and in
+//! order, each at most `max_chunk_size` bytes; a chunk boundary falls where the data ends and the
+//! tree begins, so every chunk is pure data or pure tree. Where the builder cuts is its choice
+//! (content-defined, so that an inserted block moves no boundary but its neighbours'); the
+//! manifest lists each chunk's image offset and size. Each chunk is one zstd frame at
+//! `offset .. offset + length` of the payload file; identical chunks share one frame.
 
 use crate::{DocumentError, FORMAT_VERSION, Sha256Digest, from_canonical, to_canonical};
 use serde::{Deserialize, Serialize};
@@ -39,8 +39,8 @@ pub struct Manifest {
     pub image_size: u64,
     /// SHA-256 of the whole slot image.
     pub image_sha256: Sha256Digest,
-    /// Uncompressed size of every chunk but possibly the last.
-    pub chunk_size: u32,
+    /// The largest chunk (uncompressed); readers size their buffers by it.
+    pub max_chunk_size: u32,
     /// The payload file that holds the compressed chunks.
     pub payload: PayloadRef,
     /// The dm-verity parameters and root hash of the image.
@@ -89,10 +89,15 @@ impl VerityInfo {
     }
 }
 
-/// One chunk: the digest of its uncompressed bytes and where its frame lies in the payload.
+/// One chunk: where it lies in the image, the digest of its bytes, and where its frame lies in
+/// the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Chunk {
+    /// Offset of the chunk in the image.
+    pub image_offset: u64,
+    /// Uncompressed size, a whole number of 4 KiB blocks.
+    pub size: u32,
     /// SHA-256 of the uncompressed chunk.
     pub sha256: Sha256Digest,
     /// Offset of the compressed frame in the payload.
@@ -114,24 +119,41 @@ pub enum ManifestError {
     /// A format version this code does not know.
     #[error("manifest format {0} is not supported (this agent reads format {FORMAT_VERSION})")]
     UnsupportedFormat(u32),
-    /// A chunk size that is not a power of two in range.
-    #[error("chunk size {0} is not a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}")]
+    /// A maximum chunk size out of range.
+    #[error("max chunk size {0} is not a multiple of {MIN_CHUNK_SIZE} up to {MAX_CHUNK_SIZE}")]
     BadChunkSize(u32),
+    /// A chunk that does not start where the previous one ended, or is not whole blocks.
+    #[error(
+        "chunk {index} covers image bytes {start}..{end}; expected to start at {expected_start}, \
+         in whole 4 KiB blocks of at most {max} bytes"
+    )]
+    BadChunk {
+        /// Chunk index.
+        index: usize,
+        /// Its start.
+        start: u64,
+        /// Its end.
+        end: u64,
+        /// Where it should start.
+        expected_start: u64,
+        /// The maximum size.
+        max: u32,
+    },
     /// The chunk list does not cover the image exactly.
     #[error(
-        "chunk list does not cover the image: {found} chunks of {chunk_size} bytes listed, \
-         {expected} needed for {image_size} bytes"
+        "chunk list does not cover the image: {chunks} chunks cover {covered} bytes, the image is {image_size} bytes"
     )]
     ChunksDoNotCoverImage {
         /// Chunks listed.
-        found: usize,
-        /// Chunks needed.
-        expected: u64,
-        /// Chunk size.
-        chunk_size: u32,
+        chunks: usize,
+        /// Bytes covered.
+        covered: u64,
         /// Image size.
         image_size: u64,
     },
+    /// No chunk starts where the verity tree starts.
+    #[error("no chunk boundary at the start of the verity tree (image byte {0})")]
+    TreeNotOnBoundary(u64),
     /// An empty image.
     #[error("image size is 0")]
     EmptyImage,
@@ -167,7 +189,7 @@ pub enum ManifestError {
     /// The verity data area does not fit the image layout.
     #[error(
         "verity layout does not fit the image: data {data_size} bytes + tree {tree_size} bytes \
-         != image {image_size} bytes (data must be a whole number of chunks)"
+         != image {image_size} bytes"
     )]
     VerityLayout {
         /// Data area size.
@@ -193,7 +215,7 @@ impl Manifest {
         arch: String,
         image_size: u64,
         image_sha256: Sha256Digest,
-        chunk_size: u32,
+        max_chunk_size: u32,
         payload: PayloadRef,
         verity: VerityInfo,
         kernel_cmdline: String,
@@ -206,7 +228,7 @@ impl Manifest {
             arch,
             image_size,
             image_sha256,
-            chunk_size,
+            max_chunk_size,
             payload,
             verity,
             kernel_cmdline,
@@ -226,13 +248,8 @@ impl Manifest {
 
     /// The byte range of chunk `index` in the image.
     pub fn chunk_range(&self, index: usize) -> Range<u64> {
-        let start = index as u64 * u64::from(self.chunk_size);
-        start..(start + u64::from(self.chunk_size)).min(self.image_size)
-    }
-
-    /// Number of chunks an image of `image_size` bytes has with `chunk_size`-byte chunks.
-    pub fn chunk_count(image_size: u64, chunk_size: u32) -> u64 {
-        image_size.div_ceil(u64::from(chunk_size))
+        let c = &self.chunks[index];
+        c.image_offset..c.image_offset + u64::from(c.size)
     }
 
     /// Checks that the manifest describes one consistent image and payload.
@@ -248,19 +265,31 @@ impl Manifest {
         if self.kernel_cmdline.contains(['\n', '\0']) {
             return Err(ManifestError::BadCmdline);
         }
-        let cs = self.chunk_size;
-        if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-            return Err(ManifestError::BadChunkSize(cs));
+        let max = self.max_chunk_size;
+        if max == 0 || !max.is_multiple_of(MIN_CHUNK_SIZE) || max > MAX_CHUNK_SIZE {
+            return Err(ManifestError::BadChunkSize(max));
         }
         if self.image_size == 0 {
             return Err(ManifestError::EmptyImage);
         }
-        let expected = Self::chunk_count(self.image_size, cs);
-        if self.chunks.len() as u64 != expected {
+        let mut at = 0u64;
+        for (index, c) in self.chunks.iter().enumerate() {
+            let whole = c.size > 0 && c.size.is_multiple_of(MIN_CHUNK_SIZE) && c.size <= max;
+            if c.image_offset != at || !whole {
+                return Err(ManifestError::BadChunk {
+                    index,
+                    start: c.image_offset,
+                    end: c.image_offset + u64::from(c.size),
+                    expected_start: at,
+                    max,
+                });
+            }
+            at += u64::from(c.size);
+        }
+        if at != self.image_size {
             return Err(ManifestError::ChunksDoNotCoverImage {
-                found: self.chunks.len(),
-                expected,
-                chunk_size: cs,
+                chunks: self.chunks.len(),
+                covered: at,
                 image_size: self.image_size,
             });
         }
@@ -292,7 +321,6 @@ impl Manifest {
         let params = v.params()?;
         let tree_size = params.tree_size(v.data_size / u64::from(v.data_block_size));
         let fits = v.data_size > 0
-            && v.data_size.is_multiple_of(u64::from(cs))
             && v.data_size.is_multiple_of(u64::from(v.data_block_size))
             && v.data_size.checked_add(tree_size) == Some(self.image_size);
         if !fits {
@@ -301,6 +329,9 @@ impl Manifest {
                 tree_size,
                 image_size: self.image_size,
             });
+        }
+        if v.data_size < self.image_size && !self.chunks.iter().any(|c| c.image_offset == v.data_size) {
+            return Err(ManifestError::TreeNotOnBoundary(v.data_size));
         }
         Ok(())
     }

@@ -1,15 +1,17 @@
 //! Building a payload and manifest from a raw filesystem image.
 
+use crate::chunker::{BLOCK, Chunker};
 use crate::pipeline::{WorkerState, ordered};
 use crate::{MANIFEST_FILE, PAYLOAD_FILE};
-use manifest::{Chunk, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Manifest, PayloadRef, Sha256Digest, VerityInfo};
+use manifest::{Chunk, Manifest, PayloadRef, Sha256Digest, VerityInfo};
 use sha2::Digest as _;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// Default chunk size: 256 KiB (see ARCHITECTURE.md, "Chunk size", for the measurement).
+/// Default average chunk size: 256 KiB (see ARCHITECTURE.md, "Chunk size", for the
+/// measurement); chunks are content-defined, between a quarter and four times this.
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
 /// Default zstd level (see ARCHITECTURE.md, "Compression level").
 pub const DEFAULT_LEVEL: i32 = 9;
@@ -24,7 +26,8 @@ pub struct BuildOptions {
     pub arch: String,
     /// Kernel command line.
     pub kernel_cmdline: String,
-    /// Chunk size in bytes, a power of two from 4 KiB to 64 MiB.
+    /// Average chunk size in bytes, a power of two from 16 KiB to 16 MiB; chunks are
+    /// content-defined (see `chunker`), between a quarter and four times this.
     pub chunk_size: u32,
     /// zstd compression level (1-22).
     pub level: i32,
@@ -111,25 +114,35 @@ struct PayloadWriter {
     out: BufWriter<File>,
     path: PathBuf,
     size: u64,
-    seen: HashMap<Sha256Digest, Chunk>,
+    seen: HashMap<Sha256Digest, (u64, u32)>,
     chunks: Vec<Chunk>,
 }
 
 impl PayloadWriter {
-    fn push(&mut self, sha256: Sha256Digest, frame: &[u8]) -> Result<(), BuildError> {
-        if let Some(c) = self.seen.get(&sha256) {
-            self.chunks.push(*c);
-            return Ok(());
-        }
-        self.out.write_all(frame).map_err(|source| BuildError::Io {
-            op: "write",
-            path: self.path.clone(),
-            source,
-        })?;
-        let c = Chunk { sha256, offset: self.size, length: frame.len() as u32 };
-        self.size += frame.len() as u64;
-        self.seen.insert(sha256, c);
-        self.chunks.push(c);
+    /// Records the chunk at `image_offset` (`size` bytes, digest `sha256`), writing its frame
+    /// unless an identical chunk's frame is already in the payload.
+    fn push(
+        &mut self,
+        image_offset: u64,
+        size: usize,
+        sha256: Sha256Digest,
+        frame: &[u8],
+    ) -> Result<(), BuildError> {
+        let (offset, length) = match self.seen.get(&sha256) {
+            Some(&(offset, length)) => (offset, length),
+            None => {
+                self.out.write_all(frame).map_err(|source| BuildError::Io {
+                    op: "write",
+                    path: self.path.clone(),
+                    source,
+                })?;
+                let at = (self.size, frame.len() as u32);
+                self.size += frame.len() as u64;
+                self.seen.insert(sha256, at);
+                at
+            }
+        };
+        self.chunks.push(Chunk { image_offset, size: size as u32, sha256, offset, length });
         Ok(())
     }
 }
@@ -144,12 +157,7 @@ pub fn build(
     opts: &BuildOptions,
     progress: &dyn Fn(u64),
 ) -> Result<Manifest, BuildError> {
-    let cs = opts.chunk_size;
-    if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-        return Err(BuildError::Options(format!(
-            "chunk size {cs} is not a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}"
-        )));
-    }
+    let chunker = Chunker::new(opts.chunk_size).map_err(BuildError::Options)?;
     if !(1..=22).contains(&opts.level) {
         return Err(BuildError::Options(format!("zstd level {} is not in 1..=22", opts.level)));
     }
@@ -172,7 +180,7 @@ pub fn build(
     }
     let salt = opts.salt.clone().unwrap_or_else(|| default_salt(&opts.version, &opts.arch));
     let params = verity::Params::new(VERITY_BLOCK, VERITY_BLOCK, salt)?;
-    let data_size = fs_size.div_ceil(u64::from(cs)) * u64::from(cs);
+    let data_size = fs_size.div_ceil(BLOCK as u64) * BLOCK as u64;
     let data_blocks = data_size / u64::from(VERITY_BLOCK);
 
     let file = File::create_new(&payload_path).map_err(io("create", &payload_path))?;
@@ -185,20 +193,40 @@ pub fn build(
     };
     let mut leaves: Vec<verity::Digest32> = Vec::with_capacity(data_blocks as usize);
 
-    // Data chunks: read in order (hashing the image as we go), encode in parallel.
+    // Data chunks: read in order (hashing the image and finding boundaries as we go), encode
+    // in parallel.
     let image_hasher = ordered(
         opts.threads,
         |push| {
             let mut hasher = sha2::Sha256::new();
-            let mut left = data_size;
             let mut read_total = 0u64;
-            while left > 0 {
-                let mut buf = vec![0u8; cs as usize];
-                read_total += read_full(&mut input, &mut buf).map_err(io("read", fs_image))?;
-                hasher.update(&buf);
-                left -= u64::from(cs);
-                if !push(buf) {
+            let mut at = 0u64;
+            let mut chunk: Vec<u8> = Vec::with_capacity(chunker.max_size() as usize);
+            let mut buf = vec![0u8; 1 << 20];
+            let mut blocks = 0u32;
+            while at + (chunk.len() as u64) < data_size {
+                let n = read_full(&mut input, &mut buf).map_err(io("read", fs_image))?;
+                read_total += n;
+                // The last block is zero-padded; past the end there is nothing more to read.
+                let usable = (n as usize).div_ceil(BLOCK) * BLOCK;
+                buf[n as usize..usable].fill(0);
+                if usable == 0 {
                     break;
+                }
+                for block in buf[..usable].chunks(BLOCK) {
+                    chunk.extend_from_slice(block);
+                    blocks += 1;
+                    let end = at + chunk.len() as u64;
+                    if chunker.cut_after(block, blocks) || end == data_size {
+                        hasher.update(&chunk);
+                        let full =
+                            std::mem::replace(&mut chunk, Vec::with_capacity(chunker.max_size() as usize));
+                        if !push((at, full)) {
+                            return Ok(hasher);
+                        }
+                        at = end;
+                        blocks = 0;
+                    }
                 }
             }
             if read_total != fs_size {
@@ -210,11 +238,15 @@ pub fn build(
             }
             Ok(hasher)
         },
-        |state, buf: Vec<u8>| encode(state, opts.level, &params, &buf).map_err(io("compress", fs_image)),
-        |i, enc| {
-            writer.push(enc.sha256, &enc.frame)?;
+        |state, (at, buf): (u64, Vec<u8>)| {
+            encode(state, opts.level, &params, &buf)
+                .map(|e| (at, buf.len(), e))
+                .map_err(io("compress", fs_image))
+        },
+        |_, (at, size, enc)| {
+            writer.push(at, size, enc.sha256, &enc.frame)?;
             leaves.extend_from_slice(&enc.leaves);
-            progress(((i + 1) * u64::from(cs)).min(fs_size));
+            progress((at + size as u64).min(fs_size));
             Ok(())
         },
     )?;
@@ -224,7 +256,8 @@ pub fn build(
     drop(leaves);
     let mut hasher = image_hasher;
     let mut state = WorkerState::default();
-    for piece in tree.bytes().chunks(cs as usize) {
+    let mut at = data_size;
+    for piece in tree.bytes().chunks(opts.chunk_size as usize) {
         hasher.update(piece);
         let mut compressor = state.compressor.take();
         let c = match &mut compressor {
@@ -233,7 +266,8 @@ pub fn build(
         };
         let frame = c.compress(piece).map_err(io("compress", fs_image))?;
         state.compressor = compressor;
-        writer.push(Sha256Digest::of(piece), &frame)?;
+        writer.push(at, piece.len(), Sha256Digest::of(piece), &frame)?;
+        at += piece.len() as u64;
     }
     let image_size = data_size + tree.bytes().len() as u64;
 
@@ -250,7 +284,7 @@ pub fn build(
         opts.arch.clone(),
         image_size,
         Sha256Digest(hasher.finalize().into()),
-        cs,
+        chunker.max_size(),
         PayloadRef { path: PAYLOAD_FILE.into(), size: payload_size, compression: "zstd".into() },
         VerityInfo {
             data_size,

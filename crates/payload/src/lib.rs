@@ -12,6 +12,7 @@
 //! number of chunks are in flight, so memory does not grow with the image.
 
 mod build;
+pub mod chunker;
 mod decode;
 mod pipeline;
 mod verify;

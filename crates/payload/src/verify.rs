@@ -83,7 +83,8 @@ pub fn verify(
     }
     let v = &manifest.verity;
     let params = v.params()?;
-    let data_chunks = (v.data_size / u64::from(manifest.chunk_size)) as usize;
+    // Chunks wholly inside the data area (validate() put a boundary where the tree starts).
+    let data_chunks = manifest.chunks.iter().take_while(|c| c.image_offset < v.data_size).count();
     let mut leaves: Vec<verity::Digest32> =
         Vec::with_capacity((v.data_size / u64::from(v.data_block_size)) as usize);
     let mut tree_bytes: Vec<u8> = Vec::with_capacity((manifest.image_size - v.data_size) as usize);

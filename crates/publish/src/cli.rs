@@ -88,7 +88,8 @@ pub(crate) struct BuildArgs {
     /// Kernel command line of the image.
     #[arg(long, default_value = "")]
     pub(crate) cmdline: String,
-    /// Chunk size: a power of two from 4K to 64M (suffixes K, M).
+    /// Average chunk size: a power of two from 16K to 16M (suffixes K, M); chunk boundaries are
+    /// content-defined, chunks between a quarter and four times this.
     #[arg(long, default_value = "256K", value_parser = parse_size)]
     pub(crate) chunk_size: u32,
     /// zstd compression level, 1 to 22.

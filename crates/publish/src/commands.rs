@@ -219,9 +219,10 @@ fn show_image(manifest: &Path) -> Result<()> {
     println!("  image size     {} ({} bytes)", human(m.image_size), m.image_size);
     println!("  image sha256   {}", m.image_sha256);
     println!(
-        "  chunks         {} of {}, {} distinct",
+        "  chunks         {} (content-defined, average {}, at most {}), {} distinct",
         m.chunks.len(),
-        human(u64::from(m.chunk_size)),
+        human(m.image_size / m.chunks.len().max(1) as u64),
+        human(u64::from(m.max_chunk_size)),
         unique.len()
     );
     println!(
