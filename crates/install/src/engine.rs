@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 /// Sync and journal after this many bytes written: at most this much work is redone after a
 /// crash (1.6% of a 1 GiB image), at the cost of one fdatasync per 16 MiB.
 const SYNC_EVERY: u64 = 16 << 20;
-/// Chunks queued for the writer at most.
-const WRITER_QUEUE: usize = 16;
+/// Chunks queued for the writer at most. Each holds a buffer of the largest chunk (1 MiB with
+/// the default chunking), so this bounds most of the installer's memory.
+const WRITER_QUEUE: usize = 8;
 
 /// What to install where.
 #[derive(Debug, Clone)]

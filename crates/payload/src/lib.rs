@@ -1,8 +1,9 @@
 //! The payload of an image: building it from a raw filesystem image, and checking it.
 //!
-//! [`build`] turns a filesystem image into a slot image (data padded to whole chunks, then the
-//! dm-verity tree), cuts it into chunks, compresses each chunk as its own zstd frame on several
-//! threads, and writes the payload file and the (unsigned) manifest. [`verify`] does the reverse
+//! [`build`] turns a filesystem image into a slot image (data padded to a whole block, then the
+//! dm-verity tree), cuts it into content-defined chunks ([`chunker`]), compresses each chunk as
+//! its own zstd frame on several threads, and writes the payload file and the (unsigned)
+//! manifest. [`verify`] does the reverse
 //! offline: every frame decodes to its digest, the chunks make up the image digest, and the tree
 //! in the image is the tree of its data with the manifest's root hash. [`ChunkDecoder`] is the
 //! one-chunk primitive that the installer will use before writing a chunk to a slot.
