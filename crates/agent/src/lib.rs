@@ -1,6 +1,8 @@
-//! The update agent. Today: its state machine ([`machine`]), pure and persisted
-//! ([`persist`]). The daemon around it (event loop, local API, metrics, systemd) is issue 5's
-//! next step; it will feed [`machine::Event`]s in and carry [`machine::Action`]s out.
+//! The update agent: its state machine ([`machine`]), pure and persisted ([`persist`]), and
+//! the daemon loop ([`daemon`]) that feeds it events and carries out its actions. Still to
+//! come (issue 5): the binary, the Unix-socket API, journald logging, metrics, event history
+//! and the systemd units.
 
+pub mod daemon;
 pub mod machine;
 pub mod persist;

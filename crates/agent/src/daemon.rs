@@ -1,0 +1,308 @@
+//! The daemon loop: feeds [`Event`]s to the state machine, persists each new state, then
+//! carries out its [`Action`]s, whose results come back as events.
+//!
+//! One task owns the state (no locks); long work (checking the repository, installing,
+//! health checks) runs in spawned tasks that report back on a channel. The clock and the
+//! reboot are behind [`Platform`], so tests run the real daemon in process with a clock they
+//! move and a reboot they observe.
+
+use crate::machine::{self, Action, Boot, Event, Phase, Request, State};
+use crate::persist;
+use config::Settings;
+use fetch::{FetchOptions, Fetcher};
+use jiff::{SignedDuration, Timestamp};
+use repo::TrustPolicy;
+use repo::state::AcceptedState;
+use signing::TrustedKeys;
+use slot::choice::{self, Slot};
+use slot::{Disk, Tries};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// What the daemon needs from the machine it runs on.
+pub trait Platform: Send + Sync + std::fmt::Debug {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+    /// Reboots the machine (returns when the reboot has been requested).
+    fn reboot(&self) -> Result<(), String>;
+}
+
+/// The real machine: the system clock and `systemctl reboot`.
+#[derive(Debug)]
+pub struct System;
+
+impl Platform for System {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+    fn reboot(&self) -> Result<(), String> {
+        let status = std::process::Command::new("systemctl")
+            .arg("reboot")
+            .status()
+            .map_err(|e| format!("systemctl reboot: {e}"))?;
+        if status.success() { Ok(()) } else { Err(format!("systemctl reboot: {status}")) }
+    }
+}
+
+/// Everything the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// The validated configuration.
+    pub settings: Settings,
+    /// The disk with the slots.
+    pub disk: PathBuf,
+    /// The running slot.
+    pub booted: Slot,
+    /// A stable machine id (rollout waves).
+    pub machine_id: String,
+    /// The CPU architecture of images to install.
+    pub arch: String,
+    /// Clock and reboot.
+    pub platform: Arc<dyn Platform>,
+    /// How often the loop wakes without events (a repository check happens only when due).
+    pub tick: Duration,
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state could not be persisted: acting without persisting would break crash safety.
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
+    /// The trusted keys could not be loaded.
+    #[error("trusted keys: {0}")]
+    Trust(String),
+    /// The repository URL is unusable.
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+}
+
+/// A request on the local API, and where to send the state after it.
+pub type ApiRequest = (Request, oneshot::Sender<State>);
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(
+    env: Env,
+    mut requests: mpsc::Receiver<ApiRequest>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let s = &env.settings;
+    let keys = TrustedKeys::load(&s.trust_keys).map_err(|e| AgentError::Trust(e.to_string()))?;
+    let policy = TrustPolicy::new(keys, s.threshold.get()).map_err(AgentError::Trust)?;
+    let fetch_opts = FetchOptions { ca_file: s.ca_file.clone(), ..FetchOptions::default() };
+    let fetcher = Fetcher::new(&s.repository, fetch_opts)?;
+    let cfg = machine::Config {
+        check_interval: SignedDuration::try_from(s.check_interval).unwrap_or(SignedDuration::from_hours(1)),
+        health_deadline: SignedDuration::try_from(s.health_deadline).unwrap_or(SignedDuration::from_mins(10)),
+    };
+    let (results_tx, mut results) = mpsc::unbounded_channel::<Event>();
+    let mut d = Daemon {
+        env: env.clone(),
+        policy: Arc::new(policy),
+        fetcher,
+        results: results_tx,
+        state: persist::load(&s.state_dir)?,
+    };
+
+    let boot = Boot {
+        version: install::recorded_manifest(&s.state_dir, env.booted).map(|(m, _)| m.version),
+        confirmed: Disk::open(&env.disk, false)
+            .map(|disk| disk.slots().get(env.booted).successful())
+            .unwrap_or(false),
+    };
+    d.feed(&Event::Started { boot, now: env.platform.now() }, &cfg)?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(env.tick) => {
+                let now = env.platform.now();
+                d.feed(&Event::Tick { now }, &cfg)?;
+                // A staged update reboots once a window allows it.
+                if matches!(d.state.phase, Phase::Staged { .. }) && d.reboot_allowed(now) {
+                    d.feed(&Event::RebootAllowed, &cfg)?;
+                }
+            }
+            Some(event) = results.recv() => d.feed(&event, &cfg)?,
+            Some((request, reply)) = requests.recv() => {
+                d.feed(&Event::Operator(request), &cfg)?;
+                let _ = reply.send(d.state.clone());
+            }
+        }
+    }
+}
+
+struct Daemon {
+    env: Env,
+    policy: Arc<TrustPolicy>,
+    fetcher: Fetcher,
+    results: mpsc::UnboundedSender<Event>,
+    state: State,
+}
+
+impl Daemon {
+    /// One step: transition, persist, then act.
+    fn feed(&mut self, event: &Event, cfg: &machine::Config) -> Result<(), AgentError> {
+        let (next, actions) = machine::step(&self.state, event, cfg);
+        if next != self.state {
+            persist::save(&self.env.settings.state_dir, &next)?;
+            self.state = next;
+        }
+        for a in actions {
+            self.act(a, cfg)?;
+        }
+        Ok(())
+    }
+
+    fn reboot_allowed(&self, now: Timestamp) -> bool {
+        let w = &self.env.settings.windows;
+        w.is_empty() || w.iter().any(|w| w.contains(now))
+    }
+
+    fn log(&self, message: &str) {
+        // Until tracing/journald is wired in (issue 5), messages go to standard error.
+        eprintln!("acl-agent: {message}");
+    }
+
+    fn act(&mut self, action: Action, cfg: &machine::Config) -> Result<(), AgentError> {
+        let env = self.env.clone();
+        let tx = self.results.clone();
+        let now = env.platform.now();
+        match action {
+            Action::Check => {
+                let (fetcher, policy, state) =
+                    (self.fetcher.clone(), Arc::clone(&self.policy), self.state.clone());
+                tokio::spawn(async move {
+                    let decision = check(&env, &fetcher, &policy, &state).await;
+                    let _ = tx.send(Event::Checked { decision, now: env.platform.now() });
+                });
+            }
+            Action::Install(version) => {
+                let (fetcher, policy) = (self.fetcher.clone(), Arc::clone(&self.policy));
+                tokio::spawn(async move {
+                    let result = install_version(&env, &fetcher, &policy, &version).await;
+                    let _ = tx.send(Event::Installed { result, now: env.platform.now() });
+                });
+            }
+            Action::RequestReboot => {
+                if self.reboot_allowed(now) {
+                    self.feed(&Event::RebootAllowed, cfg)?;
+                }
+            }
+            Action::Reboot => {
+                if let Err(e) = env.platform.reboot() {
+                    self.log(&format!("reboot failed: {e}"));
+                }
+            }
+            Action::RunHealth => {
+                let checks = health::Checks {
+                    required_dir: env.settings.required_dir.clone(),
+                    wanted_dir: env.settings.wanted_dir.clone(),
+                    timeout: env.settings.check_timeout,
+                };
+                tokio::spawn(async move {
+                    let report = checks.run().await;
+                    let result = if report.passed() { Ok(()) } else { Err(report.failures()) };
+                    let _ = tx.send(Event::Health { result, now: env.platform.now() });
+                });
+            }
+            Action::MarkGood => self.slots("mark good", |s| choice::mark_good(s, env.booted)),
+            Action::MarkBadAndReboot => {
+                self.slots("mark bad", |s| choice::mark_bad(s, env.booted));
+                if let Err(e) = env.platform.reboot() {
+                    self.log(&format!("reboot failed: {e}"));
+                }
+            }
+            Action::Rollback => self.slots("rollback", |s| choice::rollback(s, env.booted)),
+            Action::Unstage => self.slots("unstage", |s| choice::prepare(s, env.booted)),
+            Action::Log(m) => self.log(&m),
+        }
+        Ok(())
+    }
+
+    fn slots(
+        &self,
+        what: &str,
+        f: impl FnOnce(&slot::Slots) -> Result<slot::Slots, choice::TransitionError>,
+    ) {
+        let result = Disk::open(&self.env.disk, true).and_then(|mut d| d.update(f));
+        match result {
+            Ok(s) => self.log(&format!("{what}: slot bits now A[{}] B[{}]", s.a, s.b)),
+            Err(e) => self.log(&format!("{what} failed: {e}")),
+        }
+    }
+}
+
+/// Reads the channel index (signed, fresh, not older than the accepted one) and decides.
+async fn check(
+    env: &Env,
+    fetcher: &Fetcher,
+    policy: &TrustPolicy,
+    state: &State,
+) -> Result<policy::Decision, String> {
+    let s = &env.settings;
+    let accepted_path = s.state_dir.join("accepted-index.json");
+    let mut accepted = AcceptedState::load(&accepted_path).map_err(|e| e.to_string())?;
+    let path = repo::layout::index_path(&s.channel);
+    let bytes = fetcher.get(&path).await.map_err(|e| e.to_string())?;
+    let sig = fetcher.get(&format!("{path}.sig")).await.map_err(|e| e.to_string())?;
+    let (index, acc) = policy
+        .index(&s.channel, &bytes, &sig, env.platform.now(), accepted.get(&s.channel))
+        .map_err(|e| e.to_string())?;
+    accepted.record(acc);
+    accepted.save(&accepted_path).map_err(|e| e.to_string())?;
+    let current = install::recorded_manifest(&s.state_dir, env.booted).map(|(m, _)| m.version);
+    Ok(policy::decide(&policy::Inputs {
+        index: &index,
+        arch: &env.arch,
+        current: current.as_ref(),
+        pinned: s.pinned_version.as_ref(),
+        failures: &state.failures,
+        machine_id: &env.machine_id,
+        now: env.platform.now(),
+    }))
+}
+
+/// Fetches the release's manifest again (signed, named by the accepted index) and installs it.
+async fn install_version(
+    env: &Env,
+    fetcher: &Fetcher,
+    policy: &TrustPolicy,
+    version: &semver::Version,
+) -> Result<(), String> {
+    let s = &env.settings;
+    let path = repo::layout::index_path(&s.channel);
+    let bytes = fetcher.get(&path).await.map_err(|e| e.to_string())?;
+    let sig = fetcher.get(&format!("{path}.sig")).await.map_err(|e| e.to_string())?;
+    let index = policy.index_ignoring_freshness(&s.channel, &bytes, &sig).map_err(|e| e.to_string())?;
+    let release = index
+        .releases
+        .iter()
+        .find(|r| &r.version == version && r.arch == env.arch)
+        .ok_or_else(|| format!("release {version} is no longer in channel {:?}", s.channel))?;
+    let mbytes = fetcher.get(&release.manifest).await.map_err(|e| e.to_string())?;
+    let msig = fetcher.get(&format!("{}.sig", release.manifest)).await.map_err(|e| e.to_string())?;
+    let m = policy.release_manifest(release, &mbytes, &msig).map_err(|e| e.to_string())?;
+    let dir = release.manifest.rsplit_once('/').map_or("", |(d, _)| d);
+    let req = install::InstallRequest {
+        disk: &env.disk,
+        booted: env.booted,
+        manifest: &m,
+        manifest_bytes: &mbytes,
+        payload_path: if dir.is_empty() {
+            m.payload.path.clone()
+        } else {
+            format!("{dir}/{}", m.payload.path)
+        },
+        state_dir: &s.state_dir,
+        tries: Tries::new(s.tries).ok_or("tries out of range")?,
+        parallel: s.parallel.get(),
+        max_request: 4 << 20,
+    };
+    install::install(&req, fetcher, &Arc::new(install::Counters::default()))
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
