@@ -9,13 +9,12 @@
 #![allow(clippy::print_stdout)]
 
 mod status;
-mod system;
 mod update;
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use slot::choice::{self, Slot};
-use slot::{Disk, DiskError};
+use slot::{Disk, DiskError, system};
 use std::path::PathBuf;
 
 /// Exit code when the disk's state does not allow the request (e.g. nothing to roll back to).
@@ -225,7 +224,9 @@ fn open(target: &Target, writable: bool) -> Result<(Disk<std::fs::File>, status:
     let cmdline = system::kernel_cmdline();
     let path = match &target.disk {
         Some(p) => p.clone(),
-        None => system::system_disk(cmdline.as_deref()).context("no --disk given")?,
+        None => {
+            system::system_disk(cmdline.as_deref()).map_err(anyhow::Error::msg).context("no --disk given")?
+        }
     };
     let disk = Disk::open(&path, writable)?;
     let booted = match target.booted {

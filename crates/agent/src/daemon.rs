@@ -96,6 +96,8 @@ pub async fn run(
     let cfg = machine::Config {
         check_interval: SignedDuration::try_from(s.check_interval).unwrap_or(SignedDuration::from_hours(1)),
         health_deadline: SignedDuration::try_from(s.health_deadline).unwrap_or(SignedDuration::from_mins(10)),
+        checks: s.mode != config::Mode::Off,
+        installs: s.mode == config::Mode::Automatic,
     };
     let (results_tx, mut results) = mpsc::unbounded_channel::<Event>();
     let mut d = Daemon {

@@ -9,8 +9,8 @@
 //!
 //! | phase | on | goes to | actions |
 //! |---|---|---|---|
-//! | Idle | Tick, check due, not paused | Idle | Check |
-//! | Idle | Checked(Update r) | Installing r | Install r |
+//! | Idle | Tick, check due, not paused, mode not off | Idle | Check |
+//! | Idle | Checked(Update r), mode automatic | Installing r | Install r |
 //! | Idle | Checked(Wait/UpToDate/Blocked) | Idle (note kept) | - |
 //! | Installing v | Installed ok | Staged v | RequestReboot |
 //! | Installing v | Installed err | Idle | (failure of v recorded) |
@@ -185,6 +185,10 @@ pub struct Config {
     pub check_interval: SignedDuration,
     /// Time a new slot has to pass its health checks.
     pub health_deadline: SignedDuration,
+    /// Whether to check the repository at all (mode is not "off").
+    pub checks: bool,
+    /// Whether to install what a check finds (mode "automatic").
+    pub installs: bool,
 }
 
 fn fail(state: &mut State, version: &Version, reason: &str, now: Timestamp) {
@@ -261,7 +265,7 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             let due = state
                 .last_check
                 .is_none_or(|t| t.saturating_add(cfg.check_interval).is_ok_and(|d| d <= *now));
-            if due && !state.paused {
+            if due && !state.paused && cfg.checks {
                 s.last_check = Some(*now);
                 actions.push(Action::Check);
             }
@@ -276,12 +280,15 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
         (Event::Checked { decision, now }, Phase::Idle) => {
             s.last_check = Some(*now);
             match decision {
-                Ok(Decision::Update(r)) if !state.paused => {
+                Ok(Decision::Update(r)) if !state.paused && cfg.installs => {
                     s.phase = Phase::Installing { version: r.version.clone() };
                     s.note = format!("installing {}", r.version);
                     actions.push(Action::Install(r.version.clone()));
                 }
-                Ok(Decision::Update(r)) => s.note = format!("{} available; paused", r.version),
+                Ok(Decision::Update(r)) if state.paused => {
+                    s.note = format!("{} available; paused", r.version)
+                }
+                Ok(Decision::Update(r)) => s.note = format!("{} available (check-only mode)", r.version),
                 Ok(Decision::UpToDate) => s.note = "up to date".into(),
                 Ok(Decision::Wait { reason, .. }) => s.note = reason.clone(),
                 Ok(Decision::Blocked { reason }) => s.note = reason.clone(),

@@ -16,6 +16,7 @@ pub mod booted;
 pub mod choice;
 mod disk;
 mod gptprio;
+pub mod system;
 pub mod table;
 
 pub use choice::{Slot, Slots, Tries};

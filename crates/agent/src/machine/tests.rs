@@ -13,7 +13,12 @@ fn v(s: &str) -> Version {
 }
 
 fn cfg() -> Config {
-    Config { check_interval: SignedDuration::from_hours(1), health_deadline: SignedDuration::from_mins(10) }
+    Config {
+        check_interval: SignedDuration::from_hours(1),
+        health_deadline: SignedDuration::from_mins(10),
+        checks: true,
+        installs: true,
+    }
 }
 
 fn release(version: &str) -> Release {
@@ -202,4 +207,23 @@ fn state_survives_the_file() {
     std::fs::write(dir.path().join(crate::persist::STATE_FILE), b"{not json").unwrap();
     let e = crate::persist::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("agent-state.json"), "{e}");
+}
+
+#[test]
+fn modes_off_and_check_only() {
+    let off = Config { checks: false, installs: false, ..cfg() };
+    let (_, a) = step(&State::default(), &Event::Tick { now: t(0) }, &off);
+    assert!(a.is_empty(), "mode off: no check");
+    let check_only = Config { installs: false, ..cfg() };
+    let (s, a) = step(&State::default(), &Event::Tick { now: t(0) }, &check_only);
+    assert_eq!(a, vec![Action::Check]);
+    let (s, a) = step(
+        &s,
+        &Event::Checked { decision: Ok(Decision::Update(release("2.0.0"))), now: t(1) },
+        &check_only,
+    );
+    assert!(a.is_empty() && s.phase == Phase::Idle && s.note == "2.0.0 available (check-only mode)", "{s:?}");
+    // Health checks after a boot run whatever the mode: an unconfirmed slot must prove itself.
+    let (_, a) = step(&State::default(), &booted("2.0.0", false, t(2)), &off);
+    assert_eq!(a, vec![Action::RunHealth]);
 }
