@@ -27,6 +27,8 @@ pub trait Platform: Send + Sync + std::fmt::Debug {
     fn now(&self) -> Timestamp;
     /// Reboots the machine (returns when the reboot has been requested).
     fn reboot(&self) -> Result<(), String>;
+    /// Called every time the loop runs (the systemd watchdog ping).
+    fn alive(&self) {}
 }
 
 /// The real machine: the system clock and `systemctl reboot`.
@@ -117,9 +119,11 @@ pub async fn run(
     d.feed(&Event::Started { boot, now: env.platform.now() }, &cfg)?;
     tokio::pin!(shutdown);
     loop {
+        env.platform.alive();
+        let wait = next_wake(&d.state, &cfg, env.platform.now()).min(env.tick);
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(env.tick) => {
+            _ = tokio::time::sleep(wait) => {
                 let now = env.platform.now();
                 d.feed(&Event::Tick { now }, &cfg)?;
                 // A staged update reboots once a window allows it.
@@ -133,6 +137,21 @@ pub async fn run(
                 let _ = reply.send(d.state.clone());
             }
         }
+    }
+}
+
+/// How long the loop may sleep: until the next check is due, the health deadline passes, or
+/// (with an update staged) a minute to look at the maintenance windows again. An idle agent
+/// wakes once per check interval.
+fn next_wake(state: &State, cfg: &machine::Config, now: Timestamp) -> Duration {
+    let until = |t: Timestamp| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO);
+    match &state.phase {
+        Phase::Verifying { deadline, .. } => until(*deadline),
+        Phase::Staged { .. } => Duration::from_secs(60),
+        _ => match state.last_check {
+            Some(t) => until(t.saturating_add(cfg.check_interval).unwrap_or(t)),
+            None => Duration::ZERO,
+        },
     }
 }
 

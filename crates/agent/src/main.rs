@@ -1,0 +1,131 @@
+//! `acl-agentd`: the update agent daemon. Loads the configuration, finds the disk and the
+//! running slot, drops every capability it does not need, tells systemd it is ready, and runs
+//! the daemon loop until SIGTERM.
+
+use agent::daemon::{self, Env, Platform};
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use slot::choice::Slot;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The update agent daemon (normally started by systemd: acl-agentd.service).
+#[derive(Debug, Parser)]
+#[command(name = "acl-agentd", version)]
+struct Args {
+    /// Look for the configuration under this directory instead of /.
+    #[arg(long, default_value = "/")]
+    config_root: PathBuf,
+    /// The disk with the slots (default: [agent] disk, else the running system's disk).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// The running slot, A or B (default: from the kernel command line or the /usr mount).
+    #[arg(long, value_parser = parse_slot)]
+    booted: Option<Slot>,
+}
+
+fn parse_slot(s: &str) -> Result<Slot, String> {
+    match s {
+        "A" | "a" => Ok(Slot::A),
+        "B" | "b" => Ok(Slot::B),
+        _ => Err(format!("{s:?} is not a slot (A or B)")),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    cliutil::default_sigpipe();
+    cliutil::fix_malloc_threshold();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("acl-agentd: error: {}", cliutil::error_chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The real machine, with systemd's watchdog pinged whenever the loop runs.
+#[derive(Debug)]
+struct Systemd;
+
+impl Platform for Systemd {
+    fn now(&self) -> jiff::Timestamp {
+        daemon::System.now()
+    }
+    fn reboot(&self) -> Result<(), String> {
+        daemon::System.reboot()
+    }
+    fn alive(&self) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let loaded = config::load(&config::Sources::under(&args.config_root))?;
+    let settings = config::Settings::from_loaded(&loaded)?;
+    let cmdline = slot::system::kernel_cmdline();
+    let disk = match args.disk.clone().or_else(|| settings.disk.clone()) {
+        Some(d) => d,
+        None => slot::system::system_disk(cmdline.as_deref()).map_err(anyhow::Error::msg)?,
+    };
+    let d = slot::Disk::open(&disk, false)?;
+    let booted = match args.booted {
+        Some(s) => s,
+        None => slot::system::booted_slot(&d, cmdline.as_deref()).with_context(|| {
+            format!(
+                "cannot tell which slot of {} is running (kernel command line or /usr mount)",
+                disk.display()
+            )
+        })?,
+    };
+    drop(d);
+    let machine_id = std::fs::read_to_string("/etc/machine-id")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .context("read /etc/machine-id (the stable id that places this machine in rollout waves)")?;
+    std::fs::create_dir_all(&settings.state_dir)
+        .with_context(|| format!("create {}", settings.state_dir.display()))?;
+    drop_capabilities()?;
+
+    // Wake at least as often as the watchdog needs; the loop itself sleeps until something is due.
+    let tick = sd_notify::watchdog_enabled().map_or(settings.check_interval, |w| w / 2);
+    let env = Env {
+        settings,
+        disk,
+        booted,
+        machine_id,
+        arch: std::env::consts::ARCH.into(),
+        platform: Arc::new(Systemd),
+        tick,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let (_requests, rx) = tokio::sync::mpsc::channel(16);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        daemon::run(env, rx, shutdown).await?;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        Ok(())
+    })
+}
+
+/// The agent needs no capability: it writes block devices it owns as root, and reboots by
+/// asking systemd. Dropping them all, CAP_SYS_ADMIN first, means the process that talks to the
+/// network cannot mount, load modules or change the system even if it is compromised.
+fn drop_capabilities() -> Result<()> {
+    for set in
+        [caps::CapSet::Ambient, caps::CapSet::Inheritable, caps::CapSet::Effective, caps::CapSet::Permitted]
+    {
+        caps::clear(None, set).with_context(|| format!("drop capabilities ({set:?})"))?;
+    }
+    // The bounding set can only shrink while CAP_SETPCAP is held, so it is shrunk by the
+    // systemd unit (CapabilityBoundingSet=); outside systemd nothing above is left to raise.
+    Ok(())
+}
