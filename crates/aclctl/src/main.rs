@@ -85,6 +85,12 @@ enum Command {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Ask the running agent to stop all update activity until `aclctl resume`.
+    Pause(AgentArgs),
+    /// Ask the running agent to resume update activity.
+    Resume(AgentArgs),
+    /// Ask the running agent to check the repository now.
+    Check(AgentArgs),
     /// Make the other slot boot next, if it holds an image that was confirmed good.
     Rollback {
         #[command(flatten)]
@@ -101,6 +107,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The agent's socket.
+    #[arg(long, default_value = "/run/acl-update/agent.sock")]
+    socket: PathBuf,
+    /// Print the agent's state as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -173,9 +189,40 @@ fn run(cli: Cli) -> Result<()> {
             status::print(&status::Status::of(&disk, booted, &target.state_dir), false)
         }
         Command::Config { defaults, root } => print_config(defaults, &root),
+        Command::Pause(a) => ask_agent(&a, agent::machine::Request::Pause),
+        Command::Resume(a) => ask_agent(&a, agent::machine::Request::Resume),
+        Command::Check(a) => ask_agent(&a, agent::machine::Request::CheckNow),
         Command::Rollback { target, json } => change(&target, json, "rollback", choice::rollback),
         Command::MarkGood { target, json } => change(&target, json, "mark-good", choice::mark_good),
     }
+}
+
+/// Sends one request to the running agent and prints its state afterwards.
+fn ask_agent(a: &AgentArgs, request: agent::machine::Request) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let answer = rt.block_on(agent::api::call(&a.socket, request)).with_context(|| {
+        format!("no agent answers on {} (is acl-agentd running? are you root?)", a.socket.display())
+    })?;
+    let Some(state) = answer.state.filter(|_| answer.ok) else {
+        anyhow::bail!("the agent refused: {}", answer.error.unwrap_or_default());
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+    } else {
+        let phase = serde_json::to_value(&state.phase)?;
+        println!(
+            "agent: {}{}",
+            phase["phase"].as_str().unwrap_or("?"),
+            if state.paused { " (paused)" } else { "" }
+        );
+        if !state.note.is_empty() {
+            println!("  {}", state.note);
+        }
+        for f in &state.failures {
+            println!("  {} failed {} time(s): {}", f.version, f.count, f.reason);
+        }
+    }
+    Ok(())
 }
 
 /// `aclctl config`: the merged files, validated, as TOML with where each key came from.

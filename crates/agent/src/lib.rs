@@ -3,6 +3,7 @@
 //! come (issue 5): the binary, the Unix-socket API, journald logging, metrics, event history
 //! and the systemd units.
 
+pub mod api;
 pub mod daemon;
 pub mod machine;
 pub mod persist;

@@ -141,8 +141,11 @@ pub enum Event {
 }
 
 /// An operator's request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Request {
+    /// Nothing: just report the state.
+    Status,
     /// Check the repository now.
     CheckNow,
     /// Stop all update activity.
@@ -327,6 +330,7 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
                 }
             }
         }
+        (Event::Operator(Request::Status), _) => {}
         (Event::Operator(Request::Pause), _) => {
             s.paused = true;
             s.note = "paused by the operator".into();

@@ -101,7 +101,13 @@ fn run(args: Args) -> Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
-        let (_requests, rx) = tokio::sync::mpsc::channel(16);
+        let (requests, rx) = tokio::sync::mpsc::channel(16);
+        let socket = env.settings.socket.clone();
+        tokio::spawn(async move {
+            if let Err(e) = agent::api::serve(&socket, requests).await {
+                eprintln!("acl-agentd: local API on {}: {e}", socket.display());
+            }
+        });
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {
             tokio::select! {

@@ -200,3 +200,50 @@ async fn a_failed_health_check_marks_the_slot_bad_and_the_old_one_boots() {
     assert_eq!(s.b.priority(), 0, "the bad slot must not boot again");
     assert_eq!(f.boot(), Slot::A, "the previous slot boots");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_api_pauses_resumes_and_reports() {
+    use agent::api;
+    use agent::machine::Request;
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new(&sgdisk);
+    let p = platform();
+    let env = Env {
+        settings: f.settings(),
+        disk: f.disk.clone(),
+        booted: Slot::A,
+        machine_id: "test-machine".into(),
+        arch: "x86_64".into(),
+        platform: p.clone(),
+        tick: Duration::from_secs(3600),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let socket = f.path("run/agent.sock");
+    let server = tokio::spawn({
+        let socket = socket.clone();
+        async move { api::serve(&socket, tx).await }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(daemon::run(env, rx, async move {
+        let _ = stop_rx.await;
+    }));
+    let mut answer = None;
+    for _ in 0..100 {
+        if let Ok(a) = api::call(&socket, Request::Pause).await {
+            answer = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = answer.expect("the API answered");
+    assert!(a.ok && a.state.as_ref().unwrap().paused);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600, "root only");
+    let a = api::call(&socket, Request::Status).await.unwrap();
+    assert_eq!(a.state.unwrap().note, "paused by the operator");
+    let a = api::call(&socket, Request::Resume).await.unwrap();
+    assert!(!a.state.unwrap().paused);
+    let _ = stop_tx.send(());
+    daemon.await.unwrap().unwrap();
+    server.abort();
+}

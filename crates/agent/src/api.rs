@@ -1,0 +1,95 @@
+//! The local API: a Unix socket that only root can open (mode 0600 in a 0700 directory), one
+//! JSON request per line, one JSON answer per line.
+//!
+//! ```text
+//! -> {"request":"pause"}
+//! <- {"ok":true,"state":{"phase":{"phase":"idle"},"paused":true,...}}
+//! ```
+//!
+//! Requests: `status`, `check-now`, `pause`, `resume`, `rollback`. Each goes through the
+//! daemon's state machine like any other event, so the API can do nothing the machine would
+//! not allow.
+
+use crate::daemon::ApiRequest;
+use crate::machine::{Request, State};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::sync::{mpsc, oneshot};
+
+/// A request line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestLine {
+    /// What is asked.
+    pub request: Request,
+}
+
+/// An answer line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Answer {
+    /// Whether the request was taken.
+    pub ok: bool,
+    /// The agent's state after it.
+    pub state: Option<State>,
+    /// Why not, when not ok.
+    pub error: Option<String>,
+}
+
+/// Listens on `path` (replacing a stale socket) and forwards requests to the daemon.
+pub async fn serve(path: &Path, daemon: mpsc::Sender<ApiRequest>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = sock.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let answer = match serde_json::from_str::<RequestLine>(&line) {
+                    Err(e) => Answer { ok: false, state: None, error: Some(format!("bad request: {e}")) },
+                    Ok(req) => {
+                        let (tx, rx) = oneshot::channel();
+                        if daemon.send((req.request, tx)).await.is_err() {
+                            Answer { ok: false, state: None, error: Some("the agent is stopping".into()) }
+                        } else {
+                            match rx.await {
+                                Ok(state) => Answer { ok: true, state: Some(state), error: None },
+                                Err(_) => Answer {
+                                    ok: false,
+                                    state: None,
+                                    error: Some("the agent is stopping".into()),
+                                },
+                            }
+                        }
+                    }
+                };
+                let mut out = serde_json::to_vec(&answer).expect("answer serialises");
+                out.push(b'\n');
+                if w.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Sends one request to the agent at `path` and returns its answer (for `aclctl`).
+pub async fn call(path: &Path, request: Request) -> std::io::Result<Answer> {
+    let sock = tokio::net::UnixStream::connect(path).await?;
+    let (r, mut w) = sock.into_split();
+    let mut line = serde_json::to_vec(&RequestLine { request }).expect("request serialises");
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let answer = BufReader::new(r)
+        .lines()
+        .next_line()
+        .await?
+        .ok_or_else(|| std::io::Error::other("the agent closed the connection"))?;
+    serde_json::from_str(&answer).map_err(std::io::Error::other)
+}
