@@ -3,8 +3,10 @@
 //! a full install of 1.0.0 and an adaptive one of 1.1.0 that fetches only the chunks it lacks.
 //!
 //! It uses the real tools: mkfs.erofs for the filesystems, sgdisk for the disk, nginx to serve
-//! the repository over HTTP, aclpub and aclctl for the rest. The agent daemon (issue 5) will take
-//! over from aclctl; the commands here are what it will do.
+//! the repository over HTTP, aclpub, aclctl and the agent daemon acl-agentd for the rest. The
+//! second update is the agent's alone: it checks, installs, "reboots" (its reboot command here
+//! only leaves a mark; the demo then plays the boot path with `aclctl boot`), health-checks the
+//! new slot after the boot and confirms it.
 
 use crate::tools;
 use anyhow::{Context as _, Result};
@@ -25,10 +27,11 @@ const PACKAGES: &[(&str, usize, usize)] = &[
 
 pub(crate) fn run(sh: &Shell) -> Result<()> {
     tools::ensure(sh, &tools::DEMO_TOOLS)?;
-    cmd!(sh, "cargo build --quiet --locked -p publish -p aclctl").run()?;
+    cmd!(sh, "cargo build --quiet --locked -p publish -p aclctl -p agent").run()?;
     let root = sh.current_dir();
     let aclpub = root.join("target/debug/aclpub");
     let aclctl = root.join("target/debug/aclctl");
+    let agentd = root.join("target/debug/acl-agentd");
     let demo = root.join("target/demo");
     if demo.exists() {
         std::fs::remove_dir_all(&demo).with_context(|| format!("remove {}", demo.display()))?;
@@ -97,12 +100,43 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     )
     .run()?;
 
-    println!("\n== 8. 'reboot' into B (the boot path spends a try), health passes: mark B good");
+    println!("\n== 8. boot into B (the boot path spends a try); it is healthy: mark B good");
+    cmd!(sh, "{aclctl} boot --disk {disk}").run()?;
     cmd!(sh, "{aclctl} mark-good --disk {disk} --state-dir state --booted B").run()?;
 
-    println!("\n== 9. update to the newest release: chunks B already has are copied, not fetched");
-    cmd!(sh, "{aclctl} update --disk {disk} --state-dir state --booted B --repo {url} {trust...}").run()?;
+    println!(
+        "\n== 9. the agent takes over: it finds 1.1.0, installs it into A (copying what B has), reboots"
+    );
+    let agent_root = demo.join("agent-root");
+    std::fs::create_dir_all(agent_root.join("etc/acl-update"))?;
+    std::fs::create_dir_all(demo.join("health/required.d"))?;
+    let check = demo.join("health/required.d/50-os-release");
+    std::fs::write(
+        &check,
+        "#!/bin/sh\n# A real check would look at the booted system; this one passes.\nexit 0\n",
+    )?;
+    std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let marker = demo.join("reboot-requested");
+    std::fs::write(
+        agent_root.join("etc/acl-update/config.toml"),
+        format!(
+            "[updates]\nrepository = \"{url}\"\n[trust]\nkeys = [\"{d}/trust\"]\nthreshold = 2\n\
+             [health]\nrequired-dir = \"{d}/health/required.d\"\nwanted-dir = \"{d}/health/wanted.d\"\n\
+             [agent]\nstate-dir = \"{d}/state\"\nsocket = \"{d}/run/agent.sock\"\nreboot-command = \"touch {m}\"\n",
+            d = demo.display(),
+            m = marker.display()
+        ),
+    )?;
+    cmd!(sh, "{aclctl} config --root {agent_root}").run()?;
+    let disk_path = demo.join(disk);
+    run_agent(&agentd, &agent_root, &disk_path, "B", || marker.exists())?;
+    cmd!(sh, "{aclctl} status --disk {disk} --state-dir state").run()?;
+
+    println!("\n== 10. power-on: the boot path picks A; the agent health-checks 1.1.0 and confirms it");
+    cmd!(sh, "{aclctl} boot --disk {disk}").run()?;
+    run_agent(&agentd, &agent_root, &disk_path, "A", || slot_a_confirmed(&disk_path))?;
     drop(server);
+    cmd!(sh, "{aclctl} status --disk {disk} --state-dir state").run()?;
     cmd!(sh, "sgdisk -v {disk}").quiet().ignore_stdout().run()?;
     println!("\nsgdisk -v {disk}: no problems found");
     println!(
@@ -111,6 +145,56 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
         demo.join(disk).display()
     );
     Ok(())
+}
+
+/// Runs acl-agentd on `disk` booted from `booted` until `done` holds (at most 120 s), then
+/// stops it with SIGTERM, as systemd would.
+fn run_agent(agentd: &Path, root: &Path, disk: &Path, booted: &str, done: impl Fn() -> bool) -> Result<()> {
+    println!(
+        "$ {} --config-root {} --disk {} --booted {booted}   (until done)",
+        agentd.display(),
+        root.display(),
+        disk.display()
+    );
+    let mut child = std::process::Command::new(agentd)
+        .arg("--config-root")
+        .arg(root)
+        .arg("--disk")
+        .arg(disk)
+        .args(["--booted", booted])
+        .spawn()
+        .context("start acl-agentd")?;
+    let started = std::time::Instant::now();
+    let result = loop {
+        if done() {
+            break Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            break Err(anyhow::anyhow!("acl-agentd exited early: {status}"));
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            break Err(anyhow::anyhow!("acl-agentd did not finish in 120 s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    result
+}
+
+/// Whether slot A (partition 3) has its successful bit, as sgdisk reads it.
+fn slot_a_confirmed(disk: &Path) -> bool {
+    std::process::Command::new("sgdisk")
+        .args(["-i", "3"])
+        .arg(disk)
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let flags = text.lines().find_map(|l| l.strip_prefix("Attribute flags: "))?.trim().to_owned();
+            u64::from_str_radix(&flags, 16).ok()
+        })
+        .is_some_and(|bits| bits & (1 << 56) != 0)
 }
 
 /// A deterministic root filesystem; `upgraded` names a package whose files change.

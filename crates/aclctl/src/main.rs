@@ -85,6 +85,14 @@ enum Command {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Do what the boot path does at power-on: choose the slot by the gptprio rule and spend
+    /// one try if it is not yet confirmed (for disk images and tests; the first-stage
+    /// initramfs runs the same function on real machines).
+    Boot {
+        /// The disk: a block device or a disk-image file.
+        #[arg(long)]
+        disk: PathBuf,
+    },
     /// Ask the running agent to stop all update activity until `aclctl resume`.
     Pause(AgentArgs),
     /// Ask the running agent to resume update activity.
@@ -189,6 +197,15 @@ fn run(cli: Cli) -> Result<()> {
             status::print(&status::Status::of(&disk, booted, &target.state_dir), false)
         }
         Command::Config { defaults, root } => print_config(defaults, &root),
+        Command::Boot { disk } => {
+            let mut d = Disk::open(&disk, true)?;
+            let chosen = choice::boot_attempt(&d.slots())
+                .map(|(s, _)| s)
+                .context("no slot is bootable: this disk would not boot")?;
+            let after = d.update(|s| Ok(choice::boot_attempt(s).expect("checked above").1))?;
+            println!("boot: slot {chosen} ({})", after.get(chosen));
+            Ok(())
+        }
         Command::Pause(a) => ask_agent(&a, agent::machine::Request::Pause),
         Command::Resume(a) => ask_agent(&a, agent::machine::Request::Resume),
         Command::Check(a) => ask_agent(&a, agent::machine::Request::CheckNow),

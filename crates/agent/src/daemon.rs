@@ -31,20 +31,23 @@ pub trait Platform: Send + Sync + std::fmt::Debug {
     fn alive(&self) {}
 }
 
-/// The real machine: the system clock and `systemctl reboot`.
+/// The real machine: the system clock and the configured reboot command.
 #[derive(Debug)]
-pub struct System;
+pub struct System {
+    /// The reboot command and its arguments (`[agent] reboot-command`).
+    pub reboot_command: Vec<String>,
+}
 
 impl Platform for System {
     fn now(&self) -> Timestamp {
         Timestamp::now()
     }
     fn reboot(&self) -> Result<(), String> {
-        let status = std::process::Command::new("systemctl")
-            .arg("reboot")
-            .status()
-            .map_err(|e| format!("systemctl reboot: {e}"))?;
-        if status.success() { Ok(()) } else { Err(format!("systemctl reboot: {status}")) }
+        let (cmd, args) = self.reboot_command.split_first().ok_or("no reboot command")?;
+        let shown = self.reboot_command.join(" ");
+        let status =
+            std::process::Command::new(cmd).args(args).status().map_err(|e| format!("{shown}: {e}"))?;
+        if status.success() { Ok(()) } else { Err(format!("{shown}: {status}")) }
     }
 }
 

@@ -46,14 +46,14 @@ fn main() -> std::process::ExitCode {
 
 /// The real machine, with systemd's watchdog pinged whenever the loop runs.
 #[derive(Debug)]
-struct Systemd;
+struct Systemd(daemon::System);
 
 impl Platform for Systemd {
     fn now(&self) -> jiff::Timestamp {
-        daemon::System.now()
+        self.0.now()
     }
     fn reboot(&self) -> Result<(), String> {
-        daemon::System.reboot()
+        self.0.reboot()
     }
     fn alive(&self) {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -90,15 +90,8 @@ fn run(args: Args) -> Result<()> {
 
     // Wake at least as often as the watchdog needs; the loop itself sleeps until something is due.
     let tick = sd_notify::watchdog_enabled().map_or(settings.check_interval, |w| w / 2);
-    let env = Env {
-        settings,
-        disk,
-        booted,
-        machine_id,
-        arch: std::env::consts::ARCH.into(),
-        platform: Arc::new(Systemd),
-        tick,
-    };
+    let platform = Arc::new(Systemd(daemon::System { reboot_command: settings.reboot_command.clone() }));
+    let env = Env { settings, disk, booted, machine_id, arch: std::env::consts::ARCH.into(), platform, tick };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let (requests, rx) = tokio::sync::mpsc::channel(16);

@@ -137,6 +137,7 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub disk: String,
     pub socket: PathBuf,
+    pub reboot_command: String,
 }
 
 impl Default for Agent {
@@ -145,6 +146,7 @@ impl Default for Agent {
             state_dir: "/var/lib/acl-update".into(),
             disk: String::new(),
             socket: "/run/acl-update/agent.sock".into(),
+            reboot_command: "systemctl reboot".into(),
         }
     }
 }

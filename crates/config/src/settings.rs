@@ -72,6 +72,7 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub disk: Option<PathBuf>,
     pub socket: PathBuf,
+    pub reboot_command: Vec<String>,
 }
 
 impl Settings {
@@ -194,6 +195,14 @@ impl Settings {
             state_dir: c.agent.state_dir.clone(),
             disk: opt_path(&c.agent.disk),
             socket: c.agent.socket.clone(),
+            reboot_command: {
+                let words: Vec<String> =
+                    c.agent.reboot_command.split_whitespace().map(str::to_owned).collect();
+                if words.is_empty() {
+                    return Err(bad("agent.reboot-command", "must name a command".into()));
+                }
+                words
+            },
         })
     }
 }
