@@ -133,19 +133,11 @@ struct Target {
     #[arg(long)]
     disk: Option<PathBuf>,
     /// Treat this slot as the booted one (A or B); default: from the kernel command line.
-    #[arg(long, value_parser = parse_slot)]
+    #[arg(long)]
     booted: Option<Slot>,
     /// The agent's state directory (install journal, what each slot holds).
     #[arg(long, default_value = "/var/lib/acl-update")]
     state_dir: PathBuf,
-}
-
-fn parse_slot(s: &str) -> Result<Slot, String> {
-    match s {
-        "A" | "a" => Ok(Slot::A),
-        "B" | "b" => Ok(Slot::B),
-        _ => Err(format!("{s:?} is not a slot (A or B)")),
-    }
 }
 
 fn main() -> std::process::ExitCode {

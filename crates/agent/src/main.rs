@@ -20,16 +20,8 @@ struct Args {
     #[arg(long)]
     disk: Option<PathBuf>,
     /// The running slot, A or B (default: from the kernel command line or the /usr mount).
-    #[arg(long, value_parser = parse_slot)]
+    #[arg(long)]
     booted: Option<Slot>,
-}
-
-fn parse_slot(s: &str) -> Result<Slot, String> {
-    match s {
-        "A" | "a" => Ok(Slot::A),
-        "B" | "b" => Ok(Slot::B),
-        _ => Err(format!("{s:?} is not a slot (A or B)")),
-    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -48,6 +48,18 @@ impl std::ops::Not for Slot {
     }
 }
 
+impl std::str::FromStr for Slot {
+    type Err = String;
+    /// `A` or `B` (either case), as operators type it.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "A" | "a" => Ok(Slot::A),
+            "B" | "b" => Ok(Slot::B),
+            _ => Err(format!("{s:?} is not a slot (A or B)")),
+        }
+    }
+}
+
 impl fmt::Display for Slot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
