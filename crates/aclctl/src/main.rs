@@ -35,10 +35,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show both slots: partition, bits, which is booted and which boots next.
+    /// Show both slots: partition, bits, which is booted and which boots next, and the running
+    /// agent's state when one answers.
     Status {
         #[command(flatten)]
         target: Target,
+        /// The agent's socket.
+        #[arg(long, default_value = "/run/acl-update/agent.sock")]
+        socket: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -156,9 +160,9 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Status { target, json } => {
+        Command::Status { target, json, socket } => {
             let (disk, booted) = open(&target, false)?;
-            status::print(&status::Status::of(&disk, booted, &target.state_dir), json)
+            status::print(&status::Status::of(&disk, booted, &target.state_dir).with_agent(&socket), json)
         }
         Command::Update {
             target,

@@ -35,6 +35,8 @@ pub(crate) struct Status {
     booted_source: &'static str,
     next_boot: Option<Slot>,
     slots: Vec<SlotStatus>,
+    /// The running agent's state, when one answers on its socket.
+    agent: Option<agent::machine::State>,
 }
 
 #[derive(Debug, Serialize)]
@@ -115,7 +117,26 @@ impl Status {
             },
             next_boot: next,
             slots: Slot::BOTH.into_iter().map(slot_status).collect(),
+            agent: None,
         }
+    }
+}
+
+impl Status {
+    /// Adds the running agent's state, if an agent answers on `socket` (silently nothing
+    /// otherwise: status works without an agent).
+    pub(crate) fn with_agent(mut self, socket: &std::path::Path) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        self.agent = rt
+            .ok()
+            .and_then(|rt| {
+                let call = agent::api::call(socket, agent::machine::Request::Status);
+                rt.block_on(async {
+                    tokio::time::timeout(std::time::Duration::from_secs(2), call).await.ok()?.ok()
+                })
+            })
+            .and_then(|a| a.state);
+        self
     }
 }
 
@@ -132,6 +153,11 @@ pub(crate) fn print(s: &Status, json: bool) -> Result<()> {
     let show = |x: Option<Slot>| x.map_or("-".to_owned(), |x| x.to_string());
     println!("booted     {} ({})", show(s.booted), s.booted_source);
     println!("next boot  {}", s.next_boot.map_or("NONE: no slot is bootable".to_owned(), |x| x.to_string()));
+    if let Some(a) = &s.agent {
+        let phase = serde_json::to_value(&a.phase)?;
+        let paused = if a.paused { ", paused" } else { "" };
+        println!("agent      {}{paused}: {}", phase["phase"].as_str().unwrap_or("?"), a.note);
+    }
     println!();
     println!(
         "{:<5} {:<5} {:<6} {:<37} {:<8} {:>8} {:>5} {:>10}  state",
