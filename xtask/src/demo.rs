@@ -137,6 +137,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     run_agent(&agentd, &agent_root, &disk_path, "A", || slot_a_confirmed(&disk_path))?;
     drop(server);
     cmd!(sh, "{aclctl} status --disk {disk} --state-dir state").run()?;
+    cmd!(sh, "{aclctl} history --state-dir state").run()?;
     cmd!(sh, "sgdisk -v {disk}").quiet().ignore_stdout().run()?;
     println!("\nsgdisk -v {disk}: no problems found");
     println!(

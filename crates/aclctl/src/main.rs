@@ -97,6 +97,19 @@ enum Command {
         #[arg(long)]
         disk: PathBuf,
     },
+    /// What the agent did and why, newest last (read from the state directory; works without a
+    /// running agent).
+    History {
+        /// The agent's state directory.
+        #[arg(long, default_value = "/var/lib/acl-update")]
+        state_dir: PathBuf,
+        /// How many entries.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the running agent to stop all update activity until `aclctl resume`.
     Pause(AgentArgs),
     /// Ask the running agent to resume update activity.
@@ -200,6 +213,19 @@ fn run(cli: Cli) -> Result<()> {
                 .context("no slot is bootable: this disk would not boot")?;
             let after = d.update(|s| Ok(choice::boot_attempt(s).expect("checked above").1))?;
             println!("boot: slot {chosen} ({})", after.get(chosen));
+            Ok(())
+        }
+        Command::History { state_dir, lines, json } => {
+            let entries = agent::history::read(&state_dir, lines);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else if entries.is_empty() {
+                println!("no history in {}", state_dir.display());
+            } else {
+                for e in entries {
+                    println!("{}  {:<11} {}", e.time, e.phase, e.message);
+                }
+            }
             Ok(())
         }
         Command::Pause(a) => ask_agent(&a, agent::machine::Request::Pause),

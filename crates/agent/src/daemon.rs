@@ -172,6 +172,9 @@ impl Daemon {
         let (next, actions) = machine::step(&self.state, event, cfg);
         if next != self.state {
             persist::save(&self.env.settings.state_dir, &next)?;
+            if next.phase != self.state.phase || next.note != self.state.note {
+                self.record(&next);
+            }
             self.state = next;
         }
         for a in actions {
@@ -188,6 +191,21 @@ impl Daemon {
     fn log(&self, message: &str) {
         // Until tracing/journald is wired in (issue 5), messages go to standard error.
         eprintln!("acl-agent: {message}");
+    }
+
+    /// Adds the new phase and note to the persistent history (a failure to record is logged,
+    /// not fatal: the history is for people, the state file is what matters).
+    fn record(&self, next: &State) {
+        let phase =
+            serde_json::to_value(&next.phase).ok().and_then(|v| v["phase"].as_str().map(str::to_owned));
+        let entry = crate::history::Entry {
+            time: self.env.platform.now(),
+            phase: phase.unwrap_or_default(),
+            message: next.note.clone(),
+        };
+        if let Err(e) = crate::history::append(&self.env.settings.state_dir, &entry) {
+            self.log(&format!("history: {e}"));
+        }
     }
 
     fn act(&mut self, action: Action, cfg: &machine::Config) -> Result<(), AgentError> {

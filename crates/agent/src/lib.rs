@@ -5,5 +5,6 @@
 
 pub mod api;
 pub mod daemon;
+pub mod history;
 pub mod machine;
 pub mod persist;

@@ -220,6 +220,7 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             let unconfirmed_version = (!boot.confirmed).then(|| boot.version.clone()).flatten();
             match (phase, unconfirmed_version) {
                 (Phase::Rebooting { version }, Some(booted)) if &booted == version => {
+                    s.note = format!("{booted} booted; checking its health");
                     s.phase = Phase::Verifying {
                         version: booted,
                         deadline: now.saturating_add(cfg.health_deadline).unwrap_or(*now),
@@ -313,6 +314,7 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
         },
         (Event::RebootAllowed, Phase::Staged { version }) if !state.paused => {
             s.phase = Phase::Rebooting { version: version.clone() };
+            s.note = format!("rebooting into {version}");
             actions.push(Action::Reboot);
         }
         (Event::Health { result, now }, Phase::Verifying { version, .. }) => {

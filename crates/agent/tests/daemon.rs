@@ -172,6 +172,17 @@ async fn the_daemon_updates_reboots_and_confirms() {
     assert_eq!(st.phase, Phase::Idle);
     assert_eq!(st.note, "2.0.0 is healthy");
     assert_eq!(p.reboots.load(Ordering::SeqCst), 1);
+    let history: Vec<String> = agent::history::read(&f.path("state"), 100)
+        .into_iter()
+        .map(|e| format!("{}: {}", e.phase, e.message))
+        .collect();
+    for expected in [
+        "installing: installing 2.0.0",
+        "staged: 2.0.0 installed; waiting to reboot",
+        "idle: 2.0.0 is healthy",
+    ] {
+        assert!(history.iter().any(|h| h == expected), "{expected:?} not in {history:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
