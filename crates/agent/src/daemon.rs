@@ -113,11 +113,11 @@ pub async fn run(
         state: persist::load(&s.state_dir)?,
     };
 
+    let slots = Disk::open(&env.disk, false).map(|disk| disk.slots()).ok();
     let boot = Boot {
         version: install::recorded_manifest(&s.state_dir, env.booted).map(|(m, _)| m.version),
-        confirmed: Disk::open(&env.disk, false)
-            .map(|disk| disk.slots().get(env.booted).successful())
-            .unwrap_or(false),
+        confirmed: slots.is_some_and(|x| x.get(env.booted).successful()),
+        other_boots_next: slots.is_some_and(|x| choice::choose(&x) == Some(env.booted.other())),
     };
     d.feed(&Event::Started { boot, now: env.platform.now() }, &cfg)?;
     tokio::pin!(shutdown);

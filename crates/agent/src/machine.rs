@@ -17,6 +17,7 @@
 //! | Staged v | RebootAllowed | Rebooting v | Reboot |
 //! | Rebooting v | Started, v booted unconfirmed | Verifying v until deadline | RunHealth |
 //! | Rebooting v | Started, v did not boot | Idle | (failure: did not boot) |
+//! | Rebooting v | Started, old slot runs, v still boots next | Staged v | RequestReboot |
 //! | Verifying v | Health passed | Idle | MarkGood |
 //! | Verifying v | Health failed / deadline | Idle | MarkBadAndReboot (failure recorded) |
 //! | any | Started, booted slot unconfirmed | Verifying | RunHealth |
@@ -75,6 +76,10 @@ pub struct State {
     pub failures: Vec<Failure>,
     /// Operator pause: no checks, installs or reboots.
     pub paused: bool,
+    /// A repository check is running. Not persisted: a check cut short by a crash is simply
+    /// started again after the restart, instead of waiting a whole interval.
+    #[serde(skip)]
+    pub checking: bool,
 }
 
 impl Default for State {
@@ -85,6 +90,7 @@ impl Default for State {
             note: String::new(),
             failures: Vec::new(),
             paused: false,
+            checking: false,
         }
     }
 }
@@ -96,6 +102,8 @@ pub struct Boot {
     pub version: Option<Version>,
     /// Whether the booted slot is confirmed good.
     pub confirmed: bool,
+    /// Whether the other slot is set to boot next (then a reboot asked for has not happened).
+    pub other_boots_next: bool,
 }
 
 /// Something that happened.
@@ -246,6 +254,13 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
                     };
                     actions.push(Action::RunHealth);
                 }
+                (Phase::Rebooting { version }, None) if boot.other_boots_next => {
+                    // Killed between deciding to reboot and rebooting: the new slot is still the
+                    // one to boot next, untried. Ask again.
+                    s.phase = Phase::Staged { version: version.clone() };
+                    s.note = format!("the reboot into {version} did not happen; asking again");
+                    actions.push(Action::RequestReboot);
+                }
                 (Phase::Rebooting { version }, None) => {
                     // The new slot did not come up (kernel panic, tries ran out) or was rolled
                     // back to: the confirmed one runs.
@@ -269,8 +284,8 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             let due = state
                 .last_check
                 .is_none_or(|t| t.saturating_add(cfg.check_interval).is_ok_and(|d| d <= *now));
-            if due && !state.paused && cfg.checks {
-                s.last_check = Some(*now);
+            if due && !state.paused && cfg.checks && !state.checking {
+                s.checking = true;
                 actions.push(Action::Check);
             }
         }
@@ -281,7 +296,13 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             actions.push(Action::MarkBadAndReboot);
         }
         (Event::Tick { .. }, _) => {}
+        (Event::Checked { now, .. }, phase) if !matches!(phase, Phase::Idle) => {
+            // A late answer: the agent moved on (an operator request, a restart).
+            s.checking = false;
+            s.last_check = Some(*now);
+        }
         (Event::Checked { decision, now }, Phase::Idle) => {
+            s.checking = false;
             s.last_check = Some(*now);
             match decision {
                 Ok(Decision::Update(r)) if !state.paused && cfg.installs => {
@@ -341,7 +362,11 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             s.paused = false;
             s.note = "resumed".into();
         }
-        (Event::Operator(Request::CheckNow), Phase::Idle) => actions.push(Action::Check),
+        (Event::Operator(Request::CheckNow), Phase::Idle) if !state.checking => {
+            s.checking = true;
+            actions.push(Action::Check);
+        }
+        (Event::Operator(Request::CheckNow), _) => {}
         (Event::Operator(Request::Rollback), Phase::Idle) => {
             s.note = "rolled back by the operator".into();
             actions.push(Action::Rollback);

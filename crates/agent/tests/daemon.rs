@@ -258,3 +258,94 @@ async fn the_local_api_pauses_resumes_and_reports() {
     daemon.await.unwrap().unwrap();
     server.abort();
 }
+
+/// The real `acl-agentd` binary, killed with SIGKILL again and again while it checks,
+/// installs, reboots and health-checks: every restart resumes, and the update completes with
+/// the new slot confirmed and the old one still good.
+#[test]
+fn kill_9_at_any_time_and_the_update_still_completes() {
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    if !Path::new("/etc/machine-id").exists() {
+        assert!(std::env::var_os("ACL_REQUIRE_TOOLS").is_none(), "/etc/machine-id is required");
+        eprintln!("skipped: no /etc/machine-id");
+        return;
+    }
+    let f = Fixture::new(&sgdisk);
+    let _ = f.settings();
+    let marker = f.path("reboot-requested");
+    let conf = f.path("root/etc/acl-update/config.d");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        conf.join("50-test.toml"),
+        format!(
+            "[agent]\nsocket = \"{}\"\nreboot-command = \"touch {}\"\n",
+            f.path("run/agent.sock").display(),
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let run = |booted: &str, kill_after: Option<Duration>| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_acl-agentd"))
+            .arg("--config-root")
+            .arg(f.path("root"))
+            .arg("--disk")
+            .arg(&f.disk)
+            .args(["--booted", booted])
+            .stderr(if kill_after.is_some() {
+                std::process::Stdio::null()
+            } else {
+                std::process::Stdio::inherit()
+            })
+            .spawn()
+            .unwrap();
+        if let Some(d) = kill_after {
+            std::thread::sleep(d);
+            let _ = child.kill(); // SIGKILL
+        }
+        child
+    };
+    // Phase 1, booted A: killed at growing delays, then left to finish until it asks to reboot.
+    // Short, growing lifetimes: each run gets a little further (start, check, install, journal,
+    // activate, ask to reboot) before it dies.
+    let mut kills = 0;
+    for ms in (1..100u64).map(|i| 3 * i) {
+        if marker.exists() {
+            break;
+        }
+        run("A", Some(Duration::from_millis(ms))).wait().unwrap();
+        kills += 1;
+    }
+    let mut child = run("A", None);
+    for _ in 0..600 {
+        if marker.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+    assert!(marker.exists(), "never asked to reboot after {kills} kills");
+    assert!(kills >= 5, "only {kills} kills: the test did not interrupt much");
+    assert_eq!(f.boot(), Slot::B);
+    // Phase 2, booted B: killed a few times during the health check, then confirms.
+    for ms in [20u64, 40, 80] {
+        run("B", Some(Duration::from_millis(ms))).wait().unwrap();
+    }
+    let disk = f.disk.clone();
+    let mut child = run("B", None);
+    for _ in 0..600 {
+        if Disk::open(&disk, false).unwrap().slots().b.successful() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+    let s = Disk::open(&f.disk, false).unwrap().slots();
+    assert!(s.b.successful() && s.b.priority() == 2, "B confirmed: {s:?}");
+    assert!(s.a.successful() && s.a.bootable(), "A still the way back: {s:?}");
+    let st = f.state();
+    assert_eq!(st.phase, Phase::Idle);
+    assert!(st.failures.is_empty(), "{:?}", st.failures);
+    eprintln!("killed {kills} times while updating, 3 times while verifying; the update completed");
+}

@@ -45,7 +45,7 @@ fn run(s: &State, events: &[Event]) -> (State, Vec<Action>) {
 }
 
 fn booted(version: &str, confirmed: bool, now: Timestamp) -> Event {
-    Event::Started { boot: Boot { version: Some(v(version)), confirmed }, now }
+    Event::Started { boot: Boot { version: Some(v(version)), confirmed, other_boots_next: false }, now }
 }
 
 /// The events of a full, successful update from 1.0.0 to 2.0.0.
@@ -154,13 +154,18 @@ fn a_failed_install_is_recorded_and_the_agent_returns_to_idle() {
 
 #[test]
 fn checks_follow_the_interval_and_pause() {
+    let up_to_date = |now| Event::Checked { decision: Ok(Decision::UpToDate), now };
     let s = State::default();
     let (s, a) = step(&s, &Event::Tick { now: t(0) }, &cfg());
     assert_eq!(a, vec![Action::Check]);
+    let (s, a) = step(&s, &Event::Tick { now: t(0) }, &cfg());
+    assert!(a.is_empty(), "no second check while one runs");
+    let (s, _) = step(&s, &up_to_date(t(0)), &cfg());
     let (s, a) = step(&s, &Event::Tick { now: t(59) }, &cfg());
     assert!(a.is_empty(), "no check before the interval");
     let (s, a) = step(&s, &Event::Tick { now: t(60) }, &cfg());
     assert_eq!(a, vec![Action::Check]);
+    let (s, _) = step(&s, &up_to_date(t(60)), &cfg());
     let (s, _) = step(&s, &Event::Operator(Request::Pause), &cfg());
     let (s, a) = step(&s, &Event::Tick { now: t(200) }, &cfg());
     assert!(a.is_empty(), "paused");
@@ -170,6 +175,16 @@ fn checks_follow_the_interval_and_pause() {
     let (s, _) = step(&s, &Event::Operator(Request::Resume), &cfg());
     let (_, a) = step(&s, &Event::Tick { now: t(400) }, &cfg());
     assert_eq!(a, vec![Action::Check]);
+}
+
+#[test]
+fn a_check_cut_short_by_a_crash_is_redone_at_once() {
+    let (s, a) = step(&State::default(), &Event::Tick { now: t(0) }, &cfg());
+    assert_eq!(a, vec![Action::Check]);
+    // The agent dies before the answer; what was persisted comes back.
+    let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    let (_, a) = step(&back, &Event::Tick { now: t(1) }, &cfg());
+    assert_eq!(a, vec![Action::Check], "a lost check must not wait a whole interval");
 }
 
 #[test]
@@ -226,4 +241,18 @@ fn modes_off_and_check_only() {
     // Health checks after a boot run whatever the mode: an unconfirmed slot must prove itself.
     let (_, a) = step(&State::default(), &booted("2.0.0", false, t(2)), &off);
     assert_eq!(a, vec![Action::RunHealth]);
+}
+
+#[test]
+fn killed_before_the_reboot_happened_asks_again() {
+    let (s, _) = run(&State::default(), &happy_path()[..5]);
+    assert!(matches!(s.phase, Phase::Rebooting { .. }));
+    let same_boot = Event::Started {
+        boot: Boot { version: Some(v("1.0.0")), confirmed: true, other_boots_next: true },
+        now: t(6),
+    };
+    let (s, a) = step(&s, &same_boot, &cfg());
+    assert_eq!(a, vec![Action::RequestReboot]);
+    assert_eq!(s.phase, Phase::Staged { version: v("2.0.0") });
+    assert!(s.failures.is_empty(), "not a failure of 2.0.0");
 }
