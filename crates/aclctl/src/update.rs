@@ -77,9 +77,7 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
     let manifest_bytes = fetcher.get(&release.manifest).await?;
     let manifest_sig = fetcher.get(&format!("{}.sig", release.manifest)).await?;
     let m = policy.release_manifest(release, &manifest_bytes, &manifest_sig)?;
-    let dir = release.manifest.rsplit_once('/').map_or("", |(d, _)| d);
-    let payload_path =
-        if dir.is_empty() { m.payload.path.clone() } else { format!("{dir}/{}", m.payload.path) };
+    let payload_path = repo::layout::payload_path(&release.manifest, &m.payload.path);
 
     let req = InstallRequest {
         disk,

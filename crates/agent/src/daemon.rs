@@ -327,17 +327,12 @@ async fn install_version(
     let mbytes = fetcher.get(&release.manifest).await.map_err(|e| e.to_string())?;
     let msig = fetcher.get(&format!("{}.sig", release.manifest)).await.map_err(|e| e.to_string())?;
     let m = policy.release_manifest(release, &mbytes, &msig).map_err(|e| e.to_string())?;
-    let dir = release.manifest.rsplit_once('/').map_or("", |(d, _)| d);
     let req = install::InstallRequest {
         disk: &env.disk,
         booted: env.booted,
         manifest: &m,
         manifest_bytes: &mbytes,
-        payload_path: if dir.is_empty() {
-            m.payload.path.clone()
-        } else {
-            format!("{dir}/{}", m.payload.path)
-        },
+        payload_path: repo::layout::payload_path(&release.manifest, &m.payload.path),
         state_dir: &s.state_dir,
         tries: Tries::new(s.tries).ok_or("tries out of range")?,
         parallel: s.parallel.get(),

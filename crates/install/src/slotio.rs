@@ -34,13 +34,6 @@ impl AlignedBuf {
         Self { v, off, len }
     }
 
-    /// A copy of `data`.
-    pub fn from_slice(data: &[u8]) -> Self {
-        let mut b = Self::zeroed(data.len());
-        b.as_mut_slice().copy_from_slice(data);
-        b
-    }
-
     /// The most bytes it can hold.
     pub fn capacity(&self) -> usize {
         self.v.len() - ALIGN
