@@ -6,11 +6,13 @@
 //! <- {"ok":true,"state":{"phase":{"phase":"idle"},"paused":true,...}}
 //! ```
 //!
-//! Requests: `status`, `check-now`, `pause`, `resume`, `rollback`. Each goes through the
-//! daemon's state machine like any other event, so the API can do nothing the machine would
-//! not allow.
+//! Requests: `status`, `check-now`, `pause`, `resume`, `rollback`,
+//! `{"update":{"version":null}}` (or a version). Each goes through the daemon's state machine
+//! like any other event, so the API can do nothing the machine would not allow. The answer
+//! carries the state after the request and, while an install runs, its progress (what
+//! `aclctl update --follow` draws its bar from).
 
-use crate::daemon::ApiRequest;
+use crate::daemon::{ApiRequest, Progress};
 use crate::machine::{Request, State};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -31,8 +33,17 @@ pub struct Answer {
     pub ok: bool,
     /// The agent's state after it.
     pub state: Option<State>,
+    /// The running install's progress.
+    #[serde(default)]
+    pub progress: Option<Progress>,
     /// Why not, when not ok.
     pub error: Option<String>,
+}
+
+impl Answer {
+    fn refused(why: String) -> Self {
+        Self { ok: false, state: None, progress: None, error: Some(why) }
+    }
 }
 
 /// Listens on `path` (replacing a stale socket) and forwards requests to the daemon.
@@ -52,19 +63,20 @@ pub async fn serve(path: &Path, daemon: mpsc::Sender<ApiRequest>) -> std::io::Re
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let answer = match serde_json::from_str::<RequestLine>(&line) {
-                    Err(e) => Answer { ok: false, state: None, error: Some(format!("bad request: {e}")) },
+                    Err(e) => Answer::refused(format!("bad request: {e}")),
                     Ok(req) => {
                         let (tx, rx) = oneshot::channel();
                         if daemon.send((req.request, tx)).await.is_err() {
-                            Answer { ok: false, state: None, error: Some("the agent is stopping".into()) }
+                            Answer::refused("the agent is stopping".into())
                         } else {
                             match rx.await {
-                                Ok(state) => Answer { ok: true, state: Some(state), error: None },
-                                Err(_) => Answer {
-                                    ok: false,
-                                    state: None,
-                                    error: Some("the agent is stopping".into()),
+                                Ok(snap) => Answer {
+                                    ok: true,
+                                    state: Some(snap.state),
+                                    progress: snap.progress,
+                                    error: None,
                                 },
+                                Err(_) => Answer::refused("the agent is stopping".into()),
                             }
                         }
                     }

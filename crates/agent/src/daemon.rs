@@ -7,6 +7,7 @@
 //! move and a reboot they observe.
 
 use crate::machine::{self, Action, Boot, Event, Phase, Request, State};
+use crate::metrics::Metrics;
 use crate::persist;
 use config::Settings;
 use fetch::{FetchOptions, Fetcher};
@@ -18,6 +19,7 @@ use slot::choice::{self, Slot};
 use slot::{Disk, Tries};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -68,6 +70,8 @@ pub struct Env {
     pub platform: Arc<dyn Platform>,
     /// How often the loop wakes without events (a repository check happens only when due).
     pub tick: Duration,
+    /// The metrics to keep up to date.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why the daemon stopped.
@@ -85,7 +89,48 @@ pub enum AgentError {
 }
 
 /// A request on the local API, and where to send the state after it.
-pub type ApiRequest = (Request, oneshot::Sender<State>);
+pub type ApiRequest = (Request, oneshot::Sender<Snapshot>);
+
+/// What the API answers: the state, and the running install's progress.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    /// The agent's state.
+    pub state: State,
+    /// The install in progress, if any.
+    pub progress: Option<Progress>,
+}
+
+/// How far the running install is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// The image size (0 until the manifest has been read).
+    pub total: u64,
+    /// Image bytes in place in the target slot.
+    pub done: u64,
+    /// Of those, bytes copied from the running slot.
+    pub reused: u64,
+    /// Of those, bytes found already written by an interrupted install.
+    pub resumed: u64,
+}
+
+/// Shared between the install task and the loop.
+#[derive(Debug, Default)]
+struct InstallProgress {
+    total: AtomicU64,
+    counters: Arc<install::Counters>,
+}
+
+impl InstallProgress {
+    fn get(&self) -> Progress {
+        let c = &self.counters;
+        Progress {
+            total: self.total.load(Ordering::Relaxed),
+            done: c.done.load(Ordering::Relaxed),
+            reused: c.reused.load(Ordering::Relaxed),
+            resumed: c.resumed.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(
@@ -103,6 +148,7 @@ pub async fn run(
         health_deadline: SignedDuration::try_from(s.health_deadline).unwrap_or(SignedDuration::from_mins(10)),
         checks: s.mode != config::Mode::Off,
         installs: s.mode == config::Mode::Automatic,
+        paused: s.paused,
     };
     let (results_tx, mut results) = mpsc::unbounded_channel::<Event>();
     let mut d = Daemon {
@@ -111,7 +157,16 @@ pub async fn run(
         fetcher,
         results: results_tx,
         state: persist::load(&s.state_dir)?,
+        since: env.platform.now(),
+        install: Arc::default(),
+        booted_version: None,
     };
+    env.metrics.state(&d.state);
+    let (fetched, install) = (d.fetcher.clone(), Arc::clone(&d.install));
+    env.metrics.set_source(Box::new(move || {
+        let p = install.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(|p| p.get());
+        (fetched.bytes_fetched(), p.as_ref().map_or(0, |p| p.total), p.map_or(0, |p| p.done))
+    }));
 
     let slots = Disk::open(&env.disk, false).map(|disk| disk.slots()).ok();
     let boot = Boot {
@@ -119,6 +174,13 @@ pub async fn run(
         confirmed: slots.is_some_and(|x| x.get(env.booted).successful()),
         other_boots_next: slots.is_some_and(|x| choice::choose(&x) == Some(env.booted.other())),
     };
+    d.booted_version = boot.version.as_ref().map(ToString::to_string);
+    tracing::info!(
+        slot = %env.booted,
+        version = d.booted_version.as_deref().unwrap_or("unknown"),
+        confirmed = boot.confirmed,
+        "agent started"
+    );
     d.feed(&Event::Started { boot, now: env.platform.now() }, &cfg)?;
     tokio::pin!(shutdown);
     loop {
@@ -137,7 +199,8 @@ pub async fn run(
             Some(event) = results.recv() => d.feed(&event, &cfg)?,
             Some((request, reply)) = requests.recv() => {
                 d.feed(&Event::Operator(request), &cfg)?;
-                let _ = reply.send(d.state.clone());
+                let progress = d.progress();
+                let _ = reply.send(Snapshot { state: d.state.clone(), progress });
             }
         }
     }
@@ -164,18 +227,40 @@ struct Daemon {
     fetcher: Fetcher,
     results: mpsc::UnboundedSender<Event>,
     state: State,
+    /// When the current phase was entered (or the agent started).
+    since: Timestamp,
+    /// The running install's progress (shared with the metrics).
+    install: Arc<std::sync::Mutex<Option<Arc<InstallProgress>>>>,
+    booted_version: Option<String>,
 }
 
 impl Daemon {
     /// One step: transition, persist, then act.
     fn feed(&mut self, event: &Event, cfg: &machine::Config) -> Result<(), AgentError> {
         let (next, actions) = machine::step(&self.state, event, cfg);
+        let m = &self.env.metrics;
+        if let Event::Checked { decision, .. } = event {
+            m.checked(decision);
+        }
+        if let Event::Installed { .. } = event {
+            m.refresh();
+            if let Some(p) = self.install_slot().take() {
+                m.bytes(0, p.get().reused);
+            }
+        }
         if next != self.state {
             persist::save(&self.env.settings.state_dir, &next)?;
             if next.phase != self.state.phase || next.note != self.state.note {
                 self.record(&next);
             }
+            let now = self.env.platform.now();
+            m.transition(&self.state, &next, self.since, now);
+            if next.phase.name() != self.state.phase.name() {
+                self.since = now;
+            }
             self.state = next;
+            let target = self.state.phase.version().map(ToString::to_string);
+            m.info(&self.env.booted.to_string(), self.booted_version.as_deref(), target.as_deref());
         }
         for a in actions {
             self.act(a, cfg)?;
@@ -188,9 +273,12 @@ impl Daemon {
         w.is_empty() || w.iter().any(|w| w.contains(now))
     }
 
-    fn log(&self, message: &str) {
-        // Until tracing/journald is wired in (issue 5), messages go to standard error.
-        eprintln!("acl-agent: {message}");
+    fn install_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<InstallProgress>>> {
+        self.install.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn progress(&self) -> Option<Progress> {
+        self.install_slot().as_ref().map(|p| p.get())
     }
 
     /// Adds the new phase and note to the persistent history (a failure to record is logged,
@@ -203,8 +291,9 @@ impl Daemon {
             phase: phase.unwrap_or_default(),
             message: next.note.clone(),
         };
+        tracing::info!(phase = %entry.phase, version = ?next.phase.version().map(ToString::to_string), "{}", entry.message);
         if let Err(e) = crate::history::append(&self.env.settings.state_dir, &entry) {
-            self.log(&format!("history: {e}"));
+            tracing::warn!("could not add to the event history: {e}");
         }
     }
 
@@ -213,18 +302,23 @@ impl Daemon {
         let tx = self.results.clone();
         let now = env.platform.now();
         match action {
-            Action::Check => {
+            Action::Check(requested) => {
                 let (fetcher, policy, state) =
                     (self.fetcher.clone(), Arc::clone(&self.policy), self.state.clone());
                 tokio::spawn(async move {
-                    let decision = check(&env, &fetcher, &policy, &state).await;
-                    let _ = tx.send(Event::Checked { decision, now: env.platform.now() });
+                    let decision = check(&env, &fetcher, &policy, &state, requested.as_ref()).await;
+                    if let Err(e) = &decision {
+                        tracing::warn!("repository check failed: {e}");
+                    }
+                    let _ = tx.send(Event::Checked { decision, requested, now: env.platform.now() });
                 });
             }
             Action::Install(version) => {
                 let (fetcher, policy) = (self.fetcher.clone(), Arc::clone(&self.policy));
+                let progress = Arc::new(InstallProgress::default());
+                *self.install_slot() = Some(Arc::clone(&progress));
                 tokio::spawn(async move {
-                    let result = install_version(&env, &fetcher, &policy, &version).await;
+                    let result = install_version(&env, &fetcher, &policy, &version, &progress).await;
                     let _ = tx.send(Event::Installed { result, now: env.platform.now() });
                 });
             }
@@ -234,8 +328,9 @@ impl Daemon {
                 }
             }
             Action::Reboot => {
+                tracing::info!("rebooting");
                 if let Err(e) = env.platform.reboot() {
-                    self.log(&format!("reboot failed: {e}"));
+                    tracing::error!("reboot failed: {e}");
                 }
             }
             Action::RunHealth => {
@@ -253,13 +348,14 @@ impl Daemon {
             Action::MarkGood => self.slots("mark good", |s| choice::mark_good(s, env.booted)),
             Action::MarkBadAndReboot => {
                 self.slots("mark bad", |s| choice::mark_bad(s, env.booted));
+                tracing::info!("rebooting into the previous slot");
                 if let Err(e) = env.platform.reboot() {
-                    self.log(&format!("reboot failed: {e}"));
+                    tracing::error!("reboot failed: {e}");
                 }
             }
             Action::Rollback => self.slots("rollback", |s| choice::rollback(s, env.booted)),
             Action::Unstage => self.slots("unstage", |s| choice::prepare(s, env.booted)),
-            Action::Log(m) => self.log(&m),
+            Action::Log(m) => tracing::warn!("{m}"),
         }
         Ok(())
     }
@@ -271,8 +367,8 @@ impl Daemon {
     ) {
         let result = Disk::open(&self.env.disk, true).and_then(|mut d| d.update(f));
         match result {
-            Ok(s) => self.log(&format!("{what}: slot bits now A[{}] B[{}]", s.a, s.b)),
-            Err(e) => self.log(&format!("{what} failed: {e}")),
+            Ok(s) => tracing::info!(a = %s.a, b = %s.b, "{what}: done"),
+            Err(e) => tracing::error!("{what} failed: {e}"),
         }
     }
 }
@@ -283,6 +379,7 @@ async fn check(
     fetcher: &Fetcher,
     policy: &TrustPolicy,
     state: &State,
+    requested: Option<&policy::Wanted>,
 ) -> Result<policy::Decision, String> {
     let s = &env.settings;
     let accepted_path = s.state_dir.join("accepted-index.json");
@@ -304,6 +401,7 @@ async fn check(
         failures: &state.failures,
         machine_id: &env.machine_id,
         now: env.platform.now(),
+        requested,
     }))
 }
 
@@ -313,6 +411,7 @@ async fn install_version(
     fetcher: &Fetcher,
     policy: &TrustPolicy,
     version: &semver::Version,
+    progress: &InstallProgress,
 ) -> Result<(), String> {
     let s = &env.settings;
     let path = repo::layout::index_path(&s.channel);
@@ -327,6 +426,8 @@ async fn install_version(
     let mbytes = fetcher.get(&release.manifest).await.map_err(|e| e.to_string())?;
     let msig = fetcher.get(&format!("{}.sig", release.manifest)).await.map_err(|e| e.to_string())?;
     let m = policy.release_manifest(release, &mbytes, &msig).map_err(|e| e.to_string())?;
+    progress.total.store(m.image_size, Ordering::Relaxed);
+    tracing::info!(version = %version, bytes = m.image_size, "installing into slot {}", env.booted.other());
     let req = install::InstallRequest {
         disk: &env.disk,
         booted: env.booted,
@@ -338,8 +439,14 @@ async fn install_version(
         parallel: s.parallel.get(),
         max_request: 4 << 20,
     };
-    install::install(&req, fetcher, &Arc::new(install::Counters::default()))
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    let report = install::install(&req, fetcher, &progress.counters).await.map_err(|e| e.to_string())?;
+    tracing::info!(
+        version = %version,
+        fetched = report.fetch_bytes,
+        reused = report.reused_bytes,
+        resumed = report.resumed_bytes,
+        write_ms = report.write_time.as_millis() as u64,
+        "installed"
+    );
+    Ok(())
 }

@@ -10,7 +10,8 @@
 //! | phase | on | goes to | actions |
 //! |---|---|---|---|
 //! | Idle | Tick, check due, not paused, mode not off | Idle | Check |
-//! | Idle | Checked(Update r), mode automatic | Installing r | Install r |
+//! | Idle | Operator Update w, not paused | Idle | Check w (the policy honours w) |
+//! | Idle | Checked(Update r), mode automatic or asked by the operator | Installing r | Install r |
 //! | Idle | Checked(Wait/UpToDate/Blocked) | Idle (note kept) | - |
 //! | Installing v | Installed ok | Staged v | RequestReboot |
 //! | Installing v | Installed err | Idle | (failure of v recorded) |
@@ -29,7 +30,7 @@
 //! must not die of a late or duplicated event.
 
 use jiff::{SignedDuration, Timestamp};
-use policy::{Decision, Failure};
+use policy::{Decision, Failure, Wanted};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +62,30 @@ pub enum Phase {
         /// The time by which it must pass.
         deadline: Timestamp,
     },
+}
+
+impl Phase {
+    /// The phase's name as in the state file (`idle`, `installing`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Installing { .. } => "installing",
+            Phase::Staged { .. } => "staged",
+            Phase::Rebooting { .. } => "rebooting",
+            Phase::Verifying { .. } => "verifying",
+        }
+    }
+
+    /// The version this phase is about, if any.
+    pub fn version(&self) -> Option<&Version> {
+        match self {
+            Phase::Idle => None,
+            Phase::Installing { version }
+            | Phase::Staged { version }
+            | Phase::Rebooting { version }
+            | Phase::Verifying { version, .. } => Some(version),
+        }
+    }
 }
 
 /// Everything the agent keeps across restarts.
@@ -125,6 +150,8 @@ pub enum Event {
     Checked {
         /// The policy's decision.
         decision: Result<Decision, String>,
+        /// What the operator asked for, when the check was theirs.
+        requested: Option<Wanted>,
         /// The time.
         now: Timestamp,
     },
@@ -162,13 +189,19 @@ pub enum Request {
     Resume,
     /// Go back to the other slot.
     Rollback,
+    /// Install the latest release (`version: null`) or exactly `version`, now, whatever the
+    /// mode (except off), waves and backoff say; the reboot still waits for its window.
+    Update {
+        /// The version, or the latest.
+        version: Option<Version>,
+    },
 }
 
 /// Something the daemon must do, after persisting the new state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Check the repository and decide (policy).
-    Check,
+    /// Check the repository and decide (policy), for the operator's request if any.
+    Check(Option<Wanted>),
     /// Install this version into the other slot.
     Install(Version),
     /// Ask for permission to reboot (window, lock, operator); answered by `RebootAllowed`.
@@ -200,6 +233,8 @@ pub struct Config {
     pub checks: bool,
     /// Whether to install what a check finds (mode "automatic").
     pub installs: bool,
+    /// Paused by the configuration (`updates.paused`), besides the operator's pause.
+    pub paused: bool,
 }
 
 fn fail(state: &mut State, version: &Version, reason: &str, now: Timestamp) {
@@ -284,9 +319,9 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             let due = state
                 .last_check
                 .is_none_or(|t| t.saturating_add(cfg.check_interval).is_ok_and(|d| d <= *now));
-            if due && !state.paused && cfg.checks && !state.checking {
+            if due && !state.paused && !cfg.paused && cfg.checks && !state.checking {
                 s.checking = true;
-                actions.push(Action::Check);
+                actions.push(Action::Check(None));
             }
         }
         (Event::Tick { now }, Phase::Verifying { version, deadline }) if now >= deadline => {
@@ -301,18 +336,17 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             s.checking = false;
             s.last_check = Some(*now);
         }
-        (Event::Checked { decision, now }, Phase::Idle) => {
+        (Event::Checked { decision, now, requested }, Phase::Idle) => {
             s.checking = false;
             s.last_check = Some(*now);
+            let paused = state.paused || cfg.paused;
             match decision {
-                Ok(Decision::Update(r)) if !state.paused && cfg.installs => {
+                Ok(Decision::Update(r)) if !paused && (cfg.installs || requested.is_some()) => {
                     s.phase = Phase::Installing { version: r.version.clone() };
                     s.note = format!("installing {}", r.version);
                     actions.push(Action::Install(r.version.clone()));
                 }
-                Ok(Decision::Update(r)) if state.paused => {
-                    s.note = format!("{} available; paused", r.version)
-                }
+                Ok(Decision::Update(r)) if paused => s.note = format!("{} available; paused", r.version),
                 Ok(Decision::Update(r)) => s.note = format!("{} available (check-only mode)", r.version),
                 Ok(Decision::UpToDate) => s.note = "up to date".into(),
                 Ok(Decision::Wait { reason, .. }) => s.note = reason.clone(),
@@ -364,7 +398,26 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
         }
         (Event::Operator(Request::CheckNow), Phase::Idle) if !state.checking => {
             s.checking = true;
-            actions.push(Action::Check);
+            actions.push(Action::Check(None));
+        }
+        (Event::Operator(Request::Update { .. }), _) if state.paused || cfg.paused => {
+            s.note = "update not started: updates are paused (aclctl resume)".into();
+        }
+        (Event::Operator(Request::Update { .. }), _) if !cfg.checks => {
+            s.note = "update not started: updates.mode is \"off\"".into();
+        }
+        (Event::Operator(Request::Update { version }), Phase::Idle) => {
+            // A periodic check may be running too; both answers arrive, and this one carries
+            // the request.
+            s.checking = true;
+            s.note = format!(
+                "checking for {}",
+                version.as_ref().map_or("the latest release".into(), |v| v.to_string())
+            );
+            actions.push(Action::Check(Some(version.clone().map_or(Wanted::Latest, Wanted::Version))));
+        }
+        (Event::Operator(Request::Update { .. }), phase) => {
+            s.note = format!("update not started: busy ({})", phase.name());
         }
         (Event::Operator(Request::CheckNow), _) => {}
         (Event::Operator(Request::Rollback), Phase::Idle) => {

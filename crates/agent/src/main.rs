@@ -1,6 +1,7 @@
 //! `acl-agentd`: the update agent daemon. Loads the configuration, finds the disk and the
 //! running slot, drops every capability it does not need, tells systemd it is ready, and runs
-//! the daemon loop until SIGTERM.
+//! the daemon loop until SIGTERM. Logs go to journald with structured fields when systemd
+//! connected standard error to the journal (`JOURNAL_STREAM`), else to standard error.
 
 use agent::daemon::{self, Env, Platform};
 use anyhow::{Context as _, Result};
@@ -27,12 +28,37 @@ struct Args {
 fn main() -> std::process::ExitCode {
     cliutil::default_sigpipe();
     cliutil::fix_malloc_threshold();
-    match run(Args::parse()) {
+    let args = Args::parse();
+    init_logging();
+    match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("acl-agentd: error: {}", cliutil::error_chain(&e));
+            tracing::error!("{}", cliutil::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// journald (structured: PRIORITY, the message, and each event field as its own journal
+/// field, e.g. VERSION=2.0.0) when started by systemd with the journal as standard error;
+/// plain lines on standard error otherwise.
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let level = tracing_subscriber::filter::LevelFilter::INFO;
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .and_then(|_| tracing_journald::layer().ok())
+        .map(|l| l.with_syslog_identifier("acl-agentd".into()));
+    match journald {
+        Some(j) => tracing_subscriber::registry().with(j.with_filter(level)).init(),
+        None => tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false)
+                    .with_target(false)
+                    .with_filter(level),
+            )
+            .init(),
     }
 }
 
@@ -83,16 +109,33 @@ fn run(args: Args) -> Result<()> {
     // Wake at least as often as the watchdog needs; the loop itself sleeps until something is due.
     let tick = sd_notify::watchdog_enabled().map_or(settings.check_interval, |w| w / 2);
     let platform = Arc::new(Systemd(daemon::System { reboot_command: settings.reboot_command.clone() }));
-    let env = Env { settings, disk, booted, machine_id, arch: std::env::consts::ARCH.into(), platform, tick };
+    let metrics = Arc::new(agent::metrics::Metrics::new());
+    let env = Env {
+        settings,
+        disk,
+        booted,
+        machine_id,
+        arch: std::env::consts::ARCH.into(),
+        platform,
+        tick,
+        metrics: Arc::clone(&metrics),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let (requests, rx) = tokio::sync::mpsc::channel(16);
         let socket = env.settings.socket.clone();
         tokio::spawn(async move {
             if let Err(e) = agent::api::serve(&socket, requests).await {
-                eprintln!("acl-agentd: local API on {}: {e}", socket.display());
+                tracing::error!("local API on {}: {e}", socket.display());
             }
         });
+        if let Some(addr) = env.settings.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics on {addr} (agent.metrics-listen)"))?;
+            tracing::info!("serving metrics on http://{addr}/metrics");
+            tokio::spawn(agent::metrics::serve(listener, metrics));
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {
             tokio::select! {

@@ -2,180 +2,42 @@
 //! signed by our tools: it checks, installs, reboots (observed by the test, which then plays
 //! the boot path), health-checks the new slot and confirms it, or marks it bad and falls back.
 
-use agent::daemon::{self, Env, Platform};
+mod common;
+
 use agent::machine::Phase;
-use jiff::Timestamp;
-use repo::local::{PublishRequest, publish, sign_document};
-use signing::{SecretKey, TrustedKeys};
+use common::{Fixture, platform};
 use slot::Disk;
-use slot::choice::{self, Slot};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use slot::choice::Slot;
+use std::path::Path;
 use std::time::Duration;
-
-#[derive(Debug)]
-struct FakePlatform {
-    now: Mutex<Timestamp>,
-    reboots: AtomicUsize,
-}
-
-impl Platform for FakePlatform {
-    fn now(&self) -> Timestamp {
-        *self.now.lock().unwrap()
-    }
-    fn reboot(&self) -> Result<(), String> {
-        self.reboots.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    disk: PathBuf,
-}
-
-impl Fixture {
-    fn new(sgdisk: &Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = testkit::flatcar_image(sgdisk, dir.path(), 128, 40);
-        let f = Fixture { dir, disk };
-        let key = SecretKey::from_seed([3; 32]);
-        std::fs::create_dir_all(f.path("keys")).unwrap();
-        key.public().write_new(&f.path("keys/k.pub")).unwrap();
-        let policy = repo::TrustPolicy::new(TrustedKeys::new([key.public()]).unwrap(), 1).unwrap();
-        for (v, seed) in [("1.0.0", 1u8), ("2.0.0", 2)] {
-            let fs = f.path(&format!("fs-{v}"));
-            let data: Vec<u8> =
-                (0..(6u32 << 20)).map(|i| ((i / 4096) as u8).wrapping_mul(seed) ^ (i as u8)).collect();
-            std::fs::write(&fs, data).unwrap();
-            let out = f.path(&format!("build-{v}"));
-            let opts = payload::BuildOptions {
-                version: v.parse().unwrap(),
-                arch: "x86_64".into(),
-                kernel_cmdline: String::new(),
-                chunk_size: 256 << 10,
-                level: 3,
-                threads: 2,
-                salt: None,
-            };
-            payload::build(&fs, &out, &opts, &|_| {}).unwrap();
-            sign_document(&out.join("manifest.json"), std::slice::from_ref(&key)).unwrap();
-            let req = PublishRequest {
-                repo: &f.path("repo"),
-                image_dir: &out,
-                channel: "stable",
-                expires_in: jiff::SignedDuration::from_hours(24 * 30),
-                waves: vec![manifest::Wave { start: "2026-01-01T00:00:00Z".parse().unwrap(), percent: 100 }],
-                now: "2026-11-01T00:00:00Z".parse().unwrap(),
-                threads: 2,
-            };
-            publish(&req, std::slice::from_ref(&key), &policy, &|_, _| {}).unwrap();
-        }
-        // Slot A was provisioned with 1.0.0: the state directory records it.
-        std::fs::create_dir_all(f.path("state")).unwrap();
-        std::fs::copy(f.path("build-1.0.0/manifest.json"), f.path("state/slot-A.manifest.json")).unwrap();
-        f
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn settings(&self) -> config::Settings {
-        let root = self.path("root");
-        let etc = root.join("etc/acl-update");
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(
-            etc.join("config.toml"),
-            format!(
-                "[updates]\nrepository = \"file://{}\"\ntries = 2\n[trust]\nkeys = [\"{}\"]\n\
-                 [health]\nrequired-dir = \"{}\"\nwanted-dir = \"{}\"\ncheck-timeout = \"5s\"\n\
-                 [agent]\nstate-dir = \"{}\"\n",
-                self.path("repo").display(),
-                self.path("keys").display(),
-                self.path("required.d").display(),
-                self.path("wanted.d").display(),
-                self.path("state").display()
-            ),
-        )
-        .unwrap();
-        config::Settings::from_loaded(&config::load(&config::Sources::under(&root)).unwrap()).unwrap()
-    }
-
-    /// Runs the daemon booted from `booted` until `done` holds (or 60 s pass); then stops it.
-    async fn run_until(
-        &self,
-        booted: Slot,
-        platform: &std::sync::Arc<FakePlatform>,
-        done: impl Fn() -> bool,
-    ) {
-        let env = Env {
-            settings: self.settings(),
-            disk: self.disk.clone(),
-            booted,
-            machine_id: "test-machine".into(),
-            arch: "x86_64".into(),
-            platform: platform.clone(),
-            tick: Duration::from_millis(20),
-        };
-        let (_tx, rx) = tokio::sync::mpsc::channel(1);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(daemon::run(env, rx, async move {
-            let _ = stop_rx.await;
-        }));
-        for _ in 0..3000 {
-            if done() || task.is_finished() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = stop_tx.send(());
-        task.await.unwrap().unwrap();
-        assert!(done(), "the daemon did not get there in time");
-    }
-
-    /// What the boot path does at power-on: choose a slot and spend a try.
-    fn boot(&self) -> Slot {
-        let mut d = Disk::open(&self.disk, true).unwrap();
-        let (chosen, _) = choice::boot_attempt(&d.slots()).unwrap();
-        d.update(|s| Ok(choice::boot_attempt(s).unwrap().1)).unwrap();
-        chosen
-    }
-
-    fn state(&self) -> agent::machine::State {
-        agent::persist::load(&self.path("state")).unwrap()
-    }
-}
-
-fn platform() -> std::sync::Arc<FakePlatform> {
-    std::sync::Arc::new(FakePlatform {
-        now: Mutex::new("2026-11-10T00:00:00Z".parse().unwrap()),
-        reboots: AtomicUsize::new(0),
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_updates_reboots_and_confirms() {
     let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
-    let f = Fixture::new(&sgdisk);
+    let f = Fixture::new(&sgdisk, true, &["2.0.0"]);
     let p = platform();
-    f.run_until(Slot::A, &p, || p.reboots.load(Ordering::SeqCst) == 1).await;
+    f.run_until(Slot::A, &p, || p.reboots() == 1).await;
     assert_eq!(f.state().phase, Phase::Rebooting { version: "2.0.0".parse().unwrap() });
     let s = Disk::open(&f.disk, false).unwrap().slots();
     assert_eq!((s.b.priority(), s.b.tries(), s.b.successful()), (2, 2, false));
 
     assert_eq!(f.boot(), Slot::B);
-    let disk = f.disk.clone();
-    f.run_until(Slot::B, &p, || Disk::open(&disk, false).unwrap().slots().b.successful()).await;
+    let r = f.start(Slot::B, &p);
+    common::until("B is confirmed", || f.slots().b.successful()).await;
+    let metrics = r.metrics.encode();
+    r.stop().await;
     let st = f.state();
     assert_eq!(st.phase, Phase::Idle);
     assert_eq!(st.note, "2.0.0 is healthy");
-    assert_eq!(p.reboots.load(Ordering::SeqCst), 1);
-    let history: Vec<String> = agent::history::read(&f.path("state"), 100)
-        .into_iter()
-        .map(|e| format!("{}: {}", e.phase, e.message))
-        .collect();
+    assert_eq!(p.reboots(), 1);
+    for line in [
+        "acl_agent_phase{phase=\"idle\"} 1",
+        "acl_agent_info{booted_slot=\"B\",booted_version=\"2.0.0\",target_version=\"\"} 1",
+        "acl_agent_phase_duration_seconds_count{phase=\"verifying\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line:?} not in\n{metrics}");
+    }
+    let history = f.history();
     for expected in [
         "installing: installing 2.0.0",
         "staged: 2.0.0 installed; waiting to reboot",
@@ -188,18 +50,18 @@ async fn the_daemon_updates_reboots_and_confirms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_health_check_marks_the_slot_bad_and_the_old_one_boots() {
     let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
-    let f = Fixture::new(&sgdisk);
+    let f = Fixture::new(&sgdisk, true, &["2.0.0"]);
     let p = platform();
-    f.run_until(Slot::A, &p, || p.reboots.load(Ordering::SeqCst) == 1).await;
+    f.run_until(Slot::A, &p, || p.reboots() == 1).await;
     assert_eq!(f.boot(), Slot::B);
 
     // 2.0.0 comes up but its required check fails.
-    std::fs::create_dir_all(f.path("required.d")).unwrap();
-    let check = f.path("required.d/50-app");
-    std::fs::write(&check, "#!/bin/sh\necho app not answering\nexit 1\n").unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&check, std::fs::Permissions::from_mode(0o755)).unwrap();
-    f.run_until(Slot::B, &p, || p.reboots.load(Ordering::SeqCst) == 2).await;
+    f.add_check("required.d", "50-app", "#!/bin/sh\necho app not answering\nexit 1\n");
+    let r = f.start(Slot::B, &p);
+    common::until("it reboots again", || p.reboots() == 2).await;
+    let metrics = r.metrics.encode();
+    r.stop().await;
+    assert!(metrics.lines().any(|l| l == "acl_agent_failures_total{reason=\"health\"} 1"), "{metrics}");
     let st = f.state();
     assert!(
         st.note.contains("failed its health checks") && st.note.contains("app not answering"),
@@ -207,7 +69,7 @@ async fn a_failed_health_check_marks_the_slot_bad_and_the_old_one_boots() {
         st.note
     );
     assert_eq!(st.failures[0].version.to_string(), "2.0.0");
-    let s = Disk::open(&f.disk, false).unwrap().slots();
+    let s = f.slots();
     assert_eq!(s.b.priority(), 0, "the bad slot must not boot again");
     assert_eq!(f.boot(), Slot::A, "the previous slot boots");
 }
@@ -217,9 +79,9 @@ async fn the_local_api_pauses_resumes_and_reports() {
     use agent::api;
     use agent::machine::Request;
     let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
-    let f = Fixture::new(&sgdisk);
+    let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
     let p = platform();
-    let env = Env {
+    let env = agent::daemon::Env {
         settings: f.settings(),
         disk: f.disk.clone(),
         booted: Slot::A,
@@ -227,6 +89,7 @@ async fn the_local_api_pauses_resumes_and_reports() {
         arch: "x86_64".into(),
         platform: p.clone(),
         tick: Duration::from_secs(3600),
+        metrics: Default::default(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let socket = f.path("run/agent.sock");
@@ -235,7 +98,7 @@ async fn the_local_api_pauses_resumes_and_reports() {
         async move { api::serve(&socket, tx).await }
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(daemon::run(env, rx, async move {
+    let daemon = tokio::spawn(agent::daemon::run(env, rx, async move {
         let _ = stop_rx.await;
     }));
     let mut answer = None;
@@ -270,8 +133,7 @@ fn kill_9_at_any_time_and_the_update_still_completes() {
         eprintln!("skipped: no /etc/machine-id");
         return;
     }
-    let f = Fixture::new(&sgdisk);
-    let _ = f.settings();
+    let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
     let marker = f.path("reboot-requested");
     let conf = f.path("root/etc/acl-update/config.d");
     std::fs::create_dir_all(&conf).unwrap();

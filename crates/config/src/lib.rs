@@ -13,7 +13,7 @@
 
 mod settings;
 
-pub use settings::{Mode, Settings, Window};
+pub use settings::{Kubelet, Mode, Settings, Window};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -116,6 +116,9 @@ pub struct Health {
     pub check_timeout: String,
     pub required_dir: PathBuf,
     pub wanted_dir: PathBuf,
+    pub systemd: bool,
+    pub kubelet: String,
+    pub kubelet_healthz: String,
 }
 
 impl Default for Health {
@@ -125,6 +128,9 @@ impl Default for Health {
             check_timeout: "60s".into(),
             required_dir: "/etc/acl-update/health/required.d".into(),
             wanted_dir: "/etc/acl-update/health/wanted.d".into(),
+            systemd: true,
+            kubelet: "auto".into(),
+            kubelet_healthz: "http://127.0.0.1:10248/healthz".into(),
         }
     }
 }
@@ -138,6 +144,7 @@ pub struct Agent {
     pub disk: String,
     pub socket: PathBuf,
     pub reboot_command: String,
+    pub metrics_listen: String,
 }
 
 impl Default for Agent {
@@ -147,6 +154,7 @@ impl Default for Agent {
             disk: String::new(),
             socket: "/run/acl-update/agent.sock".into(),
             reboot_command: "systemctl reboot".into(),
+            metrics_listen: String::new(),
         }
     }
 }

@@ -73,6 +73,21 @@ pub struct Settings {
     pub disk: Option<PathBuf>,
     pub socket: PathBuf,
     pub reboot_command: Vec<String>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub systemd_check: bool,
+    pub kubelet: Kubelet,
+    pub kubelet_healthz: String,
+}
+
+/// When the built-in kubelet health check runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kubelet {
+    /// When a kubelet unit is installed.
+    Auto,
+    /// Always (no kubelet is a failure).
+    Required,
+    /// Never.
+    Off,
 }
 
 impl Settings {
@@ -171,7 +186,34 @@ impl Settings {
             windows.push(Window { days, start, length, time_zone });
         }
         let opt_path = |s: &str| (!s.trim().is_empty()).then(|| PathBuf::from(s.trim()));
+        let metrics_listen = match c.agent.metrics_listen.trim() {
+            "" => None,
+            a => Some(a.parse().map_err(|_| {
+                bad("agent.metrics-listen", format!("{a:?} is not an address like \"127.0.0.1:9851\""))
+            })?),
+        };
+        let kubelet = match c.health.kubelet.as_str() {
+            "auto" => Kubelet::Auto,
+            "required" => Kubelet::Required,
+            "off" => Kubelet::Off,
+            other => {
+                return Err(bad(
+                    "health.kubelet",
+                    format!("{other:?} is not one of \"auto\", \"required\", \"off\""),
+                ));
+            }
+        };
+        if kubelet != Kubelet::Off && !c.health.kubelet_healthz.starts_with("http://") {
+            return Err(bad(
+                "health.kubelet-healthz",
+                format!("{:?} is not an http:// URL", c.health.kubelet_healthz),
+            ));
+        }
         Ok(Settings {
+            metrics_listen,
+            systemd_check: c.health.systemd,
+            kubelet,
+            kubelet_healthz: c.health.kubelet_healthz.clone(),
             mode,
             repository: repo.to_owned(),
             channel: channel.clone(),

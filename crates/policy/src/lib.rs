@@ -13,6 +13,11 @@
 //!    percentage is above its place. Different versions shuffle machines differently, so the
 //!    same machines are not always first.
 //!
+//! An operator's explicit request ([`Wanted`], from `aclctl update` or a Kubernetes annotation)
+//! changes three rules: a requested version is installed whatever its direction, pin, waves or
+//! failures (the operator asked for exactly it); "the latest" skips the waves and the backoff
+//! wait but not the no-downgrade rule, a pin, or a version skipped for good.
+//!
 //! Nothing here reads a clock or a file: the caller passes `now` and the history in.
 
 use jiff::{SignedDuration, Timestamp};
@@ -67,6 +72,18 @@ pub struct Inputs<'a> {
     pub machine_id: &'a str,
     /// The time of the decision.
     pub now: Timestamp,
+    /// What an operator asked for just now, if anything.
+    pub requested: Option<&'a Wanted>,
+}
+
+/// What an operator asks to be installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Wanted {
+    /// The newest release the channel offers (after the pin and the skipped versions).
+    Latest,
+    /// Exactly this version, even an older one.
+    Version(Version),
 }
 
 /// The decision.
@@ -109,6 +126,19 @@ pub fn allowed_percent(waves: &[Wave], now: Timestamp) -> (u8, Option<Timestamp>
 /// The decision for `i` (see the crate docs for the rules).
 pub fn decide(i: &Inputs<'_>) -> Decision {
     let failure_of = |v: &Version| i.failures.iter().find(|f| &f.version == v);
+    if let Some(Wanted::Version(v)) = i.requested {
+        return match i.index.releases.iter().find(|r| &r.version == v && r.arch == i.arch) {
+            _ if i.current == Some(v) => Decision::UpToDate,
+            Some(r) => Decision::Update(r.clone()),
+            None => Decision::Blocked {
+                reason: format!(
+                    "requested version {v} is not in channel {:?} for {}",
+                    i.index.channel, i.arch
+                ),
+            },
+        };
+    }
+    let asked = i.requested.is_some();
     let candidates: Vec<&Release> = match i.pinned {
         Some(p) => match i.index.releases.iter().find(|r| &r.version == p && r.arch == i.arch) {
             Some(r) => vec![r],
@@ -144,7 +174,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                     skipped.push(format!("{} (failed {} times: {})", r.version, f.count, f.reason));
                     continue;
                 }
-                Some(at) if at > i.now => {
+                Some(at) if at > i.now && !asked => {
                     return Decision::Wait {
                         version: r.version.clone(),
                         until: at,
@@ -159,7 +189,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         }
         let place = rollout_position(i.machine_id, &r.version);
         let (percent, next) = allowed_percent(&r.waves, i.now);
-        if place >= f64::from(percent) {
+        if place >= f64::from(percent) && !asked {
             return match next {
                 Some(until) => Decision::Wait {
                     version: r.version.clone(),

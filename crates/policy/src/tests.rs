@@ -44,6 +44,7 @@ fn decide_at(
         failures,
         machine_id: "4f1c2b0e9a7d4e2f8c6b5a3d2e1f0a9b",
         now: ts(now),
+        requested: None,
     })
 }
 
@@ -119,6 +120,7 @@ fn waves_admit_machines_by_their_place() {
                     failures: &[],
                     machine_id: id,
                     now: ts(now),
+                    requested: None,
                 };
                 matches!(decide(&i), Decision::Update(_))
             })
@@ -151,6 +153,7 @@ fn a_rollout_halted_below_this_machine_blocks_with_the_reason() {
             failures: &[],
             machine_id: id,
             now: ts("2026-11-20T00:00:00Z"),
+            requested: None,
         })
     };
     let d = at(&outside);
@@ -159,4 +162,62 @@ fn a_rollout_halted_below_this_machine_blocks_with_the_reason() {
         "{d:?}"
     );
     assert!(matches!(at(&inside), Decision::Update(_)));
+}
+
+#[test]
+fn an_operator_request_overrides_waves_backoff_and_for_a_version_everything() {
+    let not_yet = &[("2026-12-01T00:00:00Z", 100)];
+    let idx = index(vec![release("1.0.0", ALL), release("2.0.0", not_yet), release("3.0.0", ALL)]);
+    let current: Version = "2.0.0".parse().unwrap();
+    let three: Version = "3.0.0".parse().unwrap();
+    let backing_off =
+        [Failure { version: three.clone(), count: 1, last: ts("2026-11-10T00:00:00Z"), reason: "x".into() }];
+    let skipped = [Failure {
+        version: three.clone(),
+        count: MAX_FAILURES,
+        last: ts("2026-11-01T00:00:00Z"),
+        reason: "boot loop".into(),
+    }];
+    let ask = |failures: &[Failure], pinned: Option<&Version>, w: Option<&Wanted>| {
+        decide(&Inputs {
+            index: &idx,
+            arch: "x86_64",
+            current: Some(&current),
+            pinned,
+            failures,
+            machine_id: "m",
+            now: ts("2026-11-10T00:01:00Z"),
+            requested: w,
+        })
+    };
+    // Backoff: the timer waits, "latest" does not.
+    assert!(matches!(ask(&backing_off, None, None), Decision::Wait { .. }));
+    assert_eq!(version_of(&ask(&backing_off, None, Some(&Wanted::Latest))), "3.0.0");
+    // Skipped for good stays skipped for "latest"; asking for the version installs it.
+    assert!(matches!(ask(&skipped, None, Some(&Wanted::Latest)), Decision::Blocked { .. }));
+    assert_eq!(version_of(&ask(&skipped, None, Some(&Wanted::Version(three.clone())))), "3.0.0");
+    // A pin holds for "latest"; an explicit older version is a deliberate downgrade.
+    let one: Version = "1.0.0".parse().unwrap();
+    assert_eq!(version_of(&ask(&[], Some(&current), Some(&Wanted::Latest))), "UpToDate");
+    assert_eq!(version_of(&ask(&[], None, Some(&Wanted::Version(one)))), "1.0.0");
+    assert_eq!(version_of(&ask(&[], None, Some(&Wanted::Version(current.clone())))), "UpToDate");
+    let d = ask(&[], None, Some(&Wanted::Version("9.9.9".parse().unwrap())));
+    assert!(
+        matches!(&d, Decision::Blocked { reason } if reason.contains("requested version 9.9.9")),
+        "{d:?}"
+    );
+    // Waves: 2.0.0's wave has not started, but it runs already; asking installs a newer one.
+    let idx2 = index(vec![release("4.0.0", not_yet)]);
+    let i = Inputs {
+        index: &idx2,
+        arch: "x86_64",
+        current: Some(&current),
+        pinned: None,
+        failures: &[],
+        machine_id: "m",
+        now: ts("2026-11-10T00:00:00Z"),
+        requested: None,
+    };
+    assert!(matches!(decide(&i), Decision::Wait { .. }));
+    assert_eq!(version_of(&decide(&Inputs { requested: Some(&Wanted::Latest), ..i })), "4.0.0");
 }

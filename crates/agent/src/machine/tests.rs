@@ -18,6 +18,7 @@ fn cfg() -> Config {
         health_deadline: SignedDuration::from_mins(10),
         checks: true,
         installs: true,
+        paused: false,
     }
 }
 
@@ -53,7 +54,7 @@ fn happy_path() -> Vec<Event> {
     vec![
         booted("1.0.0", true, t(0)),
         Event::Tick { now: t(1) },
-        Event::Checked { decision: Ok(Decision::Update(release("2.0.0"))), now: t(2) },
+        Event::Checked { decision: Ok(Decision::Update(release("2.0.0"))), requested: None, now: t(2) },
         Event::Installed { result: Ok(()), now: t(5) },
         Event::RebootAllowed,
         booted("2.0.0", false, t(7)),
@@ -68,7 +69,7 @@ fn a_full_update_cycle() {
     assert_eq!(
         actions,
         vec![
-            Action::Check,
+            Action::Check(None),
             Action::Install(v("2.0.0")),
             Action::RequestReboot,
             Action::Reboot,
@@ -154,37 +155,40 @@ fn a_failed_install_is_recorded_and_the_agent_returns_to_idle() {
 
 #[test]
 fn checks_follow_the_interval_and_pause() {
-    let up_to_date = |now| Event::Checked { decision: Ok(Decision::UpToDate), now };
+    let up_to_date = |now| Event::Checked { decision: Ok(Decision::UpToDate), requested: None, now };
     let s = State::default();
     let (s, a) = step(&s, &Event::Tick { now: t(0) }, &cfg());
-    assert_eq!(a, vec![Action::Check]);
+    assert_eq!(a, vec![Action::Check(None)]);
     let (s, a) = step(&s, &Event::Tick { now: t(0) }, &cfg());
     assert!(a.is_empty(), "no second check while one runs");
     let (s, _) = step(&s, &up_to_date(t(0)), &cfg());
     let (s, a) = step(&s, &Event::Tick { now: t(59) }, &cfg());
     assert!(a.is_empty(), "no check before the interval");
     let (s, a) = step(&s, &Event::Tick { now: t(60) }, &cfg());
-    assert_eq!(a, vec![Action::Check]);
+    assert_eq!(a, vec![Action::Check(None)]);
     let (s, _) = step(&s, &up_to_date(t(60)), &cfg());
     let (s, _) = step(&s, &Event::Operator(Request::Pause), &cfg());
     let (s, a) = step(&s, &Event::Tick { now: t(200) }, &cfg());
     assert!(a.is_empty(), "paused");
-    let (s, a) =
-        step(&s, &Event::Checked { decision: Ok(Decision::Update(release("3.0.0"))), now: t(201) }, &cfg());
+    let (s, a) = step(
+        &s,
+        &Event::Checked { decision: Ok(Decision::Update(release("3.0.0"))), requested: None, now: t(201) },
+        &cfg(),
+    );
     assert!(a.is_empty() && s.phase == Phase::Idle && s.note.contains("paused"));
     let (s, _) = step(&s, &Event::Operator(Request::Resume), &cfg());
     let (_, a) = step(&s, &Event::Tick { now: t(400) }, &cfg());
-    assert_eq!(a, vec![Action::Check]);
+    assert_eq!(a, vec![Action::Check(None)]);
 }
 
 #[test]
 fn a_check_cut_short_by_a_crash_is_redone_at_once() {
     let (s, a) = step(&State::default(), &Event::Tick { now: t(0) }, &cfg());
-    assert_eq!(a, vec![Action::Check]);
+    assert_eq!(a, vec![Action::Check(None)]);
     // The agent dies before the answer; what was persisted comes back.
     let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
     let (_, a) = step(&back, &Event::Tick { now: t(1) }, &cfg());
-    assert_eq!(a, vec![Action::Check], "a lost check must not wait a whole interval");
+    assert_eq!(a, vec![Action::Check(None)], "a lost check must not wait a whole interval");
 }
 
 #[test]
@@ -231,10 +235,10 @@ fn modes_off_and_check_only() {
     assert!(a.is_empty(), "mode off: no check");
     let check_only = Config { installs: false, ..cfg() };
     let (s, a) = step(&State::default(), &Event::Tick { now: t(0) }, &check_only);
-    assert_eq!(a, vec![Action::Check]);
+    assert_eq!(a, vec![Action::Check(None)]);
     let (s, a) = step(
         &s,
-        &Event::Checked { decision: Ok(Decision::Update(release("2.0.0"))), now: t(1) },
+        &Event::Checked { decision: Ok(Decision::Update(release("2.0.0"))), requested: None, now: t(1) },
         &check_only,
     );
     assert!(a.is_empty() && s.phase == Phase::Idle && s.note == "2.0.0 available (check-only mode)", "{s:?}");
@@ -255,4 +259,33 @@ fn killed_before_the_reboot_happened_asks_again() {
     assert_eq!(a, vec![Action::RequestReboot]);
     assert_eq!(s.phase, Phase::Staged { version: v("2.0.0") });
     assert!(s.failures.is_empty(), "not a failure of 2.0.0");
+}
+
+#[test]
+fn an_operator_update_installs_even_in_check_only_mode_but_not_while_paused() {
+    let check_only = Config { installs: false, ..cfg() };
+    let ask = Event::Operator(Request::Update { version: Some(v("2.0.0")) });
+    let (s, a) = step(&State::default(), &ask, &check_only);
+    assert_eq!(a, vec![Action::Check(Some(Wanted::Version(v("2.0.0"))))]);
+    assert!(s.checking);
+    let answer =
+        |requested| Event::Checked { decision: Ok(Decision::Update(release("2.0.0"))), requested, now: t(1) };
+    let (s2, a) = step(&s, &answer(Some(Wanted::Version(v("2.0.0")))), &check_only);
+    assert_eq!(a, vec![Action::Install(v("2.0.0"))]);
+    assert_eq!(s2.phase, Phase::Installing { version: v("2.0.0") });
+    // The periodic check's answer alone would not install in check-only mode.
+    let (s3, a) = step(&s, &answer(None), &check_only);
+    assert!(a.is_empty() && s3.phase == Phase::Idle);
+    // Paused (by the operator or the configuration): refused with a note saying why.
+    let paused = State { paused: true, ..State::default() };
+    let (s, a) = step(&paused, &ask, &cfg());
+    assert!(a.is_empty() && s.note.contains("paused"), "{s:?}");
+    let (s, a) = step(&State::default(), &ask, &Config { paused: true, ..cfg() });
+    assert!(a.is_empty() && s.note.contains("paused"), "{s:?}");
+    let (_, a) = step(&State::default(), &Event::Tick { now: t(0) }, &Config { paused: true, ..cfg() });
+    assert!(a.is_empty(), "configured pause: no periodic check");
+    // Busy: said so.
+    let installing = State { phase: Phase::Installing { version: v("3.0.0") }, ..State::default() };
+    let (s, a) = step(&installing, &ask, &cfg());
+    assert!(a.is_empty() && s.note == "update not started: busy (installing)", "{s:?}");
 }
