@@ -4,9 +4,10 @@
 //!
 //! It uses the real tools: mkfs.erofs for the filesystems, sgdisk for the disk, nginx to serve
 //! the repository over HTTP, aclpub, aclctl and the agent daemon acl-agentd for the rest. The
-//! second update is the agent's alone: it checks, installs, "reboots" (its reboot command here
-//! only leaves a mark; the demo then plays the boot path with `aclctl boot`), health-checks the
-//! new slot after the boot and confirms it.
+//! second update goes through the agent: it checks (in check-only mode, so it only reports),
+//! `aclctl update --follow` asks it to install and shows the progress, it "reboots" (its reboot
+//! command here only leaves a mark; the demo then plays the boot path with `aclctl boot`),
+//! health-checks the new slot after the boot and confirms it.
 
 use crate::tools;
 use anyhow::{Context as _, Result};
@@ -105,7 +106,8 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     cmd!(sh, "{aclctl} mark-good --disk {disk} --state-dir state --booted B").run()?;
 
     println!(
-        "\n== 9. the agent takes over: it finds 1.1.0, installs it into A (copying what B has), reboots"
+        "\n== 9. the agent takes over: it finds 1.1.0; `aclctl update --follow` has it install 1.1.0 into A\n\
+         (copying what B has) and shows the progress; then the agent reboots"
     );
     let agent_root = demo.join("agent-root");
     std::fs::create_dir_all(agent_root.join("etc/acl-update"))?;
@@ -127,14 +129,27 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
             m = marker.display()
         ),
     )?;
+    // Check-only: the agent reports what it finds; the operator says when to install.
+    std::fs::create_dir_all(agent_root.join("etc/acl-update/config.d"))?;
+    std::fs::write(agent_root.join("etc/acl-update/config.d/50-demo.toml"), "[updates]\nmode = \"check\"\n")?;
     cmd!(sh, "{aclctl} config --root {agent_root}").run()?;
     let disk_path = demo.join(disk);
-    run_agent(&agentd, &agent_root, &disk_path, "B", || marker.exists())?;
+    let socket = demo.join("run/agent.sock");
+    let agent = Agent::start(&agentd, &agent_root, &disk_path, "B")?;
+    agent.wait_for("the agent's first check", || {
+        std::fs::read_to_string(demo.join("state/agent-state.json")).is_ok_and(|s| s.contains("available"))
+    })?;
+    cmd!(sh, "{aclctl} status --disk {disk} --state-dir state --socket {socket}").run()?;
+    cmd!(sh, "{aclctl} update --socket {socket} --follow").run()?;
+    agent.wait_for("the reboot request", || marker.exists())?;
+    agent.stop();
     cmd!(sh, "{aclctl} status --disk {disk} --state-dir state").run()?;
 
     println!("\n== 10. power-on: the boot path picks A; the agent health-checks 1.1.0 and confirms it");
     cmd!(sh, "{aclctl} boot --disk {disk}").run()?;
-    run_agent(&agentd, &agent_root, &disk_path, "A", || slot_a_confirmed(&disk_path))?;
+    let agent = Agent::start(&agentd, &agent_root, &disk_path, "A")?;
+    agent.wait_for("slot A confirmed", || slot_a_confirmed(&disk_path))?;
+    agent.stop();
     drop(server);
     cmd!(sh, "{aclctl} status --disk {disk} --state-dir state").run()?;
     cmd!(sh, "{aclctl} history --state-dir state").run()?;
@@ -148,39 +163,57 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     Ok(())
 }
 
-/// Runs acl-agentd on `disk` booted from `booted` until `done` holds (at most 120 s), then
-/// stops it with SIGTERM, as systemd would.
-fn run_agent(agentd: &Path, root: &Path, disk: &Path, booted: &str, done: impl Fn() -> bool) -> Result<()> {
-    println!(
-        "$ {} --config-root {} --disk {} --booted {booted}   (until done)",
-        agentd.display(),
-        root.display(),
-        disk.display()
-    );
-    let mut child = std::process::Command::new(agentd)
-        .arg("--config-root")
-        .arg(root)
-        .arg("--disk")
-        .arg(disk)
-        .args(["--booted", booted])
-        .spawn()
-        .context("start acl-agentd")?;
-    let started = std::time::Instant::now();
-    let result = loop {
-        if done() {
-            break Ok(());
+/// acl-agentd running in the background on the demo's disk.
+struct Agent(std::cell::RefCell<std::process::Child>);
+
+impl Agent {
+    fn start(agentd: &Path, root: &Path, disk: &Path, booted: &str) -> Result<Self> {
+        println!(
+            "$ {} --config-root {} --disk {} --booted {booted} &",
+            agentd.display(),
+            root.display(),
+            disk.display()
+        );
+        let child = std::process::Command::new(agentd)
+            .arg("--config-root")
+            .arg(root)
+            .arg("--disk")
+            .arg(disk)
+            .args(["--booted", booted])
+            .spawn()
+            .context("start acl-agentd")?;
+        Ok(Self(std::cell::RefCell::new(child)))
+    }
+
+    /// Waits until `done` holds (at most 120 s) while the agent runs.
+    fn wait_for(&self, what: &str, done: impl Fn() -> bool) -> Result<()> {
+        let started = std::time::Instant::now();
+        loop {
+            if done() {
+                return Ok(());
+            }
+            if let Some(status) = self.0.borrow_mut().try_wait()? {
+                anyhow::bail!("acl-agentd exited early ({status}) waiting for {what}");
+            }
+            if started.elapsed() > std::time::Duration::from_secs(120) {
+                anyhow::bail!("acl-agentd: no {what} in 120 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        if let Some(status) = child.try_wait()? {
-            break Err(anyhow::anyhow!("acl-agentd exited early: {status}"));
-        }
-        if started.elapsed() > std::time::Duration::from_secs(120) {
-            break Err(anyhow::anyhow!("acl-agentd did not finish in 120 s"));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
-    result
+    }
+
+    /// SIGTERM, as systemd stops it.
+    fn stop(self) {
+        let mut child = self.0.borrow_mut();
+        let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.get_mut().kill();
+    }
 }
 
 /// Whether slot A (partition 3) has its successful bit, as sgdisk reads it.

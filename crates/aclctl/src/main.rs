@@ -1,13 +1,15 @@
 //! `aclctl`: the node's local command line.
 //!
-//! Today it works on a disk directly (`--disk`, a block device or an image file, or the
-//! running system's disk found from the kernel command line): `status`, `update`, `rollback`,
-//! `mark-good`. Once the agent exists it will talk to it over its Unix socket and fall back
-//! to the disk where no agent runs.
+//! It talks to the running agent over its root-only Unix socket (`update`, `rollback`,
+//! `pause`, `resume`, `check`, and the agent part of `status`), and works on a disk directly
+//! where no agent runs (`--disk`, a block device or an image file, or the running system's
+//! disk found from the kernel command line): `status`, `update --repo`, `rollback`,
+//! `mark-good`, `boot`.
 
 // A command-line tool's results go to standard output.
 #![allow(clippy::print_stdout)]
 
+mod follow;
 mod status;
 mod update;
 
@@ -47,18 +49,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Install the newest (or a given) release from a repository into the slot not booted.
+    /// Install the newest (or a given) release into the slot not booted: by the running agent
+    /// (from its configured repository), or with --repo directly on a disk where no agent runs.
     Update {
         #[command(flatten)]
         target: Target,
-        /// Repository URL: http://host/path, file:///path, or a directory.
+        /// Repository URL: http://host/path, file:///path, or a directory. Without it, the
+        /// running agent does the update.
         #[arg(long)]
-        repo: String,
+        repo: Option<String>,
+        /// The agent's socket.
+        #[arg(long, default_value = "/run/acl-update/agent.sock")]
+        socket: PathBuf,
+        /// Stay and show the agent's progress until the release is staged.
+        #[arg(long)]
+        follow: bool,
         /// Channel to follow.
         #[arg(long, default_value = "stable")]
         channel: String,
-        /// Trusted public key file or directory of *.pub files; repeatable.
-        #[arg(long = "trust", required = true)]
+        /// Trusted public key file or directory of *.pub files; repeatable (with --repo).
+        #[arg(long = "trust")]
         trust: Vec<PathBuf>,
         /// How many distinct trusted keys must have signed each document.
         #[arg(long, default_value_t = 1)]
@@ -116,10 +126,17 @@ enum Command {
     Resume(AgentArgs),
     /// Ask the running agent to check the repository now.
     Check(AgentArgs),
-    /// Make the other slot boot next, if it holds an image that was confirmed good.
+    /// Make the other slot boot next, if it holds an image that was confirmed good (through
+    /// the agent when one runs).
     Rollback {
         #[command(flatten)]
         target: Target,
+        /// Reboot into it now (the running system only).
+        #[arg(long)]
+        now: bool,
+        /// The agent's socket.
+        #[arg(long, default_value = "/run/acl-update/agent.sock")]
+        socket: PathBuf,
         /// Print the resulting status as JSON.
         #[arg(long)]
         json: bool,
@@ -177,9 +194,15 @@ fn run(cli: Cli) -> Result<()> {
             let (disk, booted) = open(&target, false)?;
             status::print(&status::Status::of(&disk, booted, &target.state_dir).with_agent(&socket), json)
         }
+        Command::Update { target, repo: None, socket, follow, version, json, .. } => {
+            let _ = target;
+            follow::update(&socket, version, follow, json)
+        }
         Command::Update {
             target,
-            repo,
+            repo: Some(repo),
+            socket,
+            follow: _,
             channel,
             trust,
             threshold,
@@ -189,6 +212,16 @@ fn run(cli: Cli) -> Result<()> {
             ca_file,
             json,
         } => {
+            if trust.is_empty() {
+                anyhow::bail!("--repo needs at least one --trust key file or directory");
+            }
+            if follow::try_call(&socket, agent::machine::Request::Status)?.is_some() {
+                anyhow::bail!(
+                    "an agent runs on this node ({}): run `aclctl update` without --repo to have it \
+                     update, or stop it first; two writers must not share a slot",
+                    socket.display()
+                );
+            }
             let (disk, booted) = open(&target, true)?;
             let current = booted
                 .slot()
@@ -231,20 +264,39 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pause(a) => ask_agent(&a, agent::machine::Request::Pause),
         Command::Resume(a) => ask_agent(&a, agent::machine::Request::Resume),
         Command::Check(a) => ask_agent(&a, agent::machine::Request::CheckNow),
-        Command::Rollback { target, json } => change(&target, json, "rollback", choice::rollback),
+        Command::Rollback { target, now, socket, json } => rollback(&target, now, &socket, json),
         Command::MarkGood { target, json } => change(&target, json, "mark-good", choice::mark_good),
     }
 }
 
+/// `aclctl rollback`: through the agent when one answers (after checking on the disk that
+/// there is a good slot to go back to), else on the disk directly.
+fn rollback(target: &Target, now: bool, socket: &std::path::Path, json: bool) -> Result<()> {
+    if follow::try_call(socket, agent::machine::Request::Status)?.is_some() {
+        let (disk, booted) = open(target, false)?;
+        let current = booted.slot().context("cannot tell which slot runs (give --booted)")?;
+        choice::rollback(&disk.slots(), current)
+            .map_err(|source| DiskError::Transition { path: disk.path().to_owned(), source })?;
+        drop(disk);
+        let a = AgentArgs { socket: socket.to_owned(), json };
+        return ask_agent(&a, agent::machine::Request::Rollback { now });
+    }
+    if now && target.disk.is_some() {
+        anyhow::bail!("--now reboots this machine: it needs the running system's disk, not --disk");
+    }
+    change(target, json, "rollback", choice::rollback)?;
+    if now {
+        let status =
+            std::process::Command::new("systemctl").arg("reboot").status().context("systemctl reboot")?;
+        anyhow::ensure!(status.success(), "systemctl reboot: {status}");
+    }
+    Ok(())
+}
+
 /// Sends one request to the running agent and prints its state afterwards.
 fn ask_agent(a: &AgentArgs, request: agent::machine::Request) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let answer = rt.block_on(agent::api::call(&a.socket, request)).with_context(|| {
-        format!("no agent answers on {} (is acl-agentd running? are you root?)", a.socket.display())
-    })?;
-    let Some(state) = answer.state.filter(|_| answer.ok) else {
-        anyhow::bail!("the agent refused: {}", answer.error.unwrap_or_default());
-    };
+    let answer = follow::call(&a.socket, request)?;
+    let state = answer.state.context("the agent sent no state")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&state)?);
     } else {

@@ -33,6 +33,9 @@ pub struct Answer {
     pub ok: bool,
     /// The agent's state after it.
     pub state: Option<State>,
+    /// A repository check is running.
+    #[serde(default)]
+    pub checking: bool,
     /// The running install's progress.
     #[serde(default)]
     pub progress: Option<Progress>,
@@ -42,7 +45,7 @@ pub struct Answer {
 
 impl Answer {
     fn refused(why: String) -> Self {
-        Self { ok: false, state: None, progress: None, error: Some(why) }
+        Self { ok: false, state: None, checking: false, progress: None, error: Some(why) }
     }
 }
 
@@ -72,6 +75,7 @@ pub async fn serve(path: &Path, daemon: mpsc::Sender<ApiRequest>) -> std::io::Re
                             match rx.await {
                                 Ok(snap) => Answer {
                                     ok: true,
+                                    checking: snap.checking,
                                     state: Some(snap.state),
                                     progress: snap.progress,
                                     error: None,

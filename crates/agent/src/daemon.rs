@@ -96,6 +96,8 @@ pub type ApiRequest = (Request, oneshot::Sender<Snapshot>);
 pub struct Snapshot {
     /// The agent's state.
     pub state: State,
+    /// A repository check is running (not part of the persisted state).
+    pub checking: bool,
     /// The install in progress, if any.
     pub progress: Option<Progress>,
 }
@@ -111,6 +113,8 @@ pub struct Progress {
     pub reused: u64,
     /// Of those, bytes found already written by an interrupted install.
     pub resumed: u64,
+    /// Image bytes read back and verified after writing.
+    pub verified: u64,
 }
 
 /// Shared between the install task and the loop.
@@ -128,6 +132,7 @@ impl InstallProgress {
             done: c.done.load(Ordering::Relaxed),
             reused: c.reused.load(Ordering::Relaxed),
             resumed: c.resumed.load(Ordering::Relaxed),
+            verified: c.read_back.load(Ordering::Relaxed),
         }
     }
 }
@@ -200,7 +205,7 @@ pub async fn run(
             Some((request, reply)) = requests.recv() => {
                 d.feed(&Event::Operator(request), &cfg)?;
                 let progress = d.progress();
-                let _ = reply.send(Snapshot { state: d.state.clone(), progress });
+                let _ = reply.send(Snapshot { state: d.state.clone(), checking: d.state.checking, progress });
             }
         }
     }
@@ -291,7 +296,7 @@ impl Daemon {
             phase: phase.unwrap_or_default(),
             message: next.note.clone(),
         };
-        tracing::info!(phase = %entry.phase, version = ?next.phase.version().map(ToString::to_string), "{}", entry.message);
+        tracing::info!(phase = %entry.phase, "{}", entry.message);
         if let Err(e) = crate::history::append(&self.env.settings.state_dir, &entry) {
             tracing::warn!("could not add to the event history: {e}");
         }
@@ -334,18 +339,16 @@ impl Daemon {
                 }
             }
             Action::RunHealth => {
-                let checks = health::Checks {
-                    required_dir: env.settings.required_dir.clone(),
-                    wanted_dir: env.settings.wanted_dir.clone(),
-                    timeout: env.settings.check_timeout,
-                };
+                let checks = health_checks(&env.settings);
                 tokio::spawn(async move {
                     let report = checks.run().await;
                     let result = if report.passed() { Ok(()) } else { Err(report.failures()) };
                     let _ = tx.send(Event::Health { result, now: env.platform.now() });
                 });
             }
-            Action::MarkGood => self.slots("mark good", |s| choice::mark_good(s, env.booted)),
+            Action::MarkGood => {
+                self.slots("mark good", |s| choice::mark_good(s, env.booted));
+            }
             Action::MarkBadAndReboot => {
                 self.slots("mark bad", |s| choice::mark_bad(s, env.booted));
                 tracing::info!("rebooting into the previous slot");
@@ -353,22 +356,39 @@ impl Daemon {
                     tracing::error!("reboot failed: {e}");
                 }
             }
-            Action::Rollback => self.slots("rollback", |s| choice::rollback(s, env.booted)),
-            Action::Unstage => self.slots("unstage", |s| choice::prepare(s, env.booted)),
+            Action::Rollback { reboot } => {
+                // A refused rollback (nothing good to go back to) must not reboot.
+                if self.slots("rollback", |s| choice::rollback(s, env.booted)) && reboot {
+                    tracing::info!("rebooting into the other slot (operator rollback)");
+                    if let Err(e) = env.platform.reboot() {
+                        tracing::error!("reboot failed: {e}");
+                    }
+                }
+            }
+            Action::Unstage => {
+                self.slots("unstage", |s| choice::prepare(s, env.booted));
+            }
             Action::Log(m) => tracing::warn!("{m}"),
         }
         Ok(())
     }
 
+    /// Applies a slot transition; whether it worked (a failure is logged).
     fn slots(
         &self,
         what: &str,
         f: impl FnOnce(&slot::Slots) -> Result<slot::Slots, choice::TransitionError>,
-    ) {
+    ) -> bool {
         let result = Disk::open(&self.env.disk, true).and_then(|mut d| d.update(f));
         match result {
-            Ok(s) => tracing::info!(a = %s.a, b = %s.b, "{what}: done"),
-            Err(e) => tracing::error!("{what} failed: {e}"),
+            Ok(s) => {
+                tracing::info!(a = %s.a, b = %s.b, "{what}: done");
+                true
+            }
+            Err(e) => {
+                tracing::error!("{what} failed: {e}");
+                false
+            }
         }
     }
 }
@@ -449,4 +469,25 @@ async fn install_version(
         "installed"
     );
     Ok(())
+}
+
+/// The drop-in directories and the built-in checks, as configured. The built-ins may wait the
+/// whole health deadline for a system still starting.
+fn health_checks(s: &Settings) -> health::Checks {
+    use health::builtin::{Builtins, Kubelet, Systemd};
+    let wait = s.health_deadline;
+    health::Checks {
+        required_dir: s.required_dir.clone(),
+        wanted_dir: s.wanted_dir.clone(),
+        timeout: s.check_timeout,
+        builtins: Builtins {
+            systemd: s.systemd_check.then(|| Systemd { timeout: wait, ..Systemd::default() }),
+            kubelet: (s.kubelet != config::Kubelet::Off).then(|| Kubelet {
+                url: s.kubelet_healthz.clone(),
+                always: s.kubelet == config::Kubelet::Required,
+                unit_dirs: Kubelet::unit_dirs(),
+                timeout: wait,
+            }),
+        },
+    }
 }

@@ -23,7 +23,7 @@
 //! | Verifying v | Health failed / deadline | Idle | MarkBadAndReboot (failure recorded) |
 //! | any | Started, booted slot unconfirmed | Verifying | RunHealth |
 //! | Installing v | Started (after a crash) | Installing v | Install v (resumes) |
-//! | Idle | Operator Rollback | Idle | Rollback, Reboot |
+//! | Idle | Operator Rollback (now) | Idle | Rollback (and reboot when now) |
 //! | Staged v | Operator Rollback | Idle | Unstage (v no longer boots next) |
 //!
 //! Invalid events in a phase are ignored with a note (`Action::Log`), never a panic: a daemon
@@ -187,8 +187,11 @@ pub enum Request {
     Pause,
     /// Resume.
     Resume,
-    /// Go back to the other slot.
-    Rollback,
+    /// Go back to the other slot: it boots next; with `now`, reboot into it at once.
+    Rollback {
+        /// Reboot now (else at the next reboot).
+        now: bool,
+    },
     /// Install the latest release (`version: null`) or exactly `version`, now, whatever the
     /// mode (except off), waves and backoff say; the reboot still waits for its window.
     Update {
@@ -214,8 +217,12 @@ pub enum Action {
     MarkGood,
     /// Mark the booted slot bad and reboot into the other one.
     MarkBadAndReboot,
-    /// Make the other slot boot next (operator rollback).
-    Rollback,
+    /// Make the other slot boot next (operator rollback), and reboot if `reboot` and that
+    /// worked.
+    Rollback {
+        /// Reboot into it at once.
+        reboot: bool,
+    },
     /// Make the staged slot unbootable again (a staged update withdrawn).
     Unstage,
     /// Tell the operator (log and event history).
@@ -420,12 +427,15 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             s.note = format!("update not started: busy ({})", phase.name());
         }
         (Event::Operator(Request::CheckNow), _) => {}
-        (Event::Operator(Request::Rollback), Phase::Idle) => {
-            s.note = "rolled back by the operator".into();
-            actions.push(Action::Rollback);
-            actions.push(Action::Reboot);
+        (Event::Operator(Request::Rollback { now }), Phase::Idle) => {
+            s.note = if *now {
+                "rolled back by the operator; rebooting".into()
+            } else {
+                "rolled back by the operator; the other slot boots at the next reboot".into()
+            };
+            actions.push(Action::Rollback { reboot: *now });
         }
-        (Event::Operator(Request::Rollback), Phase::Staged { version }) => {
+        (Event::Operator(Request::Rollback { .. }), Phase::Staged { version }) => {
             s.phase = Phase::Idle;
             s.note = format!("staged {version} withdrawn by the operator");
             actions.push(Action::Unstage);

@@ -113,8 +113,9 @@ async fn the_local_api_pauses_resumes_and_reports() {
     assert!(a.ok && a.state.as_ref().unwrap().paused);
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600, "root only");
-    let a = api::call(&socket, Request::Status).await.unwrap();
-    assert_eq!(a.state.unwrap().note, "paused by the operator");
+    // The first check may finish after the pause; either way the note says paused.
+    let st = api::call(&socket, Request::Status).await.unwrap().state.unwrap();
+    assert!(st.paused && st.note.contains("paused"), "{st:?}");
     let a = api::call(&socket, Request::Resume).await.unwrap();
     assert!(!a.state.unwrap().paused);
     let _ = stop_tx.send(());

@@ -10,6 +10,8 @@
 //! The agent adds its built-in checks (systemd reached its target with no failed units, kubelet
 //! healthy and the Node Ready) as the same kind of [`Check`] results.
 
+pub mod builtin;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -111,6 +113,8 @@ pub struct Checks {
     pub wanted_dir: PathBuf,
     /// Time one program may take.
     pub timeout: Duration,
+    /// The built-in checks (run first).
+    pub builtins: builtin::Builtins,
 }
 
 /// Output kept per check.
@@ -119,7 +123,7 @@ const OUTPUT_TAIL: usize = 2000;
 impl Checks {
     /// Runs every program of both directories (a missing directory has no checks).
     pub async fn run(&self) -> Report {
-        let mut report = Report::default();
+        let mut report = Report { checks: self.builtins.run().await };
         for (dir, required) in [(&self.required_dir, true), (&self.wanted_dir, false)] {
             for program in programs(dir) {
                 report.checks.push(run_one(&program, required, self.timeout).await);

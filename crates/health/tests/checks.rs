@@ -17,6 +17,7 @@ fn checks(root: &Path, timeout_ms: u64) -> Checks {
         required_dir: root.join("required.d"),
         wanted_dir: root.join("wanted.d"),
         timeout: Duration::from_millis(timeout_ms),
+        builtins: Default::default(),
     }
 }
 

@@ -194,10 +194,12 @@ fn a_check_cut_short_by_a_crash_is_redone_at_once() {
 #[test]
 fn operator_rollback_and_withdrawal() {
     let (idle, _) = run(&State::default(), &happy_path());
-    let (_, a) = step(&idle, &Event::Operator(Request::Rollback), &cfg());
-    assert_eq!(a, vec![Action::Rollback, Action::Reboot]);
+    let (_, a) = step(&idle, &Event::Operator(Request::Rollback { now: true }), &cfg());
+    assert_eq!(a, vec![Action::Rollback { reboot: true }]);
+    let (_, a) = step(&idle, &Event::Operator(Request::Rollback { now: false }), &cfg());
+    assert_eq!(a, vec![Action::Rollback { reboot: false }]);
     let (staged, _) = run(&State::default(), &happy_path()[..4]);
-    let (s, a) = step(&staged, &Event::Operator(Request::Rollback), &cfg());
+    let (s, a) = step(&staged, &Event::Operator(Request::Rollback { now: true }), &cfg());
     assert_eq!(a, vec![Action::Unstage]);
     assert_eq!(s.phase, Phase::Idle);
 }
