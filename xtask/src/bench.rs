@@ -446,3 +446,136 @@ fn slot_b_offset(sh: &Shell, disk: &Path) -> Result<u64> {
         .parse()?;
     Ok(first * 512)
 }
+
+/// `bench idle`: the agent with nothing to do. Runs the release acl-agentd (check mode, a
+/// signed file:// repository holding only what runs, metrics served) for `secs` seconds beside a
+/// `sleep` process as the baseline, and prints resident memory and wake-ups (context switches
+/// over all threads) of both. Goals: RSS at most 15 MiB; no wake-ups beyond the check interval
+/// (1 h here, so none in the window after start-up).
+pub(crate) fn idle(sh: &Shell, secs: u64) -> Result<()> {
+    tools::ensure(sh, &tools::DEMO_TOOLS)?;
+    cmd!(sh, "cargo build --quiet --release --locked -p publish -p agent").run()?;
+    let root = sh.current_dir();
+    let (aclpub, agentd) = (root.join("target/release/aclpub"), root.join("target/release/acl-agentd"));
+    let dir = root.join("target/bench/idle");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("trust"))?;
+    std::fs::create_dir_all(dir.join("root/etc/acl-update"))?;
+    sh.change_dir(&dir);
+    std::fs::write(dir.join("fs.img"), vec![7u8; 4 << 20])?;
+    cmd!(sh, "{aclpub} keygen --out keys idle").quiet().ignore_stdout().run()?;
+    std::fs::copy(dir.join("keys/idle.pub"), dir.join("trust/idle.pub"))?;
+    cmd!(sh, "{aclpub} build fs.img --out build --version 1.0.0").quiet().ignore_stdout().run()?;
+    cmd!(sh, "{aclpub} sign --key keys/idle.key build/manifest.json").quiet().ignore_stdout().run()?;
+    cmd!(sh, "{aclpub} publish build --repo repo --channel stable --key keys/idle.key --trust trust")
+        .quiet()
+        .ignore_stdout()
+        .run()?;
+    std::fs::create_dir_all(dir.join("state"))?;
+    std::fs::copy(dir.join("build/manifest.json"), dir.join("state/slot-A.manifest.json"))?;
+    std::fs::File::create(dir.join("disk.img"))?.set_len(64 << 20)?;
+    let usr = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
+    cmd!(
+        sh,
+        "sgdisk -n 3:0:+24M -c 3:USR-A -t 3:{usr} -n 4:0:+24M -c 4:USR-B -t 4:{usr} -A 3:set:48 -A 3:set:56 disk.img"
+    )
+    .quiet()
+    .ignore_stdout()
+    .run()?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("root/etc/acl-update/config.toml"),
+        format!(
+            "[updates]\nmode = \"check\"\nrepository = \"file://{d}/repo\"\n[trust]\nkeys = [\"{d}/trust\"]\n\
+             [health]\nrequired-dir = \"{d}/none\"\nwanted-dir = \"{d}/none\"\n\
+             [agent]\nstate-dir = \"{d}/state\"\nsocket = \"{d}/agent.sock\"\nreboot-command = \"true\"\n\
+             metrics-listen = \"127.0.0.1:0\"\n"
+        ),
+    )?;
+    sh.change_dir(&root);
+    let mut agent = std::process::Command::new(&agentd)
+        .arg("--config-root")
+        .arg(dir.join("root"))
+        .arg("--disk")
+        .arg(dir.join("disk.img"))
+        .args(["--booted", "A"])
+        .stderr(std::fs::File::create(dir.join("agent.log"))?)
+        .spawn()?;
+    let mut sleeper = std::process::Command::new("sleep").arg((secs + 30).to_string()).spawn()?;
+    // Start-up (first check) done; then the window.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (a0, s0) = (switches(agent.id()), switches(sleeper.id()));
+    println!("measuring {secs} s of idling ...");
+    std::thread::sleep(std::time::Duration::from_secs(secs));
+    let (a1, s1) = (switches(agent.id()), switches(sleeper.id()));
+    if let Some(status) = agent.try_wait()? {
+        bail!("acl-agentd exited ({status}); see {}", dir.join("agent.log").display());
+    }
+    let (arss, srss) = (rss_kib(agent.id()), rss_kib(sleeper.id()));
+    let threads = std::fs::read_dir(format!("/proc/{}/task", agent.id()))?.count();
+    let _ = agent.kill();
+    let _ = sleeper.kill();
+    let _ = agent.wait();
+    let _ = sleeper.wait();
+    let per_min = |n: u64| n as f64 * 60.0 / secs as f64;
+    println!("| process | RSS | threads | wake-ups in {secs} s | per minute |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| acl-agentd (idle, check mode, metrics on) | {:.1} MiB | {threads} | {} | {:.1} |",
+        arss as f64 / 1024.0,
+        wakeups(&a0, &a1),
+        per_min(wakeups(&a0, &a1))
+    );
+    println!(
+        "| sleep (baseline) | {:.1} MiB | 1 | {} | {:.1} |",
+        srss as f64 / 1024.0,
+        wakeups(&s0, &s1),
+        per_min(wakeups(&s0, &s1))
+    );
+    println!(
+        "RSS ratio agent/sleep: {:.1}; goal <= 15 MiB: {}",
+        arss as f64 / srss.max(1) as f64,
+        if arss <= 15 * 1024 { "met" } else { "MISSED" }
+    );
+    Ok(())
+}
+
+/// Voluntary plus involuntary context switches of each thread of `pid`.
+fn switches(pid: u32) -> std::collections::HashMap<String, u64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Default::default() };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let n = status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum();
+            Some((t.file_name().to_string_lossy().into_owned(), n))
+        })
+        .collect()
+}
+
+/// Wake-ups between two samples: each surviving thread's new switches, every switch of a
+/// thread that appeared, and one for each thread that ended (tokio retires idle blocking
+/// threads after 10 s, which is itself a wake-up).
+fn wakeups(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> u64 {
+    let grown: u64 = after.iter().map(|(tid, n)| n - before.get(tid).copied().unwrap_or(0).min(*n)).sum();
+    let ended = before.keys().filter(|tid| !after.contains_key(*tid)).count() as u64;
+    grown + ended
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -7,6 +7,7 @@
 //! | `bench build [--size-mib N]` | build an image of real files; MB/s against `zstd` in the same run |
 //! | `bench chunk-size` | compression ratio and adaptive-update cost for several chunk sizes |
 //! | `bench install [--size-mib N]` | install from nginx to a loop device against curl, zstd and dd |
+//! | `bench idle [--seconds N]` | the idle agent's memory and wake-ups against a `sleep` baseline |
 
 // A task runner reports to its user on standard output.
 #![allow(clippy::print_stdout)]
@@ -29,9 +30,11 @@ fn main() -> Result<()> {
         ["bench", "build", rest @ ..] => bench::build(&sh, size_arg(rest)?.unwrap_or(1024)),
         ["bench", "chunk-size", rest @ ..] => bench::chunk_size(&sh, size_arg(rest)?.unwrap_or(256)),
         ["bench", "install", rest @ ..] => bench::install(&sh, size_arg(rest)?.unwrap_or(1024)),
+        ["bench", "idle"] => bench::idle(&sh, 60),
+        ["bench", "idle", "--seconds", n] => bench::idle(&sh, n.parse()?),
         _ => {
             println!(
-                "usage: cargo xtask <test | demo | bench build [--size-mib N] | bench chunk-size [--size-mib N]>"
+                "usage: cargo xtask <test | demo | bench build [--size-mib N] | bench chunk-size [--size-mib N] | bench install [--size-mib N] | bench idle [--seconds N]>"
             );
             if args.is_empty() || args == ["--help"] { Ok(()) } else { bail!("unknown task {args:?}") }
         }

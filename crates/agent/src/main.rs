@@ -133,6 +133,7 @@ fn run(args: Args) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("metrics on {addr} (agent.metrics-listen)"))?;
+            let addr = listener.local_addr().unwrap_or(addr);
             tracing::info!("serving metrics on http://{addr}/metrics");
             tokio::spawn(agent::metrics::serve(listener, metrics));
         }

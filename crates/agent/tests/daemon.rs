@@ -212,3 +212,74 @@ fn kill_9_at_any_time_and_the_update_still_completes() {
     assert!(st.failures.is_empty(), "{:?}", st.failures);
     eprintln!("killed {kills} times while updating, 3 times while verifying; the update completed");
 }
+
+/// The real binary, staged and waiting for a maintenance window that is closed: SIGKILLed
+/// while waiting, it restarts still staged (no second install, no reboot); once the window
+/// opens it reboots.
+#[test]
+fn kill_9_while_staged_keeps_waiting_for_the_window() {
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    if !Path::new("/etc/machine-id").exists() {
+        assert!(std::env::var_os("ACL_REQUIRE_TOOLS").is_none(), "/etc/machine-id is required");
+        return;
+    }
+    let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
+    let marker = f.path("reboot-requested");
+    let hour = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).hour();
+    let window = |start: i8, length: &str| {
+        format!(
+            "[agent]\nsocket = \"{}\"\nreboot-command = \"touch {}\"\n[reboot]\nwindows = [{{ days = \
+             [\"Mon\", \"Tue\", \"Wed\", \"Thu\", \"Fri\", \"Sat\", \"Sun\"], start = \"{:02}:00\", length = \"{length}\" }}]\n",
+            f.path("run/agent.sock").display(),
+            marker.display(),
+            start.rem_euclid(24),
+        )
+    };
+    // Closed: opens in 12 hours. Then open: opened an hour ago, for three hours.
+    f.write_config(&window(hour + 12, "1h"));
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_acl-agentd"))
+            .arg("--config-root")
+            .arg(f.path("root"))
+            .arg("--disk")
+            .arg(&f.disk)
+            .args(["--booted", "A"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let staged = || matches!(f.state().phase, Phase::Staged { .. });
+    let mut child = start();
+    for _ in 0..1200 {
+        if staged() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(staged(), "{:?}", f.state());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for _ in 0..3 {
+        let mut child = start();
+        std::thread::sleep(Duration::from_millis(400));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(staged(), "{:?}", f.state());
+        assert!(!marker.exists(), "rebooted outside the window");
+    }
+    let installs = f.history().iter().filter(|h| h.starts_with("installing:")).count();
+    assert_eq!(installs, 1, "installed once: {:?}", f.history());
+
+    f.write_config(&window(hour - 1, "3h"));
+    let mut child = start();
+    for _ in 0..600 {
+        if marker.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(marker.exists(), "no reboot inside the window: {:?}", f.state());
+    assert_eq!(f.state().phase, Phase::Rebooting { version: "2.0.0".parse().unwrap() });
+}
