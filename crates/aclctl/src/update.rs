@@ -84,6 +84,7 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
         booted,
         manifest: &m,
         manifest_bytes: &manifest_bytes,
+        manifest_sig: &manifest_sig,
         payload_path,
         state_dir,
         tries,

@@ -453,6 +453,7 @@ async fn install_version(
         booted: env.booted,
         manifest: &m,
         manifest_bytes: &mbytes,
+        manifest_sig: &msig,
         payload_path: repo::layout::payload_path(&release.manifest, &m.payload.path),
         state_dir: &s.state_dir,
         tries: Tries::new(s.tries).ok_or("tries out of range")?,

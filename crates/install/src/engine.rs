@@ -29,8 +29,10 @@ pub struct InstallRequest<'a> {
     pub booted: Slot,
     /// The verified manifest of the image.
     pub manifest: &'a Manifest,
-    /// Its bytes (recorded for the next adaptive install).
+    /// Its bytes (recorded for the next adaptive install, and in the slot's trailer).
     pub manifest_bytes: &'a [u8],
+    /// Its detached signatures (kept with it in the slot's trailer for the boot path).
+    pub manifest_sig: &'a [u8],
     /// Path of the payload in the repository.
     pub payload_path: String,
     /// The agent's state directory (journal, recorded manifests).
@@ -84,7 +86,7 @@ pub enum InstallError {
     #[error(transparent)]
     Disk(#[from] DiskError),
     /// The image does not fit the target slot.
-    #[error("image of {need} bytes does not fit slot {slot} ({have} bytes)")]
+    #[error("image of {need} bytes (with its trailer) does not fit slot {slot} ({have} bytes)")]
     TargetTooSmall {
         /// The target.
         slot: Slot,
@@ -201,8 +203,10 @@ pub async fn install(
     let target = req.booted.other();
     let mut disk = Disk::open(req.disk, true)?;
     let (base, len) = disk.slot_extent(target);
-    if m.image_size > len {
-        return Err(InstallError::TargetTooSmall { slot: target, need: m.image_size, have: len });
+    let (trailer_at, trailer_bytes) = trailer::encode(req.manifest_bytes, req.manifest_sig, len);
+    let need = m.image_size.div_ceil(trailer::BLOCK) * trailer::BLOCK + trailer_bytes.len() as u64;
+    if need > len {
+        return Err(InstallError::TargetTooSmall { slot: target, need, have: len });
     }
     if let Some(why) = target_in_use(req.disk, disk.partition(target).number) {
         return Err(InstallError::TargetInUse { slot: target, why });
@@ -285,6 +289,12 @@ pub async fn install(
         journal.save(req.state_dir).map_err(io("write journal in", req.state_dir))?;
         return Err(InstallError::ReadBack { slot: target, count: bad.len(), first });
     }
+
+    // The trailer (signed manifest for the boot path), durable before activation.
+    let mut buf = AlignedBuf::zeroed(trailer_bytes.len());
+    buf.as_mut_slice().copy_from_slice(&trailer_bytes);
+    target_io.write(trailer_at, &buf).map_err(io("write the slot trailer to", req.disk))?;
+    target_io.sync().map_err(io("sync", req.disk))?;
 
     // Record, then activate, then forget the journal.
     let record = record_path(req.state_dir, target);

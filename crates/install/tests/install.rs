@@ -38,6 +38,9 @@ async fn full_then_adaptive_install_from_file_repository() {
     assert_eq!((s.b.priority(), s.b.tries(), s.b.successful()), (2, 3, false));
     assert!(s.a.successful() && s.a.priority() == 1, "the booted slot stays the way back");
     assert!(!f.path("state/install-journal.json").exists());
+    // The slot carries its signed manifest at its end, for the boot path.
+    let (m, sig) = read_trailer(&disk, Slot::B).unwrap();
+    assert_eq!((m, sig), (v1.1.clone(), b"{\"test\":\"signature\"}".to_vec()));
     boot_and_confirm(&disk, Slot::B);
 
     // v2 into A, booted from B: most chunks come from B.
@@ -56,6 +59,14 @@ async fn full_then_adaptive_install_from_file_repository() {
     assert!(r.reused_bytes > r.image_bytes / 2, "{r:?}");
     assert!(fetched * 5 < payload, "fetched {fetched} of {payload}");
     assert_eq!(choice::choose(&Disk::open(&disk, false).unwrap().slots()), Some(Slot::A));
+    assert_eq!(read_trailer(&disk, Slot::A).unwrap().0, v2.1);
+}
+
+fn read_trailer(disk: &Path, slot: Slot) -> Result<(Vec<u8>, Vec<u8>), trailer::TrailerError> {
+    use std::os::unix::fs::FileExt as _;
+    let (base, len) = Disk::open(disk, false).unwrap().slot_extent(slot);
+    let file = std::fs::File::open(disk).unwrap();
+    trailer::read(len, |o, buf| file.read_exact_at(buf, base + o))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,6 +111,7 @@ impl Fixture {
             booted,
             manifest: m,
             manifest_bytes: bytes,
+            manifest_sig: b"{\"test\":\"signature\"}",
             payload_path: format!("images/{}/x86_64/payload", m.version),
             state_dir: &self.path("state"),
             tries: Tries::new(3).unwrap(),
