@@ -229,6 +229,13 @@ pub fn mark_bad(s: &Slots, booted: Slot) -> Result<Slots, TransitionError> {
     Ok(s.with(booted, s.get(booted).unbootable()))
 }
 
+/// The boot path's verdict on a chosen slot it cannot open (no signed manifest, damaged):
+/// unbootable, whatever the other slot holds (booting an unverifiable image is never the
+/// fallback).
+pub fn give_up(s: &Slots, slot: Slot) -> Slots {
+    s.with(slot, s.get(slot).unbootable())
+}
+
 /// Makes the other slot boot next, if it holds an image that booted and was confirmed good
 /// before and has not been touched since (a prepared slot has priority 0). The current slot
 /// stays bootable below it.

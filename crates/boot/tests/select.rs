@@ -1,0 +1,131 @@
+//! The first-stage selection on a real GPT disk image: the gptprio rule, tries spent before the
+//! attempt, a slot without a valid signed trailer given up, nothing bootable named.
+
+use slot::Disk;
+use slot::choice::{self, Slot, Tries};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+    policy: repo::TrustPolicy,
+    key: signing::SecretKey,
+}
+
+fn fixture() -> Option<Fixture> {
+    let sgdisk = testkit::tool("sgdisk", "gdisk")?;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = testkit::flatcar_image(&sgdisk, dir.path(), 64, 16);
+    let key = signing::SecretKey::from_seed([9; 32]);
+    let policy = repo::TrustPolicy::new(signing::TrustedKeys::new([key.public()]).unwrap(), 1).unwrap();
+    Some(Fixture { dir, disk, policy, key })
+}
+
+impl Fixture {
+    /// Builds and signs a 1 MiB image `version` and writes its trailer into `slot` (signed by
+    /// `key`, or by the fixture's key).
+    fn install_trailer(&self, slot: Slot, version: &str, key: Option<&signing::SecretKey>) {
+        let fs = self.dir.path().join(format!("fs-{version}"));
+        std::fs::write(&fs, vec![version.len() as u8; 1 << 20]).unwrap();
+        let out = self.dir.path().join(format!("build-{version}-{slot}"));
+        let opts = payload::BuildOptions {
+            version: version.parse().unwrap(),
+            arch: "x86_64".into(),
+            kernel_cmdline: "console=ttyS0 quiet".into(),
+            chunk_size: 256 << 10,
+            level: 1,
+            threads: 1,
+            salt: None,
+        };
+        payload::build(&fs, &out, &opts, &|_| {}).unwrap();
+        let key = key.unwrap_or(&self.key);
+        repo::local::sign_document(&out.join("manifest.json"), std::slice::from_ref(key)).unwrap();
+        let m = std::fs::read(out.join("manifest.json")).unwrap();
+        let sig = std::fs::read(out.join("manifest.json.sig")).unwrap();
+        let (base, len) = Disk::open(&self.disk, false).unwrap().slot_extent(slot);
+        let (at, bytes) = trailer::encode(&m, &sig, len);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.disk)
+            .unwrap()
+            .write_all_at(&bytes, base + at)
+            .unwrap();
+    }
+
+    fn activate(&self, target: Slot, tries: u8) {
+        let mut d = Disk::open(&self.disk, true).unwrap();
+        d.update(|s| choice::activate(s, target.other(), Tries::new(tries).unwrap())).unwrap();
+    }
+
+    fn select(&self) -> Result<boot::Selection, boot::BootError> {
+        boot::select(&self.disk, &self.policy)
+    }
+
+    fn slots(&self) -> slot::Slots {
+        Disk::open(&self.disk, false).unwrap().slots()
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn the_confirmed_slot_boots_with_its_verity_parameters() {
+    let Some(f) = fixture() else { return };
+    f.install_trailer(Slot::A, "1.0.0", None);
+    let s = f.select().unwrap();
+    assert_eq!((s.slot, s.partition, s.version.as_str(), s.tries_left), (Slot::A, 3, "1.0.0", None));
+    let env = s.to_env("/dev/vda");
+    for line in [
+        "ACL_SLOT='A'",
+        "ACL_PART='/dev/vda3'",
+        "ACL_CMDLINE='console=ttyS0 quiet'",
+        "ACL_HASH_OFFSET='1048576'",
+        "ACL_DATA_BLOCKS='256'",
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} not in\n{env}");
+    }
+    assert!(env.contains(&format!("ACL_ROOTHASH='{}'", s.verity.root_hash)));
+    testkit::assert_sgdisk_clean(&testkit::tool("sgdisk", "gdisk").unwrap(), Path::new(path(&f.disk)));
+}
+
+#[test]
+fn a_new_slot_spends_its_tries_then_the_old_one_boots() {
+    let Some(f) = fixture() else { return };
+    f.install_trailer(Slot::A, "1.0.0", None);
+    f.install_trailer(Slot::B, "2.0.0", None);
+    f.activate(Slot::B, 2);
+    // Each attempt is written before the slot is tried.
+    let s = f.select().unwrap();
+    assert_eq!((s.slot, s.tries_left), (Slot::B, Some(1)));
+    assert_eq!(f.slots().b.tries(), 1);
+    let s = f.select().unwrap();
+    assert_eq!((s.slot, s.tries_left), (Slot::B, Some(0)));
+    // B never confirmed itself: out of tries, A boots.
+    let s = f.select().unwrap();
+    assert_eq!((s.slot, s.version.as_str(), s.tries_left), (Slot::A, "1.0.0", None));
+}
+
+#[test]
+fn a_slot_without_a_valid_signed_trailer_is_given_up() {
+    let Some(f) = fixture() else { return };
+    f.install_trailer(Slot::A, "1.0.0", None);
+    // B is set to boot next but was signed by an untrusted key.
+    let stranger = signing::SecretKey::from_seed([7; 32]);
+    f.install_trailer(Slot::B, "2.0.0", Some(&stranger));
+    f.activate(Slot::B, 3);
+    let s = f.select().unwrap();
+    assert_eq!(s.slot, Slot::A);
+    assert_eq!(s.skipped.len(), 1);
+    assert!(s.skipped[0].1.contains("key"), "{:?}", s.skipped);
+    assert_eq!(f.slots().b.priority(), 0, "given up for good");
+
+    // Nothing valid at all: a clear error listing why.
+    let (base, len) = Disk::open(&f.disk, false).unwrap().slot_extent(Slot::A);
+    let file = std::fs::OpenOptions::new().write(true).open(&f.disk).unwrap();
+    file.write_all_at(&[0u8; 4096], base + len - 4096).unwrap();
+    let e = f.select().unwrap_err().to_string();
+    assert!(e.contains("no bootable slot") && e.contains("slot A: no slot trailer"), "{e}");
+}
