@@ -7,6 +7,8 @@
 //! | `bench build [--size-mib N]` | build an image of real files; MB/s against `zstd` in the same run |
 //! | `bench chunk-size` | compression ratio and adaptive-update cost for several chunk sizes |
 //! | `bench install [--size-mib N]` | install from nginx to a loop device against curl, zstd and dd |
+//! | `image RECIPE --version V --trust DIR [--key K]... [--repo DIR]` | build a bootable OS image from a recipe, sign and publish it |
+//! | `e2e` | build the test OS images, boot them in qemu and run the update scenarios a-f |
 //! | `bench idle [--seconds N]` | the idle agent's memory and wake-ups against a `sleep` baseline |
 
 // A task runner reports to its user on standard output.
@@ -14,6 +16,8 @@
 
 mod bench;
 mod demo;
+mod e2e;
+mod image;
 mod nginx;
 mod tools;
 
@@ -27,6 +31,9 @@ fn main() -> Result<()> {
     match args.as_slice() {
         ["test"] => test(&sh),
         ["demo"] => demo::run(&sh),
+        ["image", rest @ ..] => image::cli(&sh, rest),
+        ["e2e"] => e2e::run(&sh),
+        ["relay", port] => e2e::relay(port.parse()?),
         ["bench", "build", rest @ ..] => bench::build(&sh, size_arg(rest)?.unwrap_or(1024)),
         ["bench", "chunk-size", rest @ ..] => bench::chunk_size(&sh, size_arg(rest)?.unwrap_or(256)),
         ["bench", "install", rest @ ..] => bench::install(&sh, size_arg(rest)?.unwrap_or(1024)),

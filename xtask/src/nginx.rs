@@ -59,6 +59,10 @@ impl Nginx {
     }
 
     /// The base URL.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
     pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -90,6 +90,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a release into a slot of a fresh disk (factory or installer): the slot boots next,
+    /// on trial like any new slot, and is confirmed by the agent's health checks after its first
+    /// boot. Refused on a disk that already has a confirmed slot.
+    Provision {
+        /// The disk: a block device or a disk-image file.
+        #[arg(long)]
+        disk: PathBuf,
+        /// The slot to write.
+        #[arg(long, default_value = "A")]
+        slot: Slot,
+        /// Repository URL: http://host/path, file:///path, or a directory.
+        #[arg(long)]
+        repo: String,
+        /// Channel to take the release from.
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// Trusted public key file or directory of *.pub files; repeatable.
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+        /// How many distinct trusted keys must have signed each document.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// This version (default: the newest).
+        #[arg(long)]
+        version: Option<semver::Version>,
+        /// Boot attempts before the boot path gives the slot up.
+        #[arg(long, default_value_t = 3)]
+        tries: u8,
+        /// Where to keep the install journal while writing.
+        #[arg(long, default_value = "/var/lib/acl-update")]
+        state_dir: PathBuf,
+    },
     /// Print the agent's merged configuration (or, with --defaults, every key and its default).
     Config {
         /// Print the documented defaults instead (what /usr/lib/acl-update/config.d ships).
@@ -229,14 +261,51 @@ fn run(cli: Cli) -> Result<()> {
                 .context("no slot is bootable on this disk")?;
             let path = disk.path().to_owned();
             drop(disk);
-            let args =
-                update::UpdateArgs { repo, channel, trust, threshold, version, tries, parallel, ca_file };
+            let args = update::UpdateArgs {
+                repo,
+                channel,
+                trust,
+                threshold,
+                version,
+                tries,
+                parallel,
+                ca_file,
+                provision: false,
+            };
             update::run(&path, current, &target.state_dir, &args, json)?;
             let (disk, booted) = open(&target, false)?;
             if json {
                 return Ok(());
             }
             status::print(&status::Status::of(&disk, booted, &target.state_dir), false)
+        }
+        Command::Provision { disk, slot, repo, channel, trust, threshold, version, tries, state_dir } => {
+            let d = Disk::open(&disk, false)?;
+            let s = d.slots();
+            if s.a.successful() || s.b.successful() {
+                anyhow::bail!(
+                    "{} already has a confirmed slot (A[{}] B[{}]): provisioning is for fresh disks; use `aclctl update`",
+                    disk.display(),
+                    s.a,
+                    s.b
+                );
+            }
+            drop(d);
+            let args = update::UpdateArgs {
+                repo,
+                channel,
+                trust,
+                threshold,
+                version,
+                tries,
+                parallel: 4,
+                ca_file: None,
+                provision: true,
+            };
+            update::run(&disk, slot.other(), &state_dir, &args, false)?;
+            let (d, _) =
+                open(&Target { disk: Some(disk), booted: None, state_dir: state_dir.clone() }, false)?;
+            status::print(&status::Status::of(&d, status::Booted::Unknown, &state_dir), false)
         }
         Command::Config { defaults, root } => print_config(defaults, &root),
         Command::Boot { disk } => {

@@ -25,6 +25,8 @@ pub(crate) struct UpdateArgs {
     pub(crate) tries: u8,
     pub(crate) parallel: usize,
     pub(crate) ca_file: Option<PathBuf>,
+    /// Provisioning a fresh disk: write the slot that is not `booted` though nothing runs.
+    pub(crate) provision: bool,
 }
 
 /// Updates `disk` (booted from `booted`) and prints what happened.
@@ -53,7 +55,11 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
 
     // The release: the one asked for, or the newest; never a downgrade unless asked by version.
     let arch = std::env::consts::ARCH;
-    let current = install::recorded_manifest(state_dir, booted).map(|(m, _)| m.version);
+    let current = if a.provision {
+        None
+    } else {
+        install::recorded_manifest(state_dir, booted).map(|(m, _)| m.version)
+    };
     let release = match &a.version {
         Some(v) => index
             .releases
@@ -90,6 +96,7 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
         tries,
         parallel: a.parallel,
         max_request: 4 << 20,
+        provision: a.provision,
     };
     let counters = Arc::new(Counters::default());
     let bar = cliutil::byte_bar(&format!("{}", m.version), m.image_size);

@@ -173,6 +173,7 @@ pub async fn run(
         (fetched.bytes_fetched(), p.as_ref().map_or(0, |p| p.total), p.map_or(0, |p| p.done))
     }));
 
+    recover_record(&env, &d.policy);
     let slots = Disk::open(&env.disk, false).map(|disk| disk.slots()).ok();
     let boot = Boot {
         version: install::recorded_manifest(&s.state_dir, env.booted).map(|(m, _)| m.version),
@@ -459,6 +460,7 @@ async fn install_version(
         tries: Tries::new(s.tries).ok_or("tries out of range")?,
         parallel: s.parallel.get(),
         max_request: 4 << 20,
+        provision: false,
     };
     let report = install::install(&req, fetcher, &progress.counters).await.map_err(|e| e.to_string())?;
     tracing::info!(
@@ -490,5 +492,23 @@ fn health_checks(s: &Settings) -> health::Checks {
                 timeout: wait,
             }),
         },
+    }
+}
+
+/// A provisioned disk (or a lost state directory) has no record of what the booted slot holds:
+/// take it from the slot's signed trailer, so the agent knows its version and the next install
+/// can reuse the booted slot's chunks.
+fn recover_record(env: &Env, policy: &TrustPolicy) {
+    let dir = &env.settings.state_dir;
+    if install::recorded_manifest(dir, env.booted).is_some() {
+        return;
+    }
+    let what = format!("slot {} trailer", env.booted);
+    let recovered = install::slot_trailer(&env.disk, env.booted)
+        .and_then(|(m, sig)| policy.manifest(&what, &m, &sig).map(|_| m).map_err(|e| e.to_string()))
+        .and_then(|m| install::record_manifest(dir, env.booted, &m).map_err(|e| e.to_string()));
+    match recovered {
+        Ok(()) => tracing::info!("recorded slot {}'s manifest from its trailer", env.booted),
+        Err(e) => tracing::warn!("no record of what slot {} holds ({what}: {e})", env.booted),
     }
 }

@@ -17,7 +17,7 @@
 //! | Installing v | Installed err | Idle | (failure of v recorded) |
 //! | Staged v | RebootAllowed | Rebooting v | Reboot |
 //! | Rebooting v | Started, v booted unconfirmed | Verifying v until deadline | RunHealth |
-//! | Rebooting v | Started, v did not boot | Idle | (failure: did not boot) |
+//! | Rebooting v | Started, v did not boot | Idle | (v skipped: its tries ran out) |
 //! | Rebooting v | Started, old slot runs, v still boots next | Staged v | RequestReboot |
 //! | Verifying v | Health passed | Idle | MarkGood |
 //! | Verifying v | Health failed / deadline | Idle | MarkBadAndReboot (failure recorded) |
@@ -288,8 +288,9 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
                     }
                 }
                 (_, Some(booted)) => {
-                    // An unconfirmed slot runs that we did not expect (state lost, or an operator
-                    // activated it): it still has to prove itself.
+                    // An unconfirmed slot runs that we did not expect (state lost, a provisioned
+                    // disk, or an operator activated it): it still has to prove itself.
+                    s.note = format!("{booted} runs unconfirmed; checking its health");
                     s.phase = Phase::Verifying {
                         version: booted,
                         deadline: now.saturating_add(cfg.health_deadline).unwrap_or(*now),
@@ -307,9 +308,14 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
                     // The new slot did not come up (kernel panic, tries ran out) or was rolled
                     // back to: the confirmed one runs.
                     if boot.version.as_ref() != Some(version) {
+                        // The boot path spent all its tries: a deterministic failure (a kernel or
+                        // init that dies), so the version is skipped at once, not retried.
                         fail(&mut s, version, "did not boot (the boot path fell back)", *now);
+                        if let Some(f) = s.failures.iter_mut().find(|f| &f.version == version) {
+                            f.count = f.count.max(policy::MAX_FAILURES);
+                        }
                         s.note = format!(
-                            "{version} did not boot; running {}",
+                            "{version} did not boot; running {}; {version} is skipped",
                             boot.version.as_ref().map_or("?".into(), |v| v.to_string())
                         );
                         actions.push(Action::Log(s.note.clone()));

@@ -43,6 +43,9 @@ pub struct InstallRequest<'a> {
     pub parallel: usize,
     /// Largest range request, in bytes.
     pub max_request: u64,
+    /// Provisioning a fresh disk: `booted` is only "the other slot", nothing runs from it, so
+    /// it need not be confirmed good; the target boots next either way.
+    pub provision: bool,
 }
 
 /// Live progress counters, readable from another task while the install runs.
@@ -151,6 +154,23 @@ pub fn recorded_manifest(state_dir: &Path, slot: Slot) -> Option<(Manifest, Vec<
     Some((m, bytes))
 }
 
+/// Records `bytes` as the manifest of the image in `slot` (when the state directory lost it,
+/// or never had it on a provisioned disk; the caller verified it, e.g. from [`slot_trailer`]).
+pub fn record_manifest(state_dir: &Path, slot: Slot, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    replace_file(&record_path(state_dir, slot), bytes)
+}
+
+/// The manifest and signature bytes kept in `slot`'s trailer (see the `trailer` crate); not
+/// verified here.
+pub fn slot_trailer(disk: &Path, slot: Slot) -> Result<(Vec<u8>, Vec<u8>), String> {
+    use std::os::unix::fs::FileExt as _;
+    let d = Disk::open(disk, false).map_err(|e| e.to_string())?;
+    let (base, len) = d.slot_extent(slot);
+    let file = std::fs::File::open(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+    trailer::read(len, |o, buf| file.read_exact_at(buf, base + o)).map_err(|e| e.to_string())
+}
+
 fn record_path(state_dir: &Path, slot: Slot) -> PathBuf {
     state_dir.join(format!("slot-{slot}.manifest.json"))
 }
@@ -238,7 +258,11 @@ pub async fn install(
         }
     };
     // Unbootable before the first byte is written (a no-op when resuming).
-    disk.update(|s| choice::prepare(s, req.booted))?;
+    if req.provision {
+        disk.update(|s| Ok(choice::give_up(s, target)))?;
+    } else {
+        disk.update(|s| choice::prepare(s, req.booted))?;
+    }
 
     let local = recorded_manifest(req.state_dir, req.booted).map(|(lm, _)| lm);
     let plan = plan::plan(m, &journal.done(), local.as_ref(), req.max_request);
@@ -299,7 +323,11 @@ pub async fn install(
     // Record, then activate, then forget the journal.
     let record = record_path(req.state_dir, target);
     replace_file(&record, req.manifest_bytes).map_err(io("write", &record))?;
-    disk.update(|s| choice::activate(s, req.booted, req.tries))?;
+    if req.provision {
+        disk.update(|s| Ok(choice::provisioned(s, target, req.tries)))?;
+    } else {
+        disk.update(|s| choice::activate(s, req.booted, req.tries))?;
+    }
     Journal::remove(req.state_dir).map_err(io("remove journal in", req.state_dir))?;
     Ok(report)
 }

@@ -21,7 +21,10 @@ mod journal;
 pub mod plan;
 mod slotio;
 
-pub use engine::{Counters, InstallError, InstallRequest, Report, install, recorded_manifest, target_in_use};
+pub use engine::{
+    Counters, InstallError, InstallRequest, Report, install, record_manifest, recorded_manifest,
+    slot_trailer, target_in_use,
+};
 pub use journal::{JOURNAL_FILE, Journal};
 pub use plan::plan;
 pub use slotio::AlignedBuf;

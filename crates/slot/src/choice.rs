@@ -229,6 +229,18 @@ pub fn mark_bad(s: &Slots, booted: Slot) -> Result<Slots, TransitionError> {
     Ok(s.with(booted, s.get(booted).unbootable()))
 }
 
+/// A slot written onto a fresh disk by provisioning: it boots next with `tries` attempts and
+/// must prove itself like any new slot; the other slot keeps its bits (on a fresh disk it is
+/// empty and unbootable).
+pub fn provisioned(s: &Slots, slot: Slot, tries: Tries) -> Slots {
+    let two = Nibble::new(2).expect("2 fits");
+    let other = slot.other();
+    let o = s.get(other);
+    let s =
+        if o.priority() > 1 { s.with(other, o.with_priority(Nibble::new(1).expect("1 fits"))) } else { *s };
+    s.with(slot, s.get(slot).with_priority(two).with_tries(tries.0).with_successful(false))
+}
+
 /// The boot path's verdict on a chosen slot it cannot open (no signed manifest, damaged):
 /// unbootable, whatever the other slot holds (booting an unverifiable image is never the
 /// fallback).

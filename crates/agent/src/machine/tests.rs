@@ -142,6 +142,9 @@ fn a_slot_that_never_boots_is_recorded_as_failed() {
     assert_eq!(s.phase, Phase::Idle);
     assert!(matches!(&a[..], [Action::Log(m)] if m.contains("2.0.0 did not boot")), "{a:?}");
     assert_eq!(s.failures[0].reason, "did not boot (the boot path fell back)");
+    // Skipped at once: a slot that spent all its tries is not retried after a backoff.
+    assert_eq!(s.failures[0].count, policy::MAX_FAILURES);
+    assert_eq!(s.failures[0].retry_at(), None);
 }
 
 #[test]

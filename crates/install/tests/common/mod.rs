@@ -117,6 +117,7 @@ impl Fixture {
             tries: Tries::new(3).unwrap(),
             parallel: 4,
             max_request,
+            provision: false,
         };
         install::install(&req, f, &Arc::new(Counters::default())).await
     }
