@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 use xshell::{Shell, cmd};
 
 /// Tools the image build calls.
-pub(crate) const IMAGE_TOOLS: [crate::tools::Tool; 5] = [
+pub(crate) const IMAGE_TOOLS: [crate::tools::Tool; 6] = [
+    ("strip", "binutils"),
     ("mkfs.erofs", "erofs-utils"),
     ("dracut", "dracut-core"),
     ("veritysetup", "cryptsetup-bin"),

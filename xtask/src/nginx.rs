@@ -15,8 +15,16 @@ pub(crate) struct Nginx {
 impl Nginx {
     /// Serves `root` from 127.0.0.1 on a free port; `work` holds its config, pid and temp files.
     pub(crate) fn start(root: &Path, work: &Path) -> Result<Nginx> {
-        std::fs::create_dir_all(work)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_on(root, work, port)
+    }
+
+    /// Serves `root` from 127.0.0.1:`port`.
+    pub(crate) fn start_on(root: &Path, work: &Path, port: u16) -> Result<Nginx> {
+        std::fs::create_dir_all(work)?;
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            bail!("127.0.0.1:{port} is taken by another program");
+        }
         let conf = work.join("nginx.conf");
         let tmp = work.display();
         std::fs::write(
@@ -59,10 +67,6 @@ impl Nginx {
     }
 
     /// The base URL.
-    pub(crate) fn port(&self) -> u16 {
-        self.port
-    }
-
     pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -154,7 +154,7 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
         r.verify_time.as_secs_f64(),
         if r.direct_io { "O_DIRECT" } else { "buffered, cache dropped" }
     );
-    if current.is_none() && r.reused_bytes == 0 {
+    if current.is_none() && r.reused_bytes == 0 && !a.provision {
         println!("  (no record of what slot {booted} holds, so nothing could be reused)");
     }
     Ok(())
