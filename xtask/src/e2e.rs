@@ -147,6 +147,8 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     let done = b.wait_for("installed version=2.0.0")?;
     b.wait_for("rebooting into 2.0.0")?;
     let rebooted = b.wait_exit()?;
+    let fetch_write = ms(&b.field_after("installed version=2.0.0", "write_ms=")?)?;
+    let verify = ms(&b.field_after("installed version=2.0.0", "verify_ms=")?)?;
     let mut b = vm.boot("b2")?;
     let up2 = b.wait_for("acl: up: slot=B version=2.0.0 kernel=6.1.0-50-amd64")?;
     let healthy = b.wait_for("2.0.0 is healthy")?;
@@ -162,7 +164,9 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
         vec![
             ("boot to userspace", up1),
             ("check to install start", inst - up1),
-            ("download+write+verify", done - inst),
+            ("download+write (streamed together)", fetch_write),
+            ("read-back verify", verify),
+            ("install in all (manifest, plan, activation)", done - inst),
             ("to reboot", rebooted - done),
             ("reboot to userspace", up2),
             ("to healthy", healthy - up2),
@@ -257,18 +261,29 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     let s = bits(&disk)?;
     ensure(!s.a.bootable() && s.b.successful(), format!("half-written A is not bootable: {s:?}"))?;
     let mut b = vm.boot("e2")?;
-    b.wait_for("acl: up: slot=B version=2.0.0")?;
-    b.wait_for("installed version=5.0.0")?;
+    let up = b.wait_for("acl: up: slot=B version=2.0.0")?;
+    let resumed_at = b.wait_for("installed version=5.0.0")?;
     let resumed = b.field_after("installed version=5.0.0", "resumed=")?;
     b.wait_exit()?;
     let fetched_after = nginx.bytes_sent(&dir.join("nginx")) - sent_before - fetched_before_cut;
     let mut b = vm.boot("e3")?;
-    b.wait_for("acl: up: slot=A version=5.0.0")?;
-    b.wait_for("5.0.0 is healthy")?;
+    let up3 = b.wait_for("acl: up: slot=A version=5.0.0")?;
+    let healthy = b.wait_for("5.0.0 is healthy")?;
     b.wait_for("mark good: done")?;
     b.power_off();
     let s = bits(&disk)?;
     ensure(s.a.successful() && s.a.priority() == 2, format!("A confirmed with 5.0.0: {s:?}"))?;
+    let resumed_bytes: u64 = resumed.parse().unwrap_or(0);
+    ensure(resumed_bytes > 0, format!("the install resumed with some bytes in place (resumed={resumed})"))?;
+    timings.push((
+        "e",
+        vec![
+            ("after the cut: boot to userspace", up),
+            ("resumed install done", resumed_at - up),
+            ("reboot to userspace", up3),
+            ("to healthy", healthy - up3),
+        ],
+    ));
     println!(
         "power cut after {:.1} MiB of the {:.1} MiB payload; after the reboot {resumed} image bytes were already in place, {:.1} MiB fetched",
         mib(fetched_before_cut),
@@ -303,6 +318,10 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
 
 fn ensure(ok: bool, what: String) -> Result<()> {
     if ok { Ok(()) } else { bail!("expected {what}") }
+}
+
+fn ms(v: &str) -> Result<Duration> {
+    Ok(Duration::from_millis(v.parse().with_context(|| format!("{v:?} is not milliseconds"))?))
 }
 
 fn mib(b: u64) -> f64 {

@@ -469,6 +469,7 @@ async fn install_version(
         reused = report.reused_bytes,
         resumed = report.resumed_bytes,
         write_ms = report.write_time.as_millis() as u64,
+        verify_ms = report.verify_time.as_millis() as u64,
         "installed"
     );
     Ok(())
