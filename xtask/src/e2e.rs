@@ -178,6 +178,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     publish(&v3)?;
     let mut b = vm.boot("c1")?;
     let up1 = b.wait_for("acl: up: slot=B version=2.0.0")?;
+    b.wait_for("agent started")?;
     b.type_line("aclctl check")?;
     let inst = b.wait_for("installing 3.0.0")?;
     let done = b.wait_for("installed version=3.0.0")?;
@@ -189,6 +190,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     b.wait_exit()?;
     let mut b = vm.boot("c3")?;
     let up3 = b.wait_for("acl: up: slot=B version=2.0.0")?;
+    b.wait_for("agent started")?;
     b.type_line("aclctl history -n 3")?;
     b.wait_for("3.0.0 failed its health checks")?;
     b.power_off();
@@ -211,6 +213,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     publish(&v4)?;
     let mut b = vm.boot("d1")?;
     b.wait_for("acl: up: slot=B version=2.0.0")?;
+    b.wait_for("agent started")?;
     b.type_line("aclctl check")?;
     b.wait_for("installed version=4.0.0")?;
     b.wait_exit()?;
@@ -226,6 +229,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     let up = b.wait_for("acl: up: slot=B version=2.0.0")?;
     b.wait_for("4.0.0 did not boot; running 2.0.0; 4.0.0 is skipped")?;
     // A check now does not pick 4.0.0 again; the agent lists it as failed for good.
+    b.wait_for("agent started")?;
     b.type_line("aclctl check")?;
     b.wait_for("4.0.0 failed 4 time(s): did not boot")?;
     b.power_off();
@@ -244,6 +248,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     let mut b = vm.boot("e1")?;
     b.wait_for("acl: up: slot=B version=2.0.0")?;
     let sent_before = nginx.bytes_sent(&dir.join("nginx"));
+    b.wait_for("agent started")?;
     b.type_line("aclctl check")?;
     b.wait_for("installing into slot A")?;
     let cut = Instant::now();
@@ -295,6 +300,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     println!("\n== (f) aclctl rollback --now: the previous slot boots");
     let mut b = vm.boot("f1")?;
     b.wait_for("acl: up: slot=A version=5.0.0")?;
+    b.wait_for("agent started")?;
     b.type_line("aclctl rollback --now --disk /dev/vda")?;
     b.wait_for("rolled back by the operator; rebooting")?;
     b.wait_exit()?;
