@@ -199,13 +199,13 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     timings.push((
         "c",
         vec![
-            ("download+write+verify", done - inst),
+            ("boot to userspace", up1),
+            ("install (download, write, verify)", done - inst),
             ("reboot to userspace", up2),
             ("to health verdict", failed - up2),
             ("rollback reboot to userspace", up3),
         ],
     ));
-    let _ = up1;
 
     // (d) 4.0.0's kernel panics: tries run out, 2.0.0 boots without the agent, 4.0.0 is
     // reported failed and not retried.

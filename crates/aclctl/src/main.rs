@@ -64,15 +64,8 @@ enum Command {
         /// Stay and show the agent's progress until the release is staged.
         #[arg(long)]
         follow: bool,
-        /// Channel to follow.
-        #[arg(long, default_value = "stable")]
-        channel: String,
-        /// Trusted public key file or directory of *.pub files; repeatable (with --repo).
-        #[arg(long = "trust")]
-        trust: Vec<PathBuf>,
-        /// How many distinct trusted keys must have signed each document.
-        #[arg(long, default_value_t = 1)]
-        threshold: usize,
+        #[command(flatten)]
+        source: Source,
         /// Install exactly this version (the only way to go to an older one).
         #[arg(long)]
         version: Option<semver::Version>,
@@ -103,15 +96,8 @@ enum Command {
         /// Repository URL: http://host/path, file:///path, or a directory.
         #[arg(long)]
         repo: String,
-        /// Channel to take the release from.
-        #[arg(long, default_value = "stable")]
-        channel: String,
-        /// Trusted public key file or directory of *.pub files; repeatable.
-        #[arg(long = "trust", required = true)]
-        trust: Vec<PathBuf>,
-        /// How many distinct trusted keys must have signed each document.
-        #[arg(long, default_value_t = 1)]
-        threshold: usize,
+        #[command(flatten)]
+        source: Source,
         /// This version (default: the newest).
         #[arg(long)]
         version: Option<semver::Version>,
@@ -183,6 +169,40 @@ enum Command {
     },
 }
 
+/// Where releases come from and who must have signed them (`update --repo`, `provision`).
+#[derive(Debug, Args)]
+struct Source {
+    /// Channel to take the release from.
+    #[arg(long, default_value = "stable")]
+    channel: String,
+    /// Trusted public key file or directory of *.pub files; repeatable (required with a
+    /// repository).
+    #[arg(long = "trust")]
+    trust: Vec<PathBuf>,
+    /// How many distinct trusted keys must have signed each document.
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+}
+
+impl Source {
+    fn args(self, repo: String, version: Option<semver::Version>, tries: u8) -> Result<update::UpdateArgs> {
+        if self.trust.is_empty() {
+            anyhow::bail!("a repository needs at least one --trust key file or directory");
+        }
+        Ok(update::UpdateArgs {
+            repo,
+            channel: self.channel,
+            trust: self.trust,
+            threshold: self.threshold,
+            version,
+            tries,
+            parallel: 4,
+            ca_file: None,
+            provision: false,
+        })
+    }
+}
+
 #[derive(Debug, Args)]
 struct AgentArgs {
     /// The agent's socket.
@@ -235,18 +255,14 @@ fn run(cli: Cli) -> Result<()> {
             repo: Some(repo),
             socket,
             follow: _,
-            channel,
-            trust,
-            threshold,
+            source,
             version,
             tries,
             parallel,
             ca_file,
             json,
         } => {
-            if trust.is_empty() {
-                anyhow::bail!("--repo needs at least one --trust key file or directory");
-            }
+            let args = update::UpdateArgs { parallel, ca_file, ..source.args(repo, version, tries)? };
             if follow::try_call(&socket, agent::machine::Request::Status)?.is_some() {
                 anyhow::bail!(
                     "an agent runs on this node ({}): run `aclctl update` without --repo to have it \
@@ -261,17 +277,6 @@ fn run(cli: Cli) -> Result<()> {
                 .context("no slot is bootable on this disk")?;
             let path = disk.path().to_owned();
             drop(disk);
-            let args = update::UpdateArgs {
-                repo,
-                channel,
-                trust,
-                threshold,
-                version,
-                tries,
-                parallel,
-                ca_file,
-                provision: false,
-            };
             update::run(&path, current, &target.state_dir, &args, json)?;
             let (disk, booted) = open(&target, false)?;
             if json {
@@ -279,7 +284,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             status::print(&status::Status::of(&disk, booted, &target.state_dir), false)
         }
-        Command::Provision { disk, slot, repo, channel, trust, threshold, version, tries, state_dir } => {
+        Command::Provision { disk, slot, repo, source, version, tries, state_dir } => {
+            let args = update::UpdateArgs { provision: true, ..source.args(repo, version, tries)? };
             let d = Disk::open(&disk, false)?;
             let s = d.slots();
             if s.a.successful() || s.b.successful() {
@@ -291,17 +297,6 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             drop(d);
-            let args = update::UpdateArgs {
-                repo,
-                channel,
-                trust,
-                threshold,
-                version,
-                tries,
-                parallel: 4,
-                ca_file: None,
-                provision: true,
-            };
             update::run(&disk, slot.other(), &state_dir, &args, false)?;
             let (d, _) =
                 open(&Target { disk: Some(disk), booted: None, state_dir: state_dir.clone() }, false)?;

@@ -6,7 +6,7 @@
 //! <- {"ok":true,"state":{"phase":{"phase":"idle"},"paused":true,...}}
 //! ```
 //!
-//! Requests: `status`, `check-now`, `pause`, `resume`, `rollback`,
+//! Requests: `status`, `check-now`, `pause`, `resume`, `{"rollback":{"now":false}}`,
 //! `{"update":{"version":null}}` (or a version). Each goes through the daemon's state machine
 //! like any other event, so the API can do nothing the machine would not allow. The answer
 //! carries the state after the request and, while an install runs, its progress (what

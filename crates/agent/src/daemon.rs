@@ -251,7 +251,7 @@ impl Daemon {
         if let Event::Installed { .. } = event {
             m.refresh();
             if let Some(p) = self.install_slot().take() {
-                m.bytes(0, p.get().reused);
+                m.reused(p.get().reused);
             }
         }
         if next != self.state {

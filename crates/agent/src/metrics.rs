@@ -186,10 +186,10 @@ impl Metrics {
         self.checks.get_or_create(&ResultLabel { result }).inc();
     }
 
-    /// Adds bytes fetched from the repository and copied from the other slot.
-    pub fn bytes(&self, fetched: u64, reused: u64) {
-        self.fetched.inc_by(fetched);
-        self.reused.inc_by(reused);
+    /// Adds image bytes an install copied from the other slot (bytes fetched come from the
+    /// [`Source`]).
+    pub fn reused(&self, bytes: u64) {
+        self.reused.inc_by(bytes);
     }
 
     /// The running install's progress.
@@ -284,7 +284,8 @@ mod tests {
         });
         m.transition(&installing, &failed, at("2026-11-10T00:00:30Z"), at("2026-11-10T00:05:30Z"));
         m.checked(&Err("down".into()));
-        m.bytes(1000, 24);
+        m.set_source(Box::new(|| (1000, 0, 0)));
+        m.reused(24);
         let text = m.encode();
         for line in [
             "acl_agent_phase{phase=\"idle\"} 1",

@@ -22,8 +22,14 @@ async fn the_daemon_updates_reboots_and_confirms() {
     assert_eq!((s.b.priority(), s.b.tries(), s.b.successful()), (2, 2, false));
 
     assert_eq!(f.boot(), Slot::B);
+    // The state directory loses its record of B (as on a provisioned disk): the agent takes
+    // it back from the signed trailer the installer wrote at the end of slot B.
+    let record = f.path("state/slot-B.manifest.json");
+    let written = std::fs::read(&record).unwrap();
+    std::fs::remove_file(&record).unwrap();
     let r = f.start(Slot::B, &p);
     common::until("B is confirmed", || f.slots().b.successful()).await;
+    assert_eq!(std::fs::read(&record).unwrap(), written, "record recovered from the trailer");
     let metrics = r.metrics.encode();
     r.stop().await;
     let st = f.state();

@@ -7,8 +7,9 @@
 //! Programs run one after another in file-name order, required ones first, so their order can
 //! express dependencies ("10-network" before "50-kubelet").
 //!
-//! The agent adds its built-in checks (systemd reached its target with no failed units, kubelet
-//! healthy and the Node Ready) as the same kind of [`Check`] results.
+//! Built-in checks ([`builtin`]: systemd reached its target with no failed units, the kubelet
+//! healthy when installed) run first and report as the same kind of [`Check`] results; Node
+//! Ready joins them with Kubernetes (issue 6).
 
 pub mod builtin;
 

@@ -11,7 +11,9 @@
 //! 4. fetch (several requests in flight) and copy; every chunk is decompressed and its SHA-256
 //!    checked before any byte of it is written; a writer thread writes, syncs and journals;
 //! 5. read every chunk back from the device and check it again;
-//! 6. record the manifest as the target's, then activate the target (`choice::activate`).
+//! 6. write the slot trailer (the signed manifest, for the boot path; crate `trailer`) and sync
+//!    it, record the manifest as the target's, then activate the target (`choice::activate`,
+//!    or `choice::provisioned` when provisioning a fresh disk).
 //!
 //! Memory is bounded by the number of requests in flight and the writer's queue, whatever the
 //! image size.
