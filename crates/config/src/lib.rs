@@ -13,7 +13,7 @@
 
 mod settings;
 
-pub use settings::{Kubelet, Mode, Settings, Window};
+pub use settings::{KubeSettings, Kubelet, Mode, Settings, Window};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -35,6 +35,8 @@ pub struct Config {
     pub health: Health,
     /// `[agent]`.
     pub agent: Agent,
+    /// `[kubernetes]`.
+    pub kubernetes: Kubernetes,
 }
 
 /// `[updates]` (see default.toml).
@@ -155,6 +157,34 @@ impl Default for Agent {
             socket: "/run/acl-update/agent.sock".into(),
             reboot_command: "systemctl reboot".into(),
             metrics_listen: String::new(),
+        }
+    }
+}
+
+/// `[kubernetes]` (see default.toml).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+#[allow(missing_docs)]
+pub struct Kubernetes {
+    pub enabled: bool,
+    pub kubeconfig: String,
+    pub node_name: String,
+    pub lock_namespace: String,
+    pub lease_duration: String,
+    pub drain_timeout: String,
+    pub events_namespace: String,
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kubeconfig: String::new(),
+            node_name: String::new(),
+            lock_namespace: "acl-update".into(),
+            lease_duration: "60s".into(),
+            drain_timeout: "10m".into(),
+            events_namespace: "default".into(),
         }
     }
 }

@@ -1,0 +1,178 @@
+//! Cordon, drain through the Eviction API, uncordon.
+//!
+//! As `kubectl drain` does: pods are evicted (never deleted), so PodDisruptionBudgets are
+//! honoured: the API server answers `429` while evicting a pod would break its budget, and we
+//! ask again until the drain's deadline. DaemonSet pods (their controller would put them back
+//! at once, and they tolerate the cordon) and mirror pods (static pods the kubelet owns) are
+//! left alone, as are pods that have finished.
+//!
+//! The agent marks the Node when it cordons it ([`CORDONED`]) in the same patch, and uncordons
+//! only a Node carrying that mark: a node an operator cordoned stays cordoned.
+
+use crate::annotations::CORDONED;
+use crate::{ClusterError, api};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Why a pod is not evicted, if it is not.
+pub fn skip_reason(pod: &Pod) -> Option<&'static str> {
+    let m = &pod.metadata;
+    if m.annotations.as_ref().is_some_and(|a| a.contains_key("kubernetes.io/config.mirror")) {
+        return Some("mirror pod");
+    }
+    if m.owner_references
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|r| r.kind == "DaemonSet" && r.controller == Some(true)))
+    {
+        return Some("DaemonSet pod");
+    }
+    match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Succeeded" | "Failed") => Some("finished"),
+        _ => None,
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every pod to evict is gone.
+    Done {
+        /// Pods evicted.
+        evicted: usize,
+    },
+    /// The deadline passed; what still blocks it.
+    TimedOut {
+        /// `namespace/name: reason` of each pod left.
+        blocking: Vec<String>,
+    },
+}
+
+/// Drains one Node.
+#[derive(Clone)]
+pub struct Drainer {
+    nodes: Api<Node>,
+    client: kube::Client,
+    node: String,
+    /// Time between eviction rounds.
+    pub poll: Duration,
+}
+
+impl std::fmt::Debug for Drainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drainer").field("node", &self.node).field("poll", &self.poll).finish_non_exhaustive()
+    }
+}
+
+fn pod_name(p: &Pod) -> String {
+    format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or(""), p.metadata.name.as_deref().unwrap_or(""))
+}
+
+impl Drainer {
+    /// Drains `node`.
+    pub fn new(client: kube::Client, node: &str) -> Self {
+        Self { nodes: Api::all(client.clone()), client, node: node.to_owned(), poll: Duration::from_secs(5) }
+    }
+
+    /// Marks the Node unschedulable. `true` when this call cordoned it (or an earlier one of
+    /// ours had); `false` when someone else had already cordoned it (then it is not ours to
+    /// uncordon).
+    pub async fn cordon(&self) -> Result<bool, ClusterError> {
+        let node = self.nodes.get(&self.node).await.map_err(api(format!("read node {}", self.node)))?;
+        let ours =
+            node.metadata.annotations.as_ref().is_some_and(|a| a.get(CORDONED).is_some_and(|v| v == "true"));
+        let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+        if ours || cordoned {
+            return Ok(ours);
+        }
+        // Conditioned on the version read: an operator's cordon in between is not claimed.
+        let patch = json!({
+            "metadata": {"resourceVersion": node.metadata.resource_version, "annotations": {CORDONED: "true"}},
+            "spec": {"unschedulable": true},
+        });
+        match self.nodes.patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.is_conflict() => Box::pin(self.cordon()).await,
+            Err(e) => Err(api(format!("cordon node {}", self.node))(e)),
+        }
+    }
+
+    /// Makes the Node schedulable again if we cordoned it. `true` when it did.
+    pub async fn uncordon_if_ours(&self) -> Result<bool, ClusterError> {
+        let Some(node) =
+            self.nodes.get_opt(&self.node).await.map_err(api(format!("read node {}", self.node)))?
+        else {
+            return Ok(false);
+        };
+        let ours =
+            node.metadata.annotations.as_ref().is_some_and(|a| a.get(CORDONED).is_some_and(|v| v == "true"));
+        if !ours {
+            return Ok(false);
+        }
+        let patch = json!({"metadata": {"annotations": {CORDONED: null}}, "spec": {"unschedulable": null}});
+        self.nodes
+            .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(api(format!("uncordon node {}", self.node)))?;
+        Ok(true)
+    }
+
+    /// The pods on the Node that a drain must evict.
+    pub async fn pods_to_evict(&self) -> Result<Vec<Pod>, ClusterError> {
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let lp = ListParams::default().fields(&format!("spec.nodeName={}", self.node));
+        let list = pods.list(&lp).await.map_err(api(format!("list the pods on {}", self.node)))?;
+        Ok(list.items.into_iter().filter(|p| skip_reason(p).is_none()).collect())
+    }
+
+    /// Evicts every pod to evict, asking again while budgets refuse, until they are all gone
+    /// or `timeout` passes. `progress` hears a one-line status after each round.
+    pub async fn drain(
+        &self,
+        timeout: Duration,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<Outcome, ClusterError> {
+        let deadline = Instant::now() + timeout;
+        let mut evicted = 0;
+        loop {
+            let pods = self.pods_to_evict().await?;
+            if pods.is_empty() {
+                return Ok(Outcome::Done { evicted });
+            }
+            let mut blocking = Vec::new();
+            for p in &pods {
+                let name = pod_name(p);
+                if p.metadata.deletion_timestamp.is_some() {
+                    blocking.push(format!("{name}: terminating"));
+                    continue;
+                }
+                let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+                let api_ns: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+                match api_ns.evict(p.metadata.name.as_deref().unwrap_or(""), &EvictParams::default()).await {
+                    Ok(_) => evicted += 1,
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                    Err(kube::Error::Api(s)) if s.code == 429 => {
+                        blocking.push(format!("{name}: {}", s.message));
+                    }
+                    Err(e) => blocking.push(format!("{name}: {e}")),
+                }
+            }
+            if !blocking.is_empty() {
+                progress(format!(
+                    "draining: {} of {} pods left; {}",
+                    blocking.len(),
+                    pods.len(),
+                    blocking[0]
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Ok(Outcome::TimedOut { blocking });
+            }
+            if !blocking.is_empty() {
+                tokio::time::sleep(self.poll.min(deadline.saturating_duration_since(Instant::now()))).await;
+            }
+        }
+    }
+}

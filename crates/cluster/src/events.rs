@@ -1,0 +1,78 @@
+//! Kubernetes Events on the agent's Node (`kubectl describe node` lists them).
+//!
+//! core/v1 Events, one per transition, named like kubectl's (`<node>.<hex time>`). A failure
+//! to write one is logged and otherwise ignored: Events are for people, the annotations are
+//! the state.
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use kube::api::{Api, PostParams};
+
+/// Normal or Warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    /// Progress.
+    Normal,
+    /// Something failed or is blocked.
+    Warning,
+}
+
+/// Writes the Node's Events.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    api: Api<Event>,
+    node: String,
+    uid: Option<String>,
+}
+
+impl Recorder {
+    /// Events about `node` in `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, node: &str) -> Self {
+        Self { api: Api::namespaced(client, namespace), node: node.to_owned(), uid: None }
+    }
+
+    /// The Node's uid, once known (Events then stay with this Node, not a same-named new one).
+    pub fn set_uid(&mut self, uid: Option<String>) {
+        self.uid = uid;
+    }
+
+    /// Writes one Event.
+    pub async fn publish(&self, kind: Type, reason: &str, message: &str) {
+        let now = Timestamp::now();
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{}.{:x}", self.node, now.as_nanosecond())),
+                ..ObjectMeta::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(self.node.clone()),
+                uid: self.uid.clone(),
+                ..ObjectReference::default()
+            },
+            reason: Some(reason.into()),
+            message: Some(message.chars().take(1024).collect()),
+            type_: Some(
+                match kind {
+                    Type::Normal => "Normal",
+                    Type::Warning => "Warning",
+                }
+                .into(),
+            ),
+            source: Some(EventSource { component: Some("acl-agentd".into()), host: Some(self.node.clone()) }),
+            first_timestamp: Some(Time(now)),
+            last_timestamp: Some(Time(now)),
+            event_time: Some(MicroTime(now)),
+            count: Some(1),
+            reporting_component: Some("acl-update.dev/agent".into()),
+            reporting_instance: Some(self.node.clone()),
+            action: Some(reason.into()),
+            ..Event::default()
+        };
+        if let Err(e) = self.api.create(&PostParams::default(), &event).await {
+            tracing::warn!("could not write the event {reason} ({message}): {e}");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The lock and the drain against the test API server (a test double: see its crate docs).
+
+use cluster::annotations::CORDONED;
+use cluster::drain::{Drainer, Outcome};
+use cluster::lock::{RebootLock, lease_name};
+use serde_json::{Value, json};
+use std::time::Duration;
+use test_apiserver::{ApiServer, Kind, Options};
+
+async fn server() -> (ApiServer, kube::Client) {
+    let s = ApiServer::start(Options::default()).await.unwrap();
+    let c = cluster::plain_client(&s.url()).unwrap();
+    (s, c)
+}
+
+fn node(name: &str) -> Value {
+    json!({"metadata": {"name": name}, "spec": {}})
+}
+
+fn holder(s: &ApiServer, i: u32) -> Option<String> {
+    s.get(Kind::Lease, "acl", &lease_name(i))?["spec"]["holderIdentity"].as_str().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn the_lock_admits_n_holders_and_recovers_lost_ones() {
+    let (s, c) = server().await;
+    for n in ["a", "b", "c"] {
+        s.create(Kind::Node, node(n)).unwrap();
+    }
+    let lock = |me: &str| RebootLock::new(c.clone(), "acl", me, Duration::from_secs(2));
+    let (a, b, cc) = (lock("a"), lock("b"), lock("c"));
+    // Two slots: a and b get them, c waits.
+    assert_eq!(a.acquire(2).await.unwrap().unwrap().name, "acl-reboot-0");
+    assert_eq!(b.acquire(2).await.unwrap().unwrap().name, "acl-reboot-1");
+    assert_eq!(cc.acquire(2).await.unwrap(), None);
+    // Taking again is idempotent; a restarted agent finds its slot.
+    assert_eq!(a.acquire(2).await.unwrap().unwrap().name, "acl-reboot-0");
+    assert_eq!(a.held().await.unwrap().as_deref(), Some("acl-reboot-0"));
+    // a releases: c gets slot 0.
+    a.release("acl-reboot-0").await.unwrap();
+    assert_eq!(holder(&s, 0), None);
+    assert_eq!(cc.acquire(2).await.unwrap().unwrap().name, "acl-reboot-0");
+    // b's Node is deleted while it holds slot 1: a recovers it at once.
+    s.delete(Kind::Node, "", "b");
+    let got = a.acquire(2).await.unwrap().unwrap();
+    assert_eq!((got.name.as_str(), got.taken_over.as_deref()), ("acl-reboot-1", Some("b")));
+    // c stops renewing: after its 2 s the slot is recovered; c's renewal then says it lost it.
+    s.create(Kind::Node, node("d")).unwrap();
+    let d = lock("d");
+    assert_eq!(d.acquire(2).await.unwrap(), None, "c renewed recently");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let got = d.acquire(2).await.unwrap().unwrap();
+    assert_eq!((got.name.as_str(), got.taken_over.as_deref()), ("acl-reboot-0", Some("c")));
+    assert!(!cc.renew("acl-reboot-0").await.unwrap());
+    assert!(d.renew("acl-reboot-0").await.unwrap());
+    // A holder about to reboot extends its hold past the usual duration.
+    assert!(d.extend("acl-reboot-0", Duration::from_secs(600)).await.unwrap());
+    assert_eq!(s.get(Kind::Lease, "acl", "acl-reboot-0").unwrap()["spec"]["leaseDurationSeconds"], 600);
+}
+
+#[tokio::test]
+async fn racing_takers_get_distinct_slots() {
+    let (s, c) = server().await;
+    let names: Vec<String> = (0..8).map(|i| format!("n{i}")).collect();
+    for n in &names {
+        s.create(Kind::Node, node(n)).unwrap();
+    }
+    let tasks: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let l = RebootLock::new(c.clone(), "acl", n, Duration::from_secs(60));
+            tokio::spawn(async move { l.acquire(3).await.unwrap().map(|a| a.name) })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in tasks {
+        got.extend(t.await.unwrap());
+    }
+    got.sort();
+    assert_eq!(got, ["acl-reboot-0", "acl-reboot-1", "acl-reboot-2"], "exactly three winners");
+    assert!(s.requests().get("PUT Lease").copied().unwrap_or(0) + s.requests()["POST Lease"] >= 3);
+}
+
+fn pod(name: &str, node: &str, app: &str) -> Value {
+    json!({"metadata": {"name": name, "namespace": "prod", "labels": {"app": app}},
+           "spec": {"nodeName": node}, "status": {"phase": "Running"}})
+}
+
+#[tokio::test]
+async fn drain_evicts_what_it_should_and_waits_for_budgets() {
+    let (s, c) = server().await;
+    s.create(Kind::Node, node("n1")).unwrap();
+    s.create(Kind::Pod, pod("web-1", "n1", "web")).unwrap();
+    s.create(Kind::Pod, pod("db-1", "n1", "db")).unwrap();
+    s.create(Kind::Pod, pod("other", "n2", "web")).unwrap();
+    let mut ds = pod("fluentd-x", "n1", "logs");
+    ds["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "fluentd", "uid": "u", "controller": true}]);
+    s.create(Kind::Pod, ds).unwrap();
+    let mut mirror = pod("etcd-n1", "n1", "etcd");
+    mirror["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": "abc"});
+    s.create(Kind::Pod, mirror).unwrap();
+    let mut done = pod("job-1", "n1", "job");
+    done["status"]["phase"] = json!("Succeeded");
+    s.create(Kind::Pod, done).unwrap();
+    s.create(
+        Kind::Pdb,
+        json!({"metadata": {"name": "db", "namespace": "prod"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "db"}}}}),
+    )
+    .unwrap();
+
+    let mut d = Drainer::new(c.clone(), "n1");
+    d.poll = Duration::from_millis(50);
+    assert!(d.cordon().await.unwrap());
+    let n = s.get(Kind::Node, "", "n1").unwrap();
+    assert_eq!(
+        (n["spec"]["unschedulable"].as_bool(), n["metadata"]["annotations"][CORDONED].as_str()),
+        (Some(true), Some("true"))
+    );
+    let said = std::sync::Mutex::new(Vec::new());
+    let out = d.drain(Duration::from_millis(300), &|m| said.lock().unwrap().push(m)).await.unwrap();
+    let Outcome::TimedOut { blocking } = out else { panic!("{out:?}") };
+    assert_eq!(blocking.len(), 1);
+    assert!(
+        blocking[0]
+            .starts_with("prod/db-1: Cannot evict pod as it would violate the pod's disruption budget"),
+        "{blocking:?}"
+    );
+    assert!(said.lock().unwrap().iter().any(|m| m.starts_with("draining: 1 of ") && m.contains("prod/db-1")));
+    assert!(s.get(Kind::Pod, "prod", "web-1").is_none(), "the unprotected pod went at once");
+    for kept in ["fluentd-x", "etcd-n1", "job-1", "other"] {
+        assert!(s.get(Kind::Pod, "prod", kept).is_some(), "{kept} must stay");
+    }
+    // The budget allows it now (a replica elsewhere): the drain finishes.
+    s.create(Kind::Pod, pod("db-2", "n2", "db")).unwrap();
+    assert_eq!(d.drain(Duration::from_secs(5), &|_| {}).await.unwrap(), Outcome::Done { evicted: 1 });
+    assert!(d.uncordon_if_ours().await.unwrap());
+    let n = s.get(Kind::Node, "", "n1").unwrap();
+    assert!(n["spec"]["unschedulable"].is_null() && n["metadata"]["annotations"][CORDONED].is_null(), "{n}");
+}
+
+#[tokio::test]
+async fn a_node_the_operator_cordoned_stays_cordoned() {
+    let (s, c) = server().await;
+    s.create(Kind::Node, json!({"metadata": {"name": "n1"}, "spec": {"unschedulable": true}})).unwrap();
+    let d = Drainer::new(c, "n1");
+    assert!(!d.cordon().await.unwrap(), "not ours");
+    assert!(!d.uncordon_if_ours().await.unwrap());
+    assert_eq!(s.get(Kind::Node, "", "n1").unwrap()["spec"]["unschedulable"], true);
+}

@@ -1,0 +1,763 @@
+//! A **test double** of the Kubernetes API server, in process, over real HTTP.
+//!
+//! No real API server can run on the machines our tests run on, so the agent's Kubernetes mode
+//! is tested against this one. It is not a Kubernetes: there is no scheduler, no controllers, no
+//! kubelet, no admission, no authentication, no protobuf, no validation of object schemas. It
+//! follows the real API's semantics for exactly what the agent uses, and says so here:
+//!
+//! | what | covered |
+//! |---|---|
+//! | resources | `nodes` (cluster-scoped), `pods`, `events` (core/v1), `leases` (coordination.k8s.io/v1), `poddisruptionbudgets` (policy/v1) |
+//! | verbs | get, list, watch, create (`409 AlreadyExists`), update/PUT, merge patch (`application/merge-patch+json`, RFC 7386), delete |
+//! | optimistic concurrency | one cluster-wide `resourceVersion` counter (like etcd's revision); an update or patch that names a `metadata.resourceVersion` other than the stored one gets `409 Conflict` |
+//! | list | `resourceVersion` of the list; `fieldSelector` `metadata.name=` and `spec.nodeName=` (others are refused with 400, never ignored); no paging (all items, no `continue`) |
+//! | watch | from a `resourceVersion`: every change after it, in order, as newline-delimited JSON; `BOOKMARK` events when `allowWatchBookmarks=true`; ends after `timeoutSeconds` or the server's own limit (clients must reconnect); a version older than the kept history gets an `ERROR` event with a `410 Expired` Status, as the real server does after etcd compaction |
+//! | eviction | `POST pods/{name}/eviction`: `429 TooManyRequests` while a PodDisruptionBudget (`minAvailable` or `maxUnavailable`, integer, `matchLabels`) would be violated, `500` when several budgets match, else the pod is deleted (after an optional grace delay, with `deletionTimestamp` set meanwhile) |
+//! | status | errors are `v1.Status` objects with `reason` and `code` as the real server sends them |
+//!
+//! Tests change the cluster directly (`create`, `modify`, `delete`, `compact`) as controllers
+//! and kubelets would, and follow every change in order with [`ApiServer::subscribe`].
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+
+/// The resources the double serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// core/v1 Node (cluster-scoped).
+    Node,
+    /// core/v1 Pod.
+    Pod,
+    /// core/v1 Event.
+    Event,
+    /// coordination.k8s.io/v1 Lease.
+    Lease,
+    /// policy/v1 PodDisruptionBudget.
+    Pdb,
+}
+
+impl Kind {
+    fn from_plural(group: &str, plural: &str) -> Option<Kind> {
+        Some(match (group, plural) {
+            ("", "nodes") => Kind::Node,
+            ("", "pods") => Kind::Pod,
+            ("", "events") => Kind::Event,
+            ("coordination.k8s.io/v1", "leases") => Kind::Lease,
+            ("policy/v1", "poddisruptionbudgets") => Kind::Pdb,
+            _ => return None,
+        })
+    }
+
+    /// The object kind (`Node`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Node => "Node",
+            Kind::Pod => "Pod",
+            Kind::Event => "Event",
+            Kind::Lease => "Lease",
+            Kind::Pdb => "PodDisruptionBudget",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::Lease => "coordination.k8s.io/v1",
+            Kind::Pdb => "policy/v1",
+            _ => "v1",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        self != Kind::Node
+    }
+}
+
+/// One change, as a watch reports it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    pub kind_of_change: &'static str,
+    /// The resource.
+    pub kind: Kind,
+    /// The object after the change (for `DELETED`, its last state).
+    pub object: Value,
+    /// The cluster's resource version after the change.
+    pub rv: u64,
+}
+
+/// Options of the double.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How many changes are kept for watches to resume from; older versions get 410.
+    pub history: usize,
+    /// The longest a watch stream stays open (the client must reconnect).
+    pub max_watch: Duration,
+    /// How often a watch sends a bookmark when asked to.
+    pub bookmark_every: Duration,
+    /// How long an evicted pod stays (with `deletionTimestamp`) before it is gone.
+    pub eviction_grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            history: 10_000,
+            max_watch: Duration::from_secs(30),
+            bookmark_every: Duration::from_secs(1),
+            eviction_grace: Duration::ZERO,
+        }
+    }
+}
+
+type Key = (Kind, String, String);
+
+#[derive(Debug, Default)]
+struct Store {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    log: VecDeque<Change>,
+    /// Versions at or below this one are no longer in `log`.
+    compacted: u64,
+    next_uid: u64,
+    requests: BTreeMap<String, u64>,
+}
+
+/// The running double.
+#[derive(Debug, Clone)]
+pub struct ApiServer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Mutex<Store>,
+    version: watch::Sender<u64>,
+    changes: broadcast::Sender<Change>,
+    opts: Options,
+    addr: SocketAddr,
+}
+
+/// An API error, answered as a `v1.Status`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+fn err(code: StatusCode, reason: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError { code, reason, message: message.into() }
+}
+
+fn not_found(kind: Kind, name: &str) -> ApiError {
+    err(StatusCode::NOT_FOUND, "NotFound", format!("{} \"{name}\" not found", kind.name().to_lowercase()))
+}
+
+fn status_body(e: &ApiError) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": e.message, "reason": e.reason, "code": e.code.as_u16(),
+    })
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(code: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    *r.status_mut() = code;
+    r.headers_mut().insert("content-type", "application/json".parse().expect("static header"));
+    r
+}
+
+/// RFC 7386 JSON merge patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().expect("made an object");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn name_of(v: &Value) -> String {
+    v["metadata"]["name"].as_str().unwrap_or_default().to_owned()
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector["matchLabels"].as_object().is_some_and(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// A parsed field selector: only what the agent uses.
+#[derive(Debug, Clone, Default)]
+struct Filter {
+    name: Option<String>,
+    node: Option<String>,
+}
+
+impl Filter {
+    fn parse(q: Option<&str>) -> Result<Filter, ApiError> {
+        let mut f = Filter::default();
+        for term in q.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+            match term.split_once('=') {
+                Some(("metadata.name", v)) => f.name = Some(v.to_owned()),
+                Some(("spec.nodeName", v)) => f.node = Some(v.to_owned()),
+                _ => {
+                    return Err(err(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        format!("field selector {term:?} is not supported by the test double"),
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    fn matches(&self, v: &Value) -> bool {
+        self.name.as_ref().is_none_or(|n| v["metadata"]["name"] == n.as_str())
+            && self.node.as_ref().is_none_or(|n| v["spec"]["nodeName"] == n.as_str())
+    }
+}
+
+/// What a request addresses.
+#[derive(Debug)]
+struct Target {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => (String::new(), rest),
+        ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some((*ns).to_owned()), rest),
+        rest => (None, rest),
+    };
+    let (plural, name, sub) = match rest {
+        [p] => (*p, None, None),
+        [p, n] => (*p, Some((*n).to_owned()), None),
+        [p, n, s] => (*p, Some((*n).to_owned()), Some((*s).to_owned())),
+        _ => return None,
+    };
+    let kind = Kind::from_plural(&group, plural)?;
+    Some(Target { kind, namespace, name, sub })
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), percent_decode(v)))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(x) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(x);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl ApiServer {
+    /// Starts the double on a free port of 127.0.0.1.
+    pub async fn start(opts: Options) -> std::io::Result<ApiServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let inner = Arc::new(Inner {
+            store: Mutex::new(Store { rv: 1, ..Store::default() }),
+            version: watch::channel(1).0,
+            changes: broadcast::channel(1 << 16).0,
+            opts,
+            addr,
+        });
+        let server = ApiServer { inner };
+        let s = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(s.handle(req).await) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
+        });
+        Ok(server)
+    }
+
+    /// The URL to give a client (`http://127.0.0.1:PORT`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.inner.addr)
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.inner.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every change from now on, in the order they happened.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.inner.changes.subscribe()
+    }
+
+    /// How many requests of each `"VERB kind"` were served (e.g. `"PATCH Node"`).
+    pub fn requests(&self) -> BTreeMap<String, u64> {
+        self.store().requests.clone()
+    }
+
+    /// Forgets the watch history: a watch resuming from any earlier version gets 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.store();
+        st.log.clear();
+        st.compacted = st.rv;
+    }
+
+    /// The cluster's current resource version.
+    pub fn resource_version(&self) -> u64 {
+        self.store().rv
+    }
+
+    /// Creates an object (as a controller would).
+    pub fn create(&self, kind: Kind, object: Value) -> Result<Value, ApiError> {
+        let mut st = self.store();
+        self.insert(&mut st, kind, object)
+    }
+
+    /// The stored object.
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        self.store().objects.get(&(kind, namespace.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Every stored object of a kind.
+    pub fn list(&self, kind: Kind) -> Vec<Value> {
+        self.store().objects.iter().filter(|(k, _)| k.0 == kind).map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Changes an object in place (as a kubelet or controller would); a new resource version.
+    pub fn modify(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce(&mut Value),
+    ) -> Option<Value> {
+        let mut st = self.store();
+        let key = (kind, namespace.to_owned(), name.to_owned());
+        let mut v = st.objects.get(&key)?.clone();
+        f(&mut v);
+        Some(self.commit(&mut st, key, v, "MODIFIED"))
+    }
+
+    /// Deletes an object.
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        let mut st = self.store();
+        self.remove(&mut st, (kind, namespace.to_owned(), name.to_owned()))
+    }
+
+    fn insert(&self, st: &mut Store, kind: Kind, mut object: Value) -> Result<Value, ApiError> {
+        let name = name_of(&object);
+        if name.is_empty() {
+            return Err(err(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name: Required value"));
+        }
+        let ns = if kind.namespaced() {
+            object["metadata"]["namespace"].as_str().unwrap_or("default").to_owned()
+        } else {
+            String::new()
+        };
+        let key = (kind, ns.clone(), name.clone());
+        if st.objects.contains_key(&key) {
+            return Err(err(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", kind.name().to_lowercase()),
+            ));
+        }
+        st.next_uid += 1;
+        let m = &mut object["metadata"];
+        m["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", st.next_uid));
+        m["creationTimestamp"] = json!(jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+        if kind.namespaced() {
+            m["namespace"] = json!(ns);
+        }
+        object["kind"] = json!(kind.name());
+        object["apiVersion"] = json!(kind.api_version());
+        Ok(self.commit(st, key, object, "ADDED"))
+    }
+
+    fn commit(&self, st: &mut Store, key: Key, mut object: Value, what: &'static str) -> Value {
+        st.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        let change = Change { kind_of_change: what, kind: key.0, object: object.clone(), rv: st.rv };
+        if what == "DELETED" {
+            st.objects.remove(&key);
+        } else {
+            st.objects.insert(key, object.clone());
+        }
+        st.log.push_back(change.clone());
+        while st.log.len() > self.inner.opts.history {
+            let old = st.log.pop_front().expect("not empty");
+            st.compacted = old.rv;
+        }
+        let _ = self.inner.changes.send(change);
+        self.inner.version.send_replace(st.rv);
+        object
+    }
+
+    fn remove(&self, st: &mut Store, key: Key) -> Option<Value> {
+        let v = st.objects.get(&key)?.clone();
+        Some(self.commit(st, key, v, "DELETED"))
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        match self.route(req).await {
+            Ok(r) => r,
+            Err(e) => full(e.code, &status_body(&e)),
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let t = parse_path(req.uri().path()).ok_or_else(|| {
+            err(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource")
+        })?;
+        let q = query(&req);
+        let method = req.method().clone();
+        *self.store().requests.entry(format!("{method} {}", t.kind.name())).or_default() += 1;
+        let ctype = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let parse = || -> Result<Value, ApiError> {
+            serde_json::from_slice(&body)
+                .map_err(|e| err(StatusCode::BAD_REQUEST, "BadRequest", format!("body is not JSON: {e}")))
+        };
+        let ns = t.namespace.clone().unwrap_or_default();
+        if t.kind.namespaced() == t.namespace.is_none() && t.name.is_some() {
+            return Err(err(StatusCode::NOT_FOUND, "NotFound", "namespace missing or not allowed"));
+        }
+        match (&method, t.name.as_deref(), t.sub.as_deref()) {
+            (&Method::GET, None, None) => {
+                let filter = Filter::parse(q.get("fieldSelector").map(String::as_str))?;
+                if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                    return self.watch(t.kind, t.namespace, filter, &q);
+                }
+                let st = self.store();
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|(k, v)| {
+                        k.0 == t.kind && t.namespace.as_ref().is_none_or(|n| &k.1 == n) && filter.matches(v)
+                    })
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                Ok(full(
+                    StatusCode::OK,
+                    &json!({
+                        "kind": format!("{}List", t.kind.name()), "apiVersion": t.kind.api_version(),
+                        "metadata": {"resourceVersion": st.rv.to_string()}, "items": items,
+                    }),
+                ))
+            }
+            (&Method::GET, Some(name), None) => {
+                let v = self.get(t.kind, &ns, name).ok_or_else(|| not_found(t.kind, name))?;
+                Ok(full(StatusCode::OK, &v))
+            }
+            (&Method::POST, None, None) => {
+                let mut v = parse()?;
+                if t.kind.namespaced() {
+                    v["metadata"]["namespace"] = json!(ns);
+                }
+                let created = self.create(t.kind, v)?;
+                Ok(full(StatusCode::CREATED, &created))
+            }
+            (&Method::PUT, Some(name), None) => {
+                let v = parse()?;
+                if name_of(&v) != name {
+                    return Err(err(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        "the name in the body does not match",
+                    ));
+                }
+                let mut st = self.store();
+                let key = (t.kind, ns.clone(), name.to_owned());
+                let current = st.objects.get(&key).cloned().ok_or_else(|| not_found(t.kind, name))?;
+                check_version(t.kind, name, &current, &v)?;
+                let mut next = v;
+                next["metadata"]["uid"] = current["metadata"]["uid"].clone();
+                next["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
+                next["kind"] = json!(t.kind.name());
+                next["apiVersion"] = json!(t.kind.api_version());
+                Ok(full(StatusCode::OK, &self.commit(&mut st, key, next, "MODIFIED")))
+            }
+            (&Method::PATCH, Some(name), None) => {
+                if !ctype.starts_with("application/merge-patch+json") {
+                    return Err(err(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        format!("the test double takes merge patches only, not {ctype:?}"),
+                    ));
+                }
+                let patch = parse()?;
+                let mut st = self.store();
+                let key = (t.kind, ns.clone(), name.to_owned());
+                let current = st.objects.get(&key).cloned().ok_or_else(|| not_found(t.kind, name))?;
+                check_version(t.kind, name, &current, &patch)?;
+                let mut next = current.clone();
+                merge_patch(&mut next, &patch);
+                next["metadata"]["name"] = json!(name);
+                next["metadata"]["uid"] = current["metadata"]["uid"].clone();
+                Ok(full(StatusCode::OK, &self.commit(&mut st, key, next, "MODIFIED")))
+            }
+            (&Method::DELETE, Some(name), None) => {
+                let v = self.delete(t.kind, &ns, name).ok_or_else(|| not_found(t.kind, name))?;
+                Ok(full(StatusCode::OK, &v))
+            }
+            (&Method::POST, Some(name), Some("eviction")) if t.kind == Kind::Pod => {
+                self.evict(&ns, name)?;
+                Ok(full(
+                    StatusCode::CREATED,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                ))
+            }
+            _ => Err(err(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("{method} is not supported here"),
+            )),
+        }
+    }
+
+    fn evict(&self, ns: &str, name: &str) -> Result<(), ApiError> {
+        let mut st = self.store();
+        let key = (Kind::Pod, ns.to_owned(), name.to_owned());
+        let pod = st.objects.get(&key).cloned().ok_or_else(|| not_found(Kind::Pod, name))?;
+        if !pod["metadata"]["deletionTimestamp"].is_null() {
+            return Ok(());
+        }
+        let labels = &pod["metadata"]["labels"];
+        let budgets: Vec<&Value> = st
+            .objects
+            .iter()
+            .filter(|(k, v)| k.0 == Kind::Pdb && k.1 == ns && labels_match(&v["spec"]["selector"], labels))
+            .map(|(_, v)| v)
+            .collect();
+        if budgets.len() > 1 {
+            return Err(err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+            ));
+        }
+        if let Some(pdb) = budgets.first() {
+            let selected: Vec<&Value> = st
+                .objects
+                .iter()
+                .filter(|(k, v)| {
+                    k.0 == Kind::Pod
+                        && k.1 == ns
+                        && labels_match(&pdb["spec"]["selector"], &v["metadata"]["labels"])
+                })
+                .map(|(_, v)| v)
+                .collect();
+            let expected = selected.len() as i64;
+            let healthy = selected
+                .iter()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null() && p["status"]["phase"] == "Running")
+                .count() as i64;
+            let allowed = match (pdb["spec"]["minAvailable"].as_i64(), pdb["spec"]["maxUnavailable"].as_i64())
+            {
+                (Some(min), _) => healthy - min,
+                (None, Some(max)) => max - (expected - healthy),
+                (None, None) => healthy,
+            };
+            if allowed <= 0 {
+                return Err(err(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    format!(
+                        "Cannot evict pod as it would violate the pod's disruption budget. \
+                         (disruption budget {} needs {} healthy pods and has {healthy})",
+                        name_of(pdb),
+                        pdb["spec"]["minAvailable"].as_i64().unwrap_or(expected),
+                    ),
+                ));
+            }
+        }
+        let grace = self.inner.opts.eviction_grace;
+        if grace.is_zero() {
+            self.remove(&mut st, key);
+            return Ok(());
+        }
+        let mut marked = pod;
+        marked["metadata"]["deletionTimestamp"] =
+            json!(jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+        self.commit(&mut st, key.clone(), marked, "MODIFIED");
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let mut st = me.store();
+            me.remove(&mut st, key);
+        });
+        Ok(())
+    }
+
+    fn watch(
+        &self,
+        kind: Kind,
+        namespace: Option<String>,
+        filter: Filter,
+        q: &BTreeMap<String, String>,
+    ) -> Result<Response<Body>, ApiError> {
+        let opts = &self.inner.opts;
+        let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+        let limit = q
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .map_or(opts.max_watch, Duration::from_secs)
+            .min(opts.max_watch);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
+        let from: Option<u64> =
+            q.get("resourceVersion").filter(|v| !v.is_empty() && *v != "0").and_then(|v| v.parse().ok());
+        let mut cursor = {
+            let st = self.store();
+            match from {
+                Some(rv) if rv < st.compacted => {
+                    let e = err(
+                        StatusCode::GONE,
+                        "Expired",
+                        format!("too old resource version: {rv} ({})", st.compacted + 1),
+                    );
+                    let _ = tx.try_send(json!({"type": "ERROR", "object": status_body(&e)}));
+                    u64::MAX
+                }
+                Some(rv) => rv,
+                None => {
+                    // No version: the current objects first, as ADDED.
+                    for (k, v) in &st.objects {
+                        if k.0 == kind && namespace.as_ref().is_none_or(|n| &k.1 == n) && filter.matches(v) {
+                            let _ = tx.try_send(json!({"type": "ADDED", "object": v}));
+                        }
+                    }
+                    st.rv
+                }
+            }
+        };
+        let me = self.clone();
+        let every = opts.bookmark_every;
+        tokio::spawn(async move {
+            if cursor == u64::MAX {
+                return;
+            }
+            let mut version = me.inner.version.subscribe();
+            let end = tokio::time::Instant::now() + limit;
+            let mut next_bookmark = tokio::time::Instant::now() + every;
+            loop {
+                let batch: Vec<Change> = {
+                    let st = me.store();
+                    if cursor < st.compacted {
+                        // Fell behind the kept history while streaming.
+                        let e =
+                            err(StatusCode::GONE, "Expired", format!("too old resource version: {cursor}"));
+                        let _ = tx.try_send(json!({"type": "ERROR", "object": status_body(&e)}));
+                        return;
+                    }
+                    let batch = st.log.iter().filter(|c| c.rv > cursor).cloned().collect();
+                    cursor = st.rv;
+                    batch
+                };
+                for c in batch {
+                    let ns = c.object["metadata"]["namespace"].as_str().unwrap_or_default();
+                    if c.kind == kind
+                        && namespace.as_deref().is_none_or(|n| n == ns)
+                        && filter.matches(&c.object)
+                        && tx.send(json!({"type": c.kind_of_change, "object": c.object})).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(end) => return,
+                    _ = tokio::time::sleep_until(next_bookmark), if bookmarks => {
+                        next_bookmark += every;
+                        let bm = json!({"type": "BOOKMARK", "object": {
+                            "kind": kind.name(), "apiVersion": kind.api_version(),
+                            "metadata": {"resourceVersion": cursor.to_string()},
+                        }});
+                        if tx.send(bm).await.is_err() {
+                            return;
+                        }
+                    }
+                    r = version.changed() => if r.is_err() { return },
+                }
+            }
+        });
+        let stream =
+            tokio_stream(rx).map(|v| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{v}\n")))));
+        let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
+        r.headers_mut().insert("content-type", "application/json".parse().expect("static header"));
+        Ok(r)
+    }
+}
+
+fn tokio_stream(mut rx: tokio::sync::mpsc::Receiver<Value>) -> impl futures_util::Stream<Item = Value> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn check_version(kind: Kind, name: &str, current: &Value, incoming: &Value) -> Result<(), ApiError> {
+    match incoming["metadata"]["resourceVersion"].as_str() {
+        Some(rv) if Some(rv) != current["metadata"]["resourceVersion"].as_str() => Err(err(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; \
+                 please apply your changes to the latest version and try again",
+                kind.name().to_lowercase()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

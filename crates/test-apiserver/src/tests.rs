@@ -1,0 +1,179 @@
+//! The double's own semantics, over real HTTP with a plain client.
+
+use super::*;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+struct Http {
+    base: String,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Http {
+    fn new(s: &ApiServer) -> Self {
+        Http { base: s.url(), client: Client::builder(TokioExecutor::new()).build_http() }
+    }
+
+    async fn send(&self, method: &str, path: &str, ctype: &str, body: Option<Value>) -> (u16, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", ctype)
+            .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
+            .unwrap();
+        let r = self.client.request(req).await.unwrap();
+        let code = r.status().as_u16();
+        let bytes = r.into_body().collect().await.unwrap().to_bytes();
+        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.send(method, path, "application/json", body).await
+    }
+
+    /// Reads a watch stream until it ends or `n` events came.
+    async fn watch(&self, path: &str, n: usize) -> Vec<Value> {
+        let req =
+            Request::builder().uri(format!("{}{path}", self.base)).body(Full::new(Bytes::new())).unwrap();
+        let mut body = self.client.request(req).await.unwrap().into_body();
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while out.len() < n {
+            let Some(frame) = body.frame().await else { break };
+            buf.extend_from_slice(frame.unwrap().data_ref().unwrap());
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                out.push(serde_json::from_slice(&line).unwrap());
+            }
+        }
+        out
+    }
+}
+
+fn node(name: &str) -> Value {
+    json!({"metadata": {"name": name, "labels": {"pool": "a"}}, "spec": {}})
+}
+
+#[tokio::test]
+async fn stale_writes_conflict_and_merge_patch_applies() {
+    let s = ApiServer::start(Options::default()).await.unwrap();
+    let h = Http::new(&s);
+    let (code, created) = h.json("POST", "/api/v1/nodes", Some(node("n1"))).await;
+    assert_eq!(code, 201);
+    let rv = created["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
+    assert_eq!(h.json("POST", "/api/v1/nodes", Some(node("n1"))).await.1["reason"], "AlreadyExists");
+
+    let patch = json!({"metadata": {"resourceVersion": rv, "annotations": {"a": "1", "b": "2"}}});
+    let (code, patched) =
+        h.send("PATCH", "/api/v1/nodes/n1", "application/merge-patch+json", Some(patch.clone())).await;
+    assert_eq!(code, 200, "{patched}");
+    assert_eq!(patched["metadata"]["annotations"], json!({"a": "1", "b": "2"}));
+    assert_eq!(patched["metadata"]["labels"], json!({"pool": "a"}), "merge keeps what the patch omits");
+    // The same precondition again is stale now.
+    let (code, status) =
+        h.send("PATCH", "/api/v1/nodes/n1", "application/merge-patch+json", Some(patch)).await;
+    assert_eq!((code, status["reason"].as_str()), (409, Some("Conflict")));
+    // null removes a key; no version means no precondition.
+    let (_, patched) = h
+        .send(
+            "PATCH",
+            "/api/v1/nodes/n1",
+            "application/merge-patch+json",
+            Some(json!({"metadata": {"annotations": {"a": null}}})),
+        )
+        .await;
+    assert_eq!(patched["metadata"]["annotations"], json!({"b": "2"}));
+    // A PUT with a stale version conflicts too; strategic merge is refused, not misapplied.
+    let mut stale = created.clone();
+    stale["spec"]["unschedulable"] = json!(true);
+    assert_eq!(h.json("PUT", "/api/v1/nodes/n1", Some(stale)).await.0, 409);
+    let smp =
+        h.send("PATCH", "/api/v1/nodes/n1", "application/strategic-merge-patch+json", Some(json!({}))).await;
+    assert_eq!(smp.0, 415);
+    assert_eq!(h.json("GET", "/api/v1/nodes/nx", None).await.1["reason"], "NotFound");
+    assert_eq!(h.json("GET", "/api/v1/nodes?fieldSelector=status.phase%3DReady", None).await.0, 400);
+}
+
+#[tokio::test]
+async fn watch_resumes_sends_bookmarks_and_expires() {
+    let opts = Options { history: 3, bookmark_every: Duration::from_millis(100), ..Options::default() };
+    let s = ApiServer::start(opts).await.unwrap();
+    let h = Http::new(&s);
+    s.create(Kind::Node, node("n1")).unwrap();
+    s.create(Kind::Node, node("n2")).unwrap();
+    let (_, list) = h.json("GET", "/api/v1/nodes?fieldSelector=metadata.name%3Dn1", None).await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let rv = list["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
+    s.modify(Kind::Node, "", "n2", |v| v["spec"]["x"] = json!(1));
+    s.modify(Kind::Node, "", "n1", |v| v["spec"]["x"] = json!(1));
+    // From the list's version: only n1's change (the selector), then a bookmark.
+    let path = format!(
+        "/api/v1/nodes?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&fieldSelector=metadata.name%3Dn1"
+    );
+    let ev = h.watch(&path, 2).await;
+    assert_eq!(ev[0]["type"], "MODIFIED");
+    assert_eq!(ev[0]["object"]["metadata"]["name"], "n1");
+    assert_eq!(ev[1]["type"], "BOOKMARK");
+    assert_eq!(ev[1]["object"]["metadata"]["resourceVersion"], s.resource_version().to_string());
+    // History of 3: the list's version has been compacted away after three more changes.
+    for i in 0..3 {
+        s.modify(Kind::Node, "", "n2", |v| v["spec"]["x"] = json!(i));
+    }
+    let ev = h.watch(&path, 1).await;
+    assert_eq!(ev[0]["type"], "ERROR");
+    assert_eq!(ev[0]["object"]["code"], 410);
+    assert_eq!(ev[0]["object"]["reason"], "Expired");
+}
+
+#[tokio::test]
+async fn eviction_honours_disruption_budgets() {
+    let s = ApiServer::start(Options::default()).await.unwrap();
+    let h = Http::new(&s);
+    for (name, app) in [("web-1", "web"), ("web-2", "web"), ("db-1", "db")] {
+        s.create(
+            Kind::Pod,
+            json!({"metadata": {"name": name, "namespace": "prod", "labels": {"app": app}},
+                   "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}}),
+        )
+        .unwrap();
+    }
+    let pdb = |name: &str, app: &str| {
+        json!({"metadata": {"name": name, "namespace": "prod"},
+               "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": app}}}})
+    };
+    s.create(Kind::Pdb, pdb("web", "web")).unwrap();
+    s.create(Kind::Pdb, pdb("db", "db")).unwrap();
+    let evict = |pod: &str| format!("/api/v1/namespaces/prod/pods/{pod}/eviction");
+    // db has one pod and needs one: blocked. web has two and needs one: one may go.
+    let (code, st) = h.json("POST", &evict("db-1"), Some(json!({}))).await;
+    assert_eq!((code, st["reason"].as_str()), (429, Some("TooManyRequests")));
+    assert_eq!(h.json("POST", &evict("web-1"), Some(json!({}))).await.0, 201);
+    assert!(s.get(Kind::Pod, "prod", "web-1").is_none());
+    assert_eq!(h.json("POST", &evict("web-2"), Some(json!({}))).await.0, 429);
+    // The budget relaxed: the eviction goes through.
+    s.modify(Kind::Pdb, "prod", "db", |v| v["spec"]["minAvailable"] = json!(0));
+    assert_eq!(h.json("POST", &evict("db-1"), Some(json!({}))).await.0, 201);
+    assert_eq!(h.json("POST", &evict("db-1"), Some(json!({}))).await.0, 404);
+    let (_, pods) = h.json("GET", "/api/v1/pods?fieldSelector=spec.nodeName%3Dn1", None).await;
+    assert_eq!(pods["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn leases_are_namespaced_objects_with_optimistic_concurrency() {
+    let s = ApiServer::start(Options::default()).await.unwrap();
+    let h = Http::new(&s);
+    let path = "/apis/coordination.k8s.io/v1/namespaces/acl/leases";
+    let lease = json!({"metadata": {"name": "l0"}, "spec": {"holderIdentity": "a"}});
+    let (code, created) = h.json("POST", path, Some(lease)).await;
+    assert_eq!(code, 201);
+    assert_eq!(created["metadata"]["namespace"], "acl");
+    let mut mine = created.clone();
+    mine["spec"]["holderIdentity"] = json!("b");
+    let mut theirs = created.clone();
+    theirs["spec"]["holderIdentity"] = json!("c");
+    assert_eq!(h.json("PUT", &format!("{path}/l0"), Some(mine)).await.0, 200);
+    assert_eq!(h.json("PUT", &format!("{path}/l0"), Some(theirs)).await.0, 409, "two takers: one wins");
+    assert_eq!(s.get(Kind::Lease, "acl", "l0").unwrap()["spec"]["holderIdentity"], "b");
+    assert_eq!(h.json("GET", "/apis/coordination.k8s.io/v1/namespaces/other/leases/l0", None).await.0, 404);
+}
