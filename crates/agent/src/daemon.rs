@@ -72,6 +72,14 @@ pub struct Env {
     pub tick: Duration,
     /// The metrics to keep up to date.
     pub metrics: Arc<Metrics>,
+    /// The reboot is coordinated from outside (Kubernetes mode): the daemon does not reboot when
+    /// a window opens but sets [`Snapshot::reboot_wanted`] and waits for
+    /// [`Request::AllowReboot`].
+    pub coordinated: bool,
+    /// Where the daemon publishes its state after every step, for whoever follows it.
+    pub status: Arc<tokio::sync::watch::Sender<Snapshot>>,
+    /// Health checks supplied at run time (Kubernetes mode: the Node is Ready).
+    pub probes: Vec<Arc<dyn health::Probe>>,
 }
 
 /// Why the daemon stopped.
@@ -92,7 +100,7 @@ pub enum AgentError {
 pub type ApiRequest = (Request, oneshot::Sender<Snapshot>);
 
 /// What the API answers: the state, and the running install's progress.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     /// The agent's state.
     pub state: State,
@@ -100,6 +108,13 @@ pub struct Snapshot {
     pub checking: bool,
     /// The install in progress, if any.
     pub progress: Option<Progress>,
+    /// The booted slot's version, if known.
+    #[serde(default)]
+    pub booted_version: Option<String>,
+    /// An update is staged, its window is open, and (coordinated) it waits for
+    /// [`Request::AllowReboot`].
+    #[serde(default)]
+    pub reboot_wanted: bool,
 }
 
 /// How far the running install is.
@@ -191,22 +206,22 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         env.platform.alive();
+        d.publish();
         let wait = next_wake(&d.state, &cfg, env.platform.now()).min(env.tick);
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = tokio::time::sleep(wait) => {
                 let now = env.platform.now();
                 d.feed(&Event::Tick { now }, &cfg)?;
-                // A staged update reboots once a window allows it.
-                if matches!(d.state.phase, Phase::Staged { .. }) && d.reboot_allowed(now) {
+                // A staged update reboots once a window allows it (unless coordinated).
+                if !env.coordinated && matches!(d.state.phase, Phase::Staged { .. }) && d.reboot_allowed(now) {
                     d.feed(&Event::RebootAllowed, &cfg)?;
                 }
             }
             Some(event) = results.recv() => d.feed(&event, &cfg)?,
             Some((request, reply)) = requests.recv() => {
                 d.feed(&Event::Operator(request), &cfg)?;
-                let progress = d.progress();
-                let _ = reply.send(Snapshot { state: d.state.clone(), checking: d.state.checking, progress });
+                let _ = reply.send(d.snapshot());
             }
         }
     }
@@ -274,6 +289,32 @@ impl Daemon {
         Ok(())
     }
 
+    fn snapshot(&self) -> Snapshot {
+        let now = self.env.platform.now();
+        Snapshot {
+            state: self.state.clone(),
+            checking: self.state.checking,
+            progress: self.progress(),
+            booted_version: self.booted_version.clone(),
+            reboot_wanted: self.env.coordinated
+                && !self.state.paused
+                && matches!(self.state.phase, Phase::Staged { .. })
+                && self.reboot_allowed(now),
+        }
+    }
+
+    /// Tells followers (Kubernetes mode) about a changed state.
+    fn publish(&self) {
+        let next = self.snapshot();
+        self.env.status.send_if_modified(|s| {
+            let changed = *s != next;
+            if changed {
+                *s = next;
+            }
+            changed
+        });
+    }
+
     fn reboot_allowed(&self, now: Timestamp) -> bool {
         let w = &self.env.settings.windows;
         w.is_empty() || w.iter().any(|w| w.contains(now))
@@ -329,7 +370,7 @@ impl Daemon {
                 });
             }
             Action::RequestReboot => {
-                if self.reboot_allowed(now) {
+                if !env.coordinated && self.reboot_allowed(now) {
                     self.feed(&Event::RebootAllowed, cfg)?;
                 }
             }
@@ -340,7 +381,8 @@ impl Daemon {
                 }
             }
             Action::RunHealth => {
-                let checks = health_checks(&env.settings);
+                let mut checks = health_checks(&env.settings);
+                checks.probes.clone_from(&env.probes);
                 tokio::spawn(async move {
                     let report = checks.run().await;
                     let result = if report.passed() { Ok(()) } else { Err(report.failures()) };
@@ -481,6 +523,8 @@ fn health_checks(s: &Settings) -> health::Checks {
     use health::builtin::{Builtins, Kubelet, Systemd};
     let wait = s.health_deadline;
     health::Checks {
+        probes: Vec::new(),
+        probe_wait: wait,
         required_dir: s.required_dir.clone(),
         wanted_dir: s.wanted_dir.clone(),
         timeout: s.check_timeout,

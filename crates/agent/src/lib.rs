@@ -6,6 +6,7 @@
 pub mod api;
 pub mod daemon;
 pub mod history;
+pub mod kube;
 pub mod machine;
 pub mod metrics;
 pub mod persist;

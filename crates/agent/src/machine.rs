@@ -15,7 +15,7 @@
 //! | Idle | Checked(Wait/UpToDate/Blocked) | Idle (note kept) | - |
 //! | Installing v | Installed ok | Staged v | RequestReboot |
 //! | Installing v | Installed err | Idle | (failure of v recorded) |
-//! | Staged v | RebootAllowed | Rebooting v | Reboot |
+//! | Staged v | RebootAllowed (or Operator AllowReboot) | Rebooting v | Reboot |
 //! | Rebooting v | Started, v booted unconfirmed | Verifying v until deadline | RunHealth |
 //! | Rebooting v | Started, v did not boot | Idle | (v skipped: its tries ran out) |
 //! | Rebooting v | Started, old slot runs, v still boots next | Staged v | RequestReboot |
@@ -198,6 +198,9 @@ pub enum Request {
         /// The version, or the latest.
         version: Option<Version>,
     },
+    /// The staged update may reboot now: in Kubernetes mode, the cluster lock is held and the
+    /// node drained. The same as [`Event::RebootAllowed`].
+    AllowReboot,
 }
 
 /// Something the daemon must do, after persisting the new state.
@@ -262,6 +265,10 @@ fn fail(state: &mut State, version: &Version, reason: &str, now: Timestamp) {
 
 /// The transition function (see the module docs for the table).
 pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) {
+    let event = match event {
+        Event::Operator(Request::AllowReboot) => &Event::RebootAllowed,
+        e => e,
+    };
     let mut s = state.clone();
     let mut actions = Vec::new();
     let ignored = |what: &str| vec![Action::Log(format!("ignored {what} in phase {:?}", state.phase))];

@@ -110,7 +110,18 @@ fn run(args: Args) -> Result<()> {
     let tick = sd_notify::watchdog_enabled().map_or(settings.check_interval, |w| w / 2);
     let platform = Arc::new(Systemd(daemon::System { reboot_command: settings.reboot_command.clone() }));
     let metrics = Arc::new(agent::metrics::Metrics::new());
+    let status = Arc::new(tokio::sync::watch::channel(daemon::Snapshot::default()).0);
+    let (probes, ready_feed) = match settings.kubernetes {
+        Some(_) => {
+            let (probe, feed) = agent::kube::node_ready_probe();
+            (vec![probe as Arc<dyn health::Probe>], Some(feed))
+        }
+        None => (Vec::new(), None),
+    };
     let env = Env {
+        coordinated: settings.kubernetes.is_some(),
+        status: Arc::clone(&status),
+        probes,
         settings,
         disk,
         booted,
@@ -123,6 +134,7 @@ fn run(args: Args) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let (requests, rx) = tokio::sync::mpsc::channel(16);
+        let requests_k8s = requests.clone();
         let socket = env.settings.socket.clone();
         tokio::spawn(async move {
             if let Err(e) = agent::api::serve(&socket, requests).await {
@@ -136,6 +148,18 @@ fn run(args: Args) -> Result<()> {
             let addr = listener.local_addr().unwrap_or(addr);
             tracing::info!("serving metrics on http://{addr}/metrics");
             tokio::spawn(agent::metrics::serve(listener, metrics));
+        }
+        if let (Some(k), Some(feed)) = (env.settings.kubernetes.clone(), ready_feed) {
+            let node = match &k.node_name {
+                Some(n) => n.clone(),
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .context("the Node's name (kubernetes.node-name unset, and no host name)")?,
+            };
+            let client = cluster::client(k.kubeconfig.as_deref()).await?;
+            let opts = agent::kube::Options::new(&k, env.settings.health_deadline, node.clone());
+            tracing::info!(node = %node, "Kubernetes mode: lock in namespace {}", k.lock_namespace);
+            tokio::spawn(agent::kube::run(client, opts, requests_k8s, status.subscribe(), feed));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {

@@ -96,6 +96,9 @@ async fn the_local_api_pauses_resumes_and_reports() {
         platform: p.clone(),
         tick: Duration::from_secs(3600),
         metrics: Default::default(),
+        coordinated: false,
+        status: Default::default(),
+        probes: Vec::new(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let socket = f.path("run/agent.sock");

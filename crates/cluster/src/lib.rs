@@ -14,6 +14,7 @@ pub mod lock;
 use std::path::Path;
 
 pub use kube::Client;
+pub use {k8s_openapi, kube};
 
 /// A Kubernetes call that failed.
 #[derive(Debug, thiserror::Error)]

@@ -116,6 +116,20 @@ pub struct Checks {
     pub timeout: Duration,
     /// The built-in checks (run first).
     pub builtins: builtin::Builtins,
+    /// Checks the agent adds at run time (Kubernetes mode: the Node is Ready), run after the
+    /// built-ins.
+    pub probes: Vec<std::sync::Arc<dyn Probe>>,
+    /// How long a probe may wait to pass.
+    pub probe_wait: Duration,
+}
+
+/// A check supplied by the agent rather than a program (it needs the agent's connections).
+pub trait Probe: Send + Sync + std::fmt::Debug {
+    /// Runs the check, waiting up to `timeout` for it to pass.
+    fn check(
+        &self,
+        timeout: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Check> + Send + '_>>;
 }
 
 /// Output kept per check.
@@ -125,6 +139,9 @@ impl Checks {
     /// Runs every program of both directories (a missing directory has no checks).
     pub async fn run(&self) -> Report {
         let mut report = Report { checks: self.builtins.run().await };
+        for p in &self.probes {
+            report.checks.push(p.check(self.probe_wait).await);
+        }
         for (dir, required) in [(&self.required_dir, true), (&self.wanted_dir, false)] {
             for program in programs(dir) {
                 report.checks.push(run_one(&program, required, self.timeout).await);

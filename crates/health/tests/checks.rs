@@ -18,6 +18,8 @@ fn checks(root: &Path, timeout_ms: u64) -> Checks {
         wanted_dir: root.join("wanted.d"),
         timeout: Duration::from_millis(timeout_ms),
         builtins: Default::default(),
+        probes: Vec::new(),
+        probe_wait: Duration::ZERO,
     }
 }
 
@@ -79,4 +81,39 @@ async fn a_program_that_cannot_run_fails_a_required_check() {
     // No directories at all: nothing to check, nothing failed.
     let r = checks(&d.path().join("none"), 1000).run().await;
     assert!(r.checks.is_empty() && r.passed());
+}
+
+/// A probe the agent supplies: it runs after the programs' built-ins with its own wait, and a
+/// failing one fails the report like a required program.
+#[derive(Debug)]
+struct NotReady;
+
+impl health::Probe for NotReady {
+    fn check(
+        &self,
+        wait: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = health::Check> + Send + '_>> {
+        Box::pin(async move {
+            health::Check {
+                name: "node-ready".into(),
+                required: true,
+                outcome: Outcome::TimedOut { after: wait },
+                took: wait,
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn probes_are_checks_too() {
+    let d = tempfile::tempdir().unwrap();
+    script(&d.path().join("required.d"), "10-ok", "exit 0");
+    let mut c = checks(d.path(), 5000);
+    c.probes.push(std::sync::Arc::new(NotReady));
+    c.probe_wait = Duration::from_secs(7);
+    let r = c.run().await;
+    assert!(!r.passed());
+    assert_eq!(r.checks[0].name, "node-ready", "probes run before the programs");
+    assert!(r.failures().contains("node-ready"), "{}", r.failures());
+    assert!(r.failures().contains("after 7 s"), "{}", r.failures());
 }

@@ -174,6 +174,9 @@ impl Fixture {
             platform: platform.clone(),
             tick: Duration::from_millis(20),
             metrics: Arc::clone(&metrics),
+            coordinated: false,
+            status: Default::default(),
+            probes: Vec::new(),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
