@@ -80,6 +80,20 @@ pub struct Env {
     pub status: Arc<tokio::sync::watch::Sender<Snapshot>>,
     /// Health checks supplied at run time (Kubernetes mode: the Node is Ready).
     pub probes: Vec<Arc<dyn health::Probe>>,
+    /// Every change of phase or note, in order and none lost (Kubernetes mode writes an Event
+    /// for each; the published [`Snapshot`] only keeps the latest).
+    pub transitions: Option<mpsc::UnboundedSender<Transition>>,
+}
+
+/// A change of phase or note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// The phase before.
+    pub from: &'static str,
+    /// The phase after.
+    pub to: &'static str,
+    /// The note after.
+    pub note: String,
 }
 
 /// Why the daemon stopped.
@@ -339,6 +353,13 @@ impl Daemon {
             message: next.note.clone(),
         };
         tracing::info!(phase = %entry.phase, "{}", entry.message);
+        if let Some(tx) = &self.env.transitions {
+            let _ = tx.send(Transition {
+                from: self.state.phase.name(),
+                to: next.phase.name(),
+                note: next.note.clone(),
+            });
+        }
         if let Err(e) = crate::history::append(&self.env.settings.state_dir, &entry) {
             tracing::warn!("could not add to the event history: {e}");
         }

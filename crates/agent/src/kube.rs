@@ -22,7 +22,7 @@
 //! named in `drain` and `last-error` and a Warning Event, and the whole attempt repeated after
 //! as long again.
 
-use crate::daemon::{ApiRequest, Snapshot};
+use crate::daemon::{ApiRequest, Snapshot, Transition};
 use crate::machine::{Phase, Request};
 use cluster::annotations::{self as ann, Requests};
 use cluster::drain::{Drainer, Outcome};
@@ -142,7 +142,6 @@ struct Controller {
     renewed: Instant,
     last_error: Option<String>,
     request_result: Option<String>,
-    reported: Option<(String, String)>,
 }
 
 /// Runs Kubernetes mode until the daemon stops.
@@ -151,6 +150,7 @@ pub async fn run(
     opts: Options,
     daemon: mpsc::Sender<ApiRequest>,
     mut status: watch::Receiver<Snapshot>,
+    mut transitions: mpsc::UnboundedReceiver<Transition>,
     ready_tx: watch::Sender<bool>,
 ) {
     let nodes: Api<Node> = Api::all(client.clone());
@@ -174,9 +174,11 @@ pub async fn run(
         renewed: Instant::now(),
         last_error: None,
         request_result: None,
-        reported: None,
         opts,
     };
+    let booted = c.snap.booted_version.clone().unwrap_or_else(|| "an unknown version".into());
+    let (phase, note) = (c.snap.state.phase.name(), c.snap.state.note.clone());
+    c.events.publish(Type::Normal, "AgentStarted", &format!("running {booted}; {phase}: {note}")).await;
     match c.lock.held().await {
         Ok(h) => c.held = h,
         Err(e) => tracing::warn!("{e}"),
@@ -202,8 +204,8 @@ pub async fn run(
                     return;
                 }
                 c.snap = status.borrow_and_update().clone();
-                c.report_transition().await;
             }
+            Some(t) = transitions.recv() => c.report_transition(t).await,
             done = async { c.draining.as_mut().expect("guarded").await }, if c.draining.is_some() => {
                 c.draining = None;
                 c.drain_done(done).await;
@@ -312,25 +314,15 @@ impl Controller {
         }
     }
 
-    async fn report_transition(&mut self) {
-        let phase = self.snap.state.phase.name().to_owned();
-        let note = self.snap.state.note.clone();
-        let Some((old_phase, old_note)) = self.reported.replace((phase.clone(), note.clone())) else {
-            let booted = self.snap.booted_version.as_deref().unwrap_or("unknown");
-            self.events
-                .publish(Type::Normal, "AgentStarted", &format!("running {booted}; {phase}: {note}"))
-                .await;
-            return;
-        };
-        if old_phase == phase && old_note == note {
-            return;
-        }
+    async fn report_transition(&mut self, t: Transition) {
+        let note = t.note;
         let failed =
             note.contains("failed") || note.contains("rolling back") || note.contains("did not boot");
-        let reason = match (old_phase.as_str(), phase.as_str()) {
+        let reason = match (t.from, t.to) {
             (_, "installing") => "UpdateInstalling",
             (_, "staged") => "UpdateStaged",
-            (_, "rebooting") => "Rebooting",
+            // Announced by `prepare_reboot` before it allowed the reboot.
+            (_, "rebooting") => return,
             (_, "verifying") => "VerifyingBoot",
             ("verifying", "idle") if !failed => "UpdateSucceeded",
             (_, "idle") if failed => "UpdateFailed",
@@ -429,6 +421,14 @@ impl Controller {
             self.drained = false;
             self.set_drain("done".into());
             self.write_status().await;
+            // Said before the reboot is allowed: once allowed, the machine may go down before
+            // this task hears of the transition.
+            let target = self.snap.state.phase.version().map_or("?".into(), ToString::to_string);
+            let how = self
+                .held
+                .as_ref()
+                .map_or("without the lock (reboot=allowed)".into(), |l| format!("holding {l}"));
+            self.events.publish(Type::Normal, "Rebooting", &format!("rebooting into {target}, {how}")).await;
             if let Some(s) = self.ask(Request::AllowReboot).await {
                 self.snap = s;
             }

@@ -118,7 +118,9 @@ fn run(args: Args) -> Result<()> {
         }
         None => (Vec::new(), None),
     };
+    let (transitions, transitions_rx) = tokio::sync::mpsc::unbounded_channel();
     let env = Env {
+        transitions: settings.kubernetes.is_some().then_some(transitions),
         coordinated: settings.kubernetes.is_some(),
         status: Arc::clone(&status),
         probes,
@@ -159,7 +161,14 @@ fn run(args: Args) -> Result<()> {
             let client = cluster::client(k.kubeconfig.as_deref()).await?;
             let opts = agent::kube::Options::new(&k, env.settings.health_deadline, node.clone());
             tracing::info!(node = %node, "Kubernetes mode: lock in namespace {}", k.lock_namespace);
-            tokio::spawn(agent::kube::run(client, opts, requests_k8s, status.subscribe(), feed));
+            tokio::spawn(agent::kube::run(
+                client,
+                opts,
+                requests_k8s,
+                status.subscribe(),
+                transitions_rx,
+                feed,
+            ));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {

@@ -99,6 +99,7 @@ async fn the_local_api_pauses_resumes_and_reports() {
         coordinated: false,
         status: Default::default(),
         probes: Vec::new(),
+        transitions: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let socket = f.path("run/agent.sock");

@@ -343,7 +343,9 @@ impl ApiServer {
         self.inner.changes.subscribe()
     }
 
-    /// How many requests of each `"VERB kind"` were served (e.g. `"PATCH Node"`).
+    /// How many requests of each `"VERB kind"` were served: `GET`, `LIST`, `WATCH`, `POST`,
+    /// `PUT`, `PATCH`, `DELETE` and subresources as `"POST Pod/eviction"`; `"410 Node"` counts
+    /// watches refused as too old.
     pub fn requests(&self) -> BTreeMap<String, u64> {
         self.store().requests.clone()
     }
@@ -464,7 +466,13 @@ impl ApiServer {
         })?;
         let q = query(&req);
         let method = req.method().clone();
-        *self.store().requests.entry(format!("{method} {}", t.kind.name())).or_default() += 1;
+        let verb = match (&method, t.sub.as_deref(), q.get("watch").map(String::as_str)) {
+            (_, Some(sub), _) => format!("{method} {}/{sub}", t.kind.name()),
+            (&Method::GET, None, Some("true" | "1")) => format!("WATCH {}", t.kind.name()),
+            (&Method::GET, None, _) if t.name.is_none() => format!("LIST {}", t.kind.name()),
+            _ => format!("{method} {}", t.kind.name()),
+        };
+        *self.store().requests.entry(verb).or_default() += 1;
         let ctype = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let parse = || -> Result<Value, ApiError> {
@@ -660,9 +668,10 @@ impl ApiServer {
         let from: Option<u64> =
             q.get("resourceVersion").filter(|v| !v.is_empty() && *v != "0").and_then(|v| v.parse().ok());
         let mut cursor = {
-            let st = self.store();
+            let mut st = self.store();
             match from {
                 Some(rv) if rv < st.compacted => {
+                    *st.requests.entry(format!("410 {}", kind.name())).or_default() += 1;
                     let e = err(
                         StatusCode::GONE,
                         "Expired",

@@ -177,6 +177,7 @@ impl Fixture {
             coordinated: false,
             status: Default::default(),
             probes: Vec::new(),
+            transitions: None,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

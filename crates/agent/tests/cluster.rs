@@ -1,0 +1,533 @@
+//! A simulated cluster: many real agents (the daemon and its Kubernetes mode, in process, each
+//! on its own GPT disk-image file) against one test API server (`test-apiserver`, a test
+//! double of the Kubernetes API: see its crate docs for what it covers).
+//!
+//! The harness plays what is not the agent: the kubelet (a Node's Ready condition, with a
+//! fresh heartbeat after each boot, not Ready while the machine is down), the power button
+//! (a reboot stops the node's agent, runs the boot path's slot choice on its disk, and starts
+//! the agent again from the chosen slot) and the operator (`kubectl annotate`).
+
+mod common;
+
+use agent::daemon::{self, Env, Platform, Snapshot};
+use agent::metrics::Metrics;
+use common::Fixture;
+use jiff::Timestamp;
+use serde_json::{Value, json};
+use slot::Disk;
+use slot::choice;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use test_apiserver::{ApiServer, Change, Kind, Options};
+
+const PREFIX: &str = "v1.acl-update.dev/";
+
+fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+/// The real clock; reboots are counted for the harness.
+#[derive(Debug, Default)]
+struct Machine {
+    reboots: AtomicUsize,
+}
+
+impl Platform for Machine {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+    fn reboot(&self) -> Result<(), String> {
+        self.reboots.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct SimNode {
+    name: String,
+    dir: PathBuf,
+    disk: PathBuf,
+}
+
+fn node_object(name: &str) -> Value {
+    json!({"metadata": {"name": name, "labels": {"agentpool": "pool1"}}, "spec": {},
+           "status": {"conditions": [{"type": "Ready", "status": "False"}]}})
+}
+
+/// The kubelet's Ready condition.
+fn set_ready(server: &ApiServer, node: &str, ready: bool) {
+    let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    server.modify(Kind::Node, "", node, |n| {
+        n["status"]["conditions"] = json!([{"type": "Ready", "status": if ready { "True" } else { "False" },
+            "lastHeartbeatTime": now, "lastTransitionTime": now}]);
+    });
+}
+
+impl SimNode {
+    fn new(f: &Fixture, sgdisk: &std::path::Path, name: &str, extra: &str) -> SimNode {
+        let dir = f.path(name);
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        let disk = testkit::flatcar_image(sgdisk, &dir, 64, 16);
+        std::fs::copy(f.path("build-1.0.0/manifest.json"), dir.join("state/slot-A.manifest.json")).unwrap();
+        let etc = dir.join("root/etc/acl-update");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            etc.join("config.toml"),
+            format!(
+                "[updates]\nrepository = \"file://{}\"\nmode = \"check\"\ntries = 2\n\
+                 [trust]\nkeys = [\"{}\"]\n\
+                 [health]\nrequired-dir = \"{dir}/none\"\nwanted-dir = \"{dir}/none\"\nsystemd = false\n\
+                 kubelet = \"off\"\ndeadline = \"60s\"\n\
+                 [agent]\nstate-dir = \"{dir}/state\"\n\
+                 [kubernetes]\nenabled = true\nnode-name = \"{name}\"\nlease-duration = \"2s\"\n\
+                 drain-timeout = \"3s\"\n",
+                f.path("repo").display(),
+                f.path("keys").display(),
+                dir = dir.display(),
+            ),
+        )
+        .unwrap();
+        // The test's own settings, as an administrator's drop-in.
+        std::fs::create_dir_all(etc.join("config.d")).unwrap();
+        std::fs::write(etc.join("config.d/50-test.toml"), extra).unwrap();
+        SimNode { name: name.into(), dir, disk }
+    }
+
+    fn settings(&self) -> config::Settings {
+        let loaded = config::load(&config::Sources::under(&self.dir.join("root"))).unwrap();
+        config::Settings::from_loaded(&loaded).unwrap()
+    }
+
+    /// Powers the machine on and off until `stop`: boot path, agent + Kubernetes mode, kubelet.
+    async fn live(self, server: ApiServer, stop: Arc<AtomicBool>) {
+        let machine = Arc::new(Machine::default());
+        while !stop.load(Ordering::SeqCst) {
+            let booted = {
+                let mut d = Disk::open(&self.disk, true).unwrap();
+                let (chosen, _) = choice::boot_attempt(&d.slots()).unwrap();
+                d.update(|s| Ok(choice::boot_attempt(s).unwrap().1)).unwrap();
+                chosen
+            };
+            let settings = self.settings();
+            let k = settings.kubernetes.clone().unwrap();
+            let (probe, feed) = agent::kube::node_ready_probe();
+            let status = Arc::new(tokio::sync::watch::channel(Snapshot::default()).0);
+            let (transitions, transitions_rx) = tokio::sync::mpsc::unbounded_channel();
+            let env = Env {
+                settings: settings.clone(),
+                disk: self.disk.clone(),
+                booted,
+                machine_id: self.name.clone(),
+                arch: "x86_64".into(),
+                platform: machine.clone(),
+                tick: Duration::from_millis(50),
+                metrics: Arc::new(Metrics::new()),
+                coordinated: true,
+                status: Arc::clone(&status),
+                probes: vec![probe],
+                transitions: Some(transitions),
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let (off, off_rx) = tokio::sync::oneshot::channel::<()>();
+            let agent = tokio::spawn(daemon::run(env, rx, async move {
+                let _ = off_rx.await;
+            }));
+            let mut opts = agent::kube::Options::new(&k, settings.health_deadline, self.name.clone());
+            opts.drain_poll = Duration::from_millis(200);
+            let client = cluster::plain_client(&server.url()).unwrap();
+            let kube =
+                tokio::spawn(agent::kube::run(client, opts, tx, status.subscribe(), transitions_rx, feed));
+            // The kubelet comes up after the agent.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            set_ready(&server, &self.name, true);
+            let reboots = machine.reboots.load(Ordering::SeqCst);
+            while machine.reboots.load(Ordering::SeqCst) == reboots && !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Power off: everything on the machine stops.
+            kube.abort();
+            let _ = off.send(());
+            agent.await.unwrap().unwrap();
+            if server.get(Kind::Node, "", &self.name).is_some() {
+                set_ready(&server, &self.name, false);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Follows every change the server makes, keeping the highest counts seen at once.
+#[derive(Debug, Default)]
+struct Watch {
+    cordoned: BTreeSet<String>,
+    down: BTreeSet<String>,
+    holders: BTreeMap<String, String>,
+    max_cordoned: usize,
+    max_down: usize,
+    max_holders: usize,
+}
+
+impl Watch {
+    /// Counts from now on.
+    fn reset(&mut self) {
+        self.max_cordoned = self.cordoned.len();
+        self.max_down = self.down.len();
+        self.max_holders = self.holders.len();
+    }
+
+    fn see(&mut self, c: &Change) {
+        let name = c.object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        match c.kind {
+            Kind::Node => {
+                let gone = c.kind_of_change == "DELETED";
+                let cordoned = c.object["spec"]["unschedulable"] == true && !gone;
+                let down = !gone
+                    && c.object["status"]["conditions"][0]["status"] == "False"
+                    && c.object["metadata"]["annotations"][key("booted-version")].is_string();
+                set(&mut self.cordoned, &name, cordoned);
+                set(&mut self.down, &name, down);
+            }
+            Kind::Lease => match c.object["spec"]["holderIdentity"].as_str() {
+                Some(h) if c.kind_of_change != "DELETED" => {
+                    self.holders.insert(name, h.to_owned());
+                }
+                _ => {
+                    self.holders.remove(&name);
+                }
+            },
+            _ => {}
+        }
+        self.max_cordoned = self.max_cordoned.max(self.cordoned.len());
+        self.max_down = self.max_down.max(self.down.len());
+        self.max_holders = self.max_holders.max(self.holders.len());
+    }
+}
+
+fn set(s: &mut BTreeSet<String>, name: &str, on: bool) {
+    if on {
+        s.insert(name.to_owned());
+    } else {
+        s.remove(name);
+    }
+}
+
+fn follow(server: &ApiServer) -> Arc<Mutex<Watch>> {
+    let w = Arc::new(Mutex::new(Watch::default()));
+    let mut rx = server.subscribe();
+    let w2 = Arc::clone(&w);
+    tokio::spawn(async move {
+        while let Ok(c) = rx.recv().await {
+            w2.lock().unwrap().see(&c);
+        }
+    });
+    w
+}
+
+fn annotation(server: &ApiServer, node: &str, name: &str) -> Option<String> {
+    server.get(Kind::Node, "", node)?["metadata"]["annotations"][key(name)].as_str().map(str::to_owned)
+}
+
+/// Updated, healthy, lock given back, schedulable.
+fn done(server: &ApiServer, node: &str) -> bool {
+    let Some(n) = server.get(Kind::Node, "", node) else { return false };
+    let a = &n["metadata"]["annotations"];
+    a[key("booted-version")] == "2.0.0"
+        && a[key("state")] == "idle"
+        && a[key("lock")].is_null()
+        && n["spec"]["unschedulable"].is_null()
+}
+
+/// `kubectl annotate node NAME KEY=VALUE --overwrite`.
+fn annotate(server: &ApiServer, node: &str, kv: &[(&str, &str)]) {
+    server.modify(Kind::Node, "", node, |n| {
+        for (k, v) in kv {
+            n["metadata"]["annotations"][key(k)] = json!(v);
+        }
+    });
+}
+
+fn pod(name: &str, node: &str, app: &str) -> Value {
+    json!({"metadata": {"name": name, "namespace": "prod", "labels": {"app": app}},
+           "spec": {"nodeName": node}, "status": {"phase": "Running"}})
+}
+
+async fn until(what: &str, secs: u64, cond: impl Fn() -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(std::time::Instant::now() < end, "timed out after {secs} s waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn reasons(server: &ApiServer, node: &str) -> Vec<String> {
+    server
+        .list(Kind::Event)
+        .into_iter()
+        .filter(|e| e["involvedObject"]["name"] == node)
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_nodes_update_two_at_a_time() {
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
+    let opts = Options {
+        max_watch: Duration::from_secs(3),
+        eviction_grace: Duration::from_millis(100),
+        ..Options::default()
+    };
+    let server = ApiServer::start(opts).await.unwrap();
+    let watch = follow(&server);
+    let names: Vec<String> = (0..20).map(|i| format!("node-{i:02}")).collect();
+    let blocked = "node-07";
+    for n in &names {
+        server.create(Kind::Node, node_object(n)).unwrap();
+        server.create(Kind::Pod, pod(&format!("web-{n}"), n, "web")).unwrap();
+        let mut ds = pod(&format!("logs-{n}"), n, "logs");
+        ds["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "logs", "uid": "u1", "controller": true}]);
+        server.create(Kind::Pod, ds).unwrap();
+    }
+    // One pod whose budget allows no disruption: only its node must wait.
+    server.create(Kind::Pod, pod("db-0", blocked, "db")).unwrap();
+    server
+        .create(
+            Kind::Pdb,
+            json!({"metadata": {"name": "db", "namespace": "prod"},
+                   "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "db"}}}}),
+        )
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut lives = Vec::new();
+    for n in &names {
+        let node = SimNode::new(&f, &sgdisk, n, "");
+        lives.push(tokio::spawn(node.live(server.clone(), Arc::clone(&stop))));
+    }
+    until("every agent reports 1.0.0, idle", 60, || {
+        names.iter().all(|n| {
+            annotation(&server, n, "booted-version").as_deref() == Some("1.0.0")
+                && annotation(&server, n, "state").as_deref() == Some("idle")
+        })
+    })
+    .await;
+    let labels = server.get(Kind::Node, "", "node-00").unwrap()["metadata"]["labels"].clone();
+    assert_eq!(labels[key("version")], "1.0.0", "{labels}");
+
+    // etcd compacts under the watches now and then.
+    let compactor = tokio::spawn({
+        let server = server.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                server.compact();
+            }
+        }
+    });
+    // The operator: update the whole pool, two at a time.
+    watch.lock().unwrap().reset();
+    let started = std::time::Instant::now();
+    for n in &names {
+        annotate(&server, n, &[("update", "latest"), ("max-rebooting", "2")]);
+    }
+    until("every node but the blocked one is updated", 300, || {
+        names.iter().filter(|n| *n != blocked).all(|n| done(&server, n))
+    })
+    .await;
+    let others = started.elapsed();
+    // The blocked node is still on 1.0.0, and says why.
+    assert_eq!(annotation(&server, blocked, "booted-version").as_deref(), Some("1.0.0"));
+    let drain = annotation(&server, blocked, "drain").unwrap_or_default();
+    let error = annotation(&server, blocked, "last-error").unwrap_or_default();
+    assert!(
+        drain.contains("prod/db-0") || error.contains("prod/db-0"),
+        "drain: {drain:?}, last-error: {error:?}"
+    );
+    // It may have got the lock last and still be in its first drain: its deadline comes.
+    until("the blocked node reports the blocked drain", 30, || {
+        reasons(&server, blocked).iter().any(|r| r == "DrainBlocked")
+    })
+    .await;
+    assert!(!done(&server, blocked));
+    assert_eq!(annotation(&server, blocked, "state").as_deref(), Some("staged"));
+
+    // The budget allows it now: the blocked node follows.
+    server.modify(Kind::Pdb, "prod", "db", |p| p["spec"]["minAvailable"] = json!(0));
+    until("the blocked node is updated", 120, || done(&server, blocked)).await;
+    let all = started.elapsed();
+    compactor.abort();
+    let w = std::mem::take(&mut *watch.lock().unwrap());
+    stop.store(true, Ordering::SeqCst);
+    for l in lives {
+        l.await.unwrap();
+    }
+
+    eprintln!(
+        "20 nodes: 19 updated in {:.1} s, the PDB-blocked one {:.1} s after the start; at most {} cordoned, \
+         {} down, {} lock holders at once",
+        others.as_secs_f64(),
+        all.as_secs_f64(),
+        w.max_cordoned,
+        w.max_down,
+        w.max_holders
+    );
+    assert!(w.max_cordoned <= 2, "{} nodes were cordoned at once", w.max_cordoned);
+    assert!(w.max_holders <= 2, "{} lock holders at once", w.max_holders);
+    assert!(w.max_down <= 2, "{} nodes were down at once", w.max_down);
+    assert!(w.max_cordoned >= 1 && w.max_down >= 1, "the harness saw the drains and reboots");
+    for n in &names {
+        let node = server.get(Kind::Node, "", n).unwrap();
+        assert!(node["spec"]["unschedulable"].is_null(), "{n} left cordoned");
+        assert_eq!(node["metadata"]["labels"][key("version")], "2.0.0");
+        assert!(node["metadata"]["annotations"][key("update")].is_null(), "{n}: the request was taken");
+        assert!(node["metadata"]["annotations"][key("cordoned")].is_null());
+        let r = reasons(&server, n);
+        for want in [
+            "AgentStarted",
+            "UpdateInstalling",
+            "UpdateStaged",
+            "RebootLockAcquired",
+            "Draining",
+            "Drained",
+            "Rebooting",
+            "VerifyingBoot",
+            "UpdateSucceeded",
+            "Uncordoned",
+            "RebootLockReleased",
+        ] {
+            assert!(r.iter().any(|x| x == want), "{n}: no {want} event in {r:?}");
+        }
+        // DaemonSet pods stay, the others were evicted.
+        assert!(server.get(Kind::Pod, "prod", &format!("logs-{n}")).is_some());
+        assert!(server.get(Kind::Pod, "prod", &format!("web-{n}")).is_none());
+    }
+    // Every lease is free again.
+    for l in server.list(Kind::Lease) {
+        assert!(l["spec"]["holderIdentity"].is_null(), "{l}");
+    }
+    // The watches were cut every 3 s (the double's limit) and resumed, and the history was
+    // compacted under them: resumed watches got 410 Gone and the agents listed again.
+    let req = server.requests();
+    let n = |k: &str| req.get(k).copied().unwrap_or(0);
+    eprintln!("requests: {req:?}");
+    assert!(n("WATCH Node") > 40 && n("410 Node") > 0 && n("LIST Node") > 20, "{req:?}");
+    assert!(n("POST Pod/eviction") >= 20, "{req:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deleted_while_holding_the_lock_does_not_block_the_others() {
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
+    let server = ApiServer::start(Options::default()).await.unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("node-{i}")).collect();
+    // A lease that outlives the test: only the holder's disappearance can free it.
+    let extra = "[kubernetes]\nlease-duration = \"600s\"\ndrain-timeout = \"600s\"\n";
+    for n in &names {
+        server.create(Kind::Node, node_object(n)).unwrap();
+    }
+    // node-0 gets stuck draining (a budget that never allows its pod to go) while holding the
+    // only slot of the lock.
+    server.create(Kind::Pod, pod("db-0", "node-0", "db")).unwrap();
+    server
+        .create(
+            Kind::Pdb,
+            json!({"metadata": {"name": "db", "namespace": "prod"},
+                   "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "db"}}}}),
+        )
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut lives = BTreeMap::new();
+    for n in &names {
+        let node = SimNode::new(&f, &sgdisk, n, extra);
+        lives.insert(n.clone(), tokio::spawn(node.live(server.clone(), Arc::clone(&stop))));
+    }
+    until("every agent reports", 60, || {
+        names.iter().all(|n| annotation(&server, n, "state").as_deref() == Some("idle"))
+    })
+    .await;
+    annotate(&server, "node-0", &[("update", "latest")]);
+    until("node-0 holds the lock and drains", 60, || {
+        annotation(&server, "node-0", "lock").is_some() && annotation(&server, "node-0", "drain").is_some()
+    })
+    .await;
+    // The machine is removed from the cluster: its agent is gone and so is its Node.
+    lives.remove("node-0").unwrap().abort();
+    server.delete(Kind::Node, "", "node-0");
+    let held = server.get(Kind::Lease, "acl-update", "acl-reboot-0").unwrap();
+    assert_eq!(held["spec"]["holderIdentity"], "node-0");
+
+    for n in &names[1..] {
+        annotate(&server, n, &[("update", "latest")]);
+    }
+    until("the other nodes are updated", 180, || names[1..].iter().all(|n| done(&server, n))).await;
+    stop.store(true, Ordering::SeqCst);
+    for (_, l) in lives {
+        l.await.unwrap();
+    }
+    let recovered = server
+        .list(Kind::Event)
+        .into_iter()
+        .filter(|e| e["reason"] == "RebootLockAcquired")
+        .any(|e| e["message"].as_str().unwrap_or_default().contains("recovered from node-0"));
+    assert!(recovered, "a node took the slot over from node-0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_through_annotations() {
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
+    let server = ApiServer::start(Options::default()).await.unwrap();
+    let names = ["node-a", "node-b"];
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut lives = Vec::new();
+    for n in names {
+        server.create(Kind::Node, node_object(n)).unwrap();
+        let node = SimNode::new(&f, &sgdisk, n, "");
+        lives.push(tokio::spawn(node.live(server.clone(), Arc::clone(&stop))));
+    }
+    let state = |n: &str| annotation(&server, n, "state");
+    until("both agents report", 60, || names.iter().all(|n| state(n).as_deref() == Some("idle"))).await;
+
+    // Pause everything: an update asked for meanwhile is refused, and says so.
+    for n in names {
+        annotate(&server, n, &[("paused", "true")]);
+    }
+    until("both are paused", 30, || names.iter().all(|n| state(n).as_deref() == Some("paused"))).await;
+    annotate(&server, "node-a", &[("update", "latest")]);
+    until("the request is answered", 30, || annotation(&server, "node-a", "request-result").is_some()).await;
+    let result = annotation(&server, "node-a", "request-result").unwrap();
+    assert!(result.contains("paused"), "{result}");
+    assert_eq!(annotation(&server, "node-a", "update"), None, "a one-shot request is taken");
+
+    // A value the agent cannot read is named back, and nothing happens.
+    annotate(&server, "node-b", &[("update", "newest")]);
+    until("the bad request is answered", 30, || {
+        annotation(&server, "node-b", "request-result").is_some_and(|r| r.contains("\"newest\""))
+    })
+    .await;
+
+    // Resume, and update one node to an exact version; the reboot may skip the lock.
+    for n in names {
+        annotate(&server, n, &[("paused", "false")]);
+    }
+    until("both resumed", 30, || names.iter().all(|n| state(n).as_deref() == Some("idle"))).await;
+    annotate(&server, "node-a", &[("update", "2.0.0"), ("reboot", "allowed")]);
+    until("node-a runs 2.0.0", 60, || done(&server, "node-a")).await;
+    assert!(server.list(Kind::Lease).iter().all(|l| l["spec"]["holderIdentity"].is_null()), "no lock taken");
+    assert_eq!(annotation(&server, "node-b", "booted-version").as_deref(), Some("1.0.0"), "only node-a");
+
+    // Roll node-a back now: it reboots into 1.0.0 and is healthy there.
+    annotate(&server, "node-a", &[("rollback", "now")]);
+    until("node-a runs 1.0.0 again", 60, || {
+        annotation(&server, "node-a", "booted-version").as_deref() == Some("1.0.0")
+            && state("node-a").as_deref() == Some("idle")
+    })
+    .await;
+    assert_eq!(annotation(&server, "node-a", "rollback"), None);
+    stop.store(true, Ordering::SeqCst);
+    for l in lives {
+        l.await.unwrap();
+    }
+}
