@@ -564,3 +564,45 @@ impl Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(status: &str, heartbeat: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n"},
+            "status": {"conditions": [
+                {"type": "MemoryPressure", "status": "False", "lastHeartbeatTime": heartbeat},
+                {"type": "Ready", "status": status, "lastHeartbeatTime": heartbeat},
+            ]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn ready_counts_only_a_heartbeat_after_the_agent_started() {
+        let started: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        assert!(node_ready(&node("True", "2026-11-23T10:00:05Z"), started));
+        assert!(node_ready(&node("True", "2026-11-23T10:00:00Z"), started));
+        // Left over from before the reboot: the kubelet has not reported since.
+        assert!(!node_ready(&node("True", "2026-11-23T09:59:00Z"), started));
+        assert!(!node_ready(&node("False", "2026-11-23T10:00:05Z"), started));
+        assert!(!node_ready(&node("Unknown", "2026-11-23T10:00:05Z"), started));
+        let no_status: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}})).unwrap();
+        assert!(!node_ready(&no_status, started));
+    }
+
+    #[tokio::test]
+    async fn the_ready_probe_waits_for_ready() {
+        let (probe, feed) = node_ready_probe();
+        let c = health::Probe::check(&*probe, Duration::from_millis(50)).await;
+        assert_eq!(c.outcome, health::Outcome::TimedOut { after: Duration::from_millis(50) });
+        let waiting =
+            tokio::spawn(async move { health::Probe::check(&*probe, Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        feed.send_replace(true);
+        let c = waiting.await.unwrap();
+        assert_eq!((c.name.as_str(), c.required, c.outcome), ("node-ready", true, health::Outcome::Passed));
+    }
+}

@@ -261,6 +261,59 @@ async fn until(what: &str, secs: u64, cond: impl Fn() -> bool) {
     }
 }
 
+/// `("get", "nodes")` for the double's `"GET Node"`.
+fn verb_resource(request: &str) -> Option<(String, String)> {
+    let (verb, what) = request.split_once(' ')?;
+    let verb = match verb {
+        "GET" => "get",
+        "LIST" => "list",
+        "WATCH" => "watch",
+        "POST" => "create",
+        "PUT" => "update",
+        "PATCH" => "patch",
+        "DELETE" => "delete",
+        _ => return None,
+    };
+    let (kind, sub) = what.split_once('/').map_or((what, None), |(k, s)| (k, Some(s)));
+    let plural = match kind {
+        "Node" => "nodes",
+        "Pod" => "pods",
+        "Event" => "events",
+        "Lease" => "leases",
+        "PodDisruptionBudget" => "poddisruptionbudgets",
+        _ => return None,
+    };
+    Some((verb.into(), sub.map_or(plural.to_owned(), |s| format!("{plural}/{s}"))))
+}
+
+/// Every (verb, resource) the Roles and ClusterRoles of a manifest grant (flow-style lists, as
+/// rbac.yaml writes them).
+fn rbac_grants(yaml: &str) -> BTreeSet<(String, String)> {
+    let list = |line: &str| -> Vec<String> {
+        let inner = line.split_once('[').and_then(|(_, r)| r.split_once(']')).map_or("", |(l, _)| l);
+        inner.split(',').map(|w| w.trim().trim_matches('"').to_owned()).filter(|w| !w.is_empty()).collect()
+    };
+    let mut out = BTreeSet::new();
+    for doc in yaml.split("\n---") {
+        if !doc.lines().any(|l| l == "kind: Role" || l == "kind: ClusterRole") {
+            continue;
+        }
+        let mut resources = Vec::new();
+        for line in doc.lines().map(str::trim) {
+            if line.starts_with("resources:") {
+                resources = list(line);
+            } else if line.starts_with("verbs:") {
+                for v in list(line) {
+                    for r in &resources {
+                        out.insert((v.clone(), r.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn reasons(server: &ApiServer, node: &str) -> Vec<String> {
     server
         .list(Kind::Event)
@@ -414,6 +467,16 @@ async fn twenty_nodes_update_two_at_a_time() {
     eprintln!("requests: {req:?}");
     assert!(n("WATCH Node") > 40 && n("410 Node") > 0 && n("LIST Node") > 20, "{req:?}");
     assert!(n("POST Pod/eviction") >= 20, "{req:?}");
+    // The RBAC manifest grants exactly what the agents used.
+    let used: BTreeSet<(String, String)> = req.keys().filter_map(|k| verb_resource(k)).collect();
+    let granted = rbac_grants(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../integration/kubernetes/rbac.yaml"
+        ))
+        .unwrap(),
+    );
+    assert_eq!(used, granted, "used (left) vs granted by integration/kubernetes/rbac.yaml (right)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

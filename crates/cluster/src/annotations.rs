@@ -232,6 +232,17 @@ mod tests {
     }
 
     #[test]
+    fn the_operator_docs_list_every_key() {
+        let doc = include_str!("../../../docs/kubernetes.md");
+        for k in [UPDATE, ROLLBACK, PAUSED, REBOOT, MAX_REBOOTING, CORDONED, VERSION_LABEL]
+            .iter()
+            .chain(STATUS_KEYS)
+        {
+            assert!(doc.contains(&format!("`{k}`")), "docs/kubernetes.md does not list {k}");
+        }
+    }
+
+    #[test]
     fn label_values_are_valid() {
         assert_eq!(label_value("2.0.0"), "2.0.0");
         assert_eq!(label_value("2.0.0-rc.1+build.5"), "2.0.0-rc.1_build.5");

@@ -91,6 +91,14 @@ fn invalid_values_are_named_with_key_and_origin() {
             "[updates]\nrepository = \"file:///r\"\n[reboot]\nwindows = [{ days = [\"Mon\"], start = \"02:00\", length = \"2h\", time-zone = \"Mars/Olympus\" }]\n",
             "time zone \"Mars/Olympus\"",
         ),
+        (
+            "[updates]\nrepository = \"file:///r\"\n[kubernetes]\nenabled = true\nlock-namespace = \"Kube_System\"\n",
+            "kubernetes.lock-namespace: \"Kube_System\" is not a namespace name",
+        ),
+        (
+            "[updates]\nrepository = \"file:///r\"\n[kubernetes]\nenabled = true\ndrain-timeout = \"soon\"\n",
+            "kubernetes.drain-timeout: \"soon\" is not a duration",
+        ),
     ];
     for (text, expect) in cases {
         let dir = root_with(&[("/etc/acl-update/config.toml", text)]);
@@ -116,4 +124,21 @@ fn windows_open_and_close_in_their_time_zone() {
     assert!(at("2026-11-28T23:59:00Z"), "still open after midnight local time");
     assert!(!at("2026-11-29T00:00:00Z"));
     assert!(!at("2026-11-27T22:30:00Z"), "Friday");
+}
+
+#[test]
+fn kubernetes_mode_is_off_by_default_and_read_when_enabled() {
+    let dir = root_with(&[("/etc/acl-update/config.toml", "[updates]\nrepository = \"file:///r\"\n")]);
+    let s = Settings::from_loaded(&load(&Sources::under(dir.path())).unwrap()).unwrap();
+    assert_eq!(s.kubernetes, None);
+    let dir = root_with(&[(
+        "/etc/acl-update/config.toml",
+        "[updates]\nrepository = \"file:///r\"\n[kubernetes]\nenabled = true\nnode-name = \"w1\"\n\
+         kubeconfig = \"/etc/acl-update/kubeconfig\"\ndrain-timeout = \"5m\"\n",
+    )]);
+    let k = Settings::from_loaded(&load(&Sources::under(dir.path())).unwrap()).unwrap().kubernetes.unwrap();
+    assert_eq!(k.node_name.as_deref(), Some("w1"));
+    assert_eq!(k.kubeconfig.as_deref(), Some(std::path::Path::new("/etc/acl-update/kubeconfig")));
+    assert_eq!((k.lock_namespace.as_str(), k.events_namespace.as_str()), ("acl-update", "default"));
+    assert_eq!((k.lease_duration.as_secs(), k.drain_timeout.as_secs()), (60, 300));
 }
