@@ -176,6 +176,11 @@ pub async fn run(
         request_result: None,
         opts,
     };
+    // The daemon publishes its first state as its loop starts.
+    if c.snap == Snapshot::default() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), status.changed()).await;
+        c.snap = status.borrow_and_update().clone();
+    }
     let booted = c.snap.booted_version.clone().unwrap_or_else(|| "an unknown version".into());
     let (phase, note) = (c.snap.state.phase.name(), c.snap.state.note.clone());
     c.events.publish(Type::Normal, "AgentStarted", &format!("running {booted}; {phase}: {note}")).await;

@@ -3,6 +3,7 @@
 use cluster::annotations::CORDONED;
 use cluster::drain::{Drainer, Outcome};
 use cluster::lock::{RebootLock, lease_name};
+use cluster::{k8s_openapi, kube};
 use serde_json::{Value, json};
 use std::time::Duration;
 use test_apiserver::{ApiServer, Kind, Options};
@@ -147,4 +148,32 @@ async fn a_node_the_operator_cordoned_stays_cordoned() {
     assert!(!d.cordon().await.unwrap(), "not ours");
     assert!(!d.uncordon_if_ours().await.unwrap());
     assert_eq!(s.get(Kind::Node, "", "n1").unwrap()["spec"]["unschedulable"], true);
+}
+
+#[tokio::test]
+async fn a_kubeconfig_file_gives_the_server_and_the_token() {
+    let (s, _) = server().await;
+    s.create(Kind::Node, node("n1")).unwrap();
+    let dir = std::env::temp_dir().join(format!("acl-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n\
+             users:\n- name: agent\n  user:\n    token: s3cret-token\n\
+             contexts:\n- name: ctx\n  context:\n    cluster: c\n    user: agent\ncurrent-context: ctx\n",
+            s.url()
+        ),
+    )
+    .unwrap();
+    let client = cluster::client(Some(&path)).await.unwrap();
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    assert!(nodes.get("n1").await.is_ok());
+    assert_eq!(s.credentials(), ["Bearer s3cret-token"]);
+    // A missing file is named.
+    let Err(e) = cluster::client(Some(&dir.join("nope"))).await else { panic!("no kubeconfig, no client") };
+    let e = e.to_string();
+    assert!(e.contains("nope"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -130,6 +130,7 @@ struct Store {
     compacted: u64,
     next_uid: u64,
     requests: BTreeMap<String, u64>,
+    credentials: std::collections::BTreeSet<String>,
 }
 
 /// The running double.
@@ -350,6 +351,12 @@ impl ApiServer {
         self.store().requests.clone()
     }
 
+    /// Every distinct `Authorization` header seen (the double checks no credentials; tests
+    /// check that clients send the ones configured).
+    pub fn credentials(&self) -> Vec<String> {
+        self.store().credentials.iter().cloned().collect()
+    }
+
     /// Forgets the watch history: a watch resuming from any earlier version gets 410 Gone.
     pub fn compact(&self) {
         let mut st = self.store();
@@ -473,6 +480,9 @@ impl ApiServer {
             _ => format!("{method} {}", t.kind.name()),
         };
         *self.store().requests.entry(verb).or_default() += 1;
+        if let Some(a) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) {
+            self.store().credentials.insert(a.to_owned());
+        }
         let ctype = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let parse = || -> Result<Value, ApiError> {
