@@ -452,7 +452,7 @@ fn slot_b_offset(sh: &Shell, disk: &Path) -> Result<u64> {
 /// `sleep` process as the baseline, and prints resident memory and wake-ups (context switches
 /// over all threads) of both. Goals: RSS at most 15 MiB; no wake-ups beyond the check interval
 /// (1 h here, so none in the window after start-up).
-pub(crate) fn idle(sh: &Shell, secs: u64) -> Result<()> {
+pub(crate) fn idle(sh: &Shell, secs: u64, kubernetes: bool) -> Result<()> {
     tools::ensure(sh, &tools::DEMO_TOOLS)?;
     cmd!(sh, "cargo build --quiet --release --locked -p publish -p agent").run()?;
     let root = sh.current_dir();
@@ -492,6 +492,46 @@ pub(crate) fn idle(sh: &Shell, secs: u64) -> Result<()> {
              metrics-listen = \"127.0.0.1:0\"\n"
         ),
     )?;
+    // Kubernetes mode: the agent follows its Node on the test API server (bookmarks once a
+    // minute and watches cut after 290 s, like a real one), which runs in this process.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let server = if kubernetes {
+        let opts = test_apiserver::Options {
+            bookmark_every: std::time::Duration::from_secs(60),
+            max_watch: std::time::Duration::from_secs(290),
+            ..test_apiserver::Options::default()
+        };
+        let server = rt.block_on(test_apiserver::ApiServer::start(opts))?;
+        let now = "2026-01-01T00:00:00Z";
+        server
+            .create(
+                test_apiserver::Kind::Node,
+                serde_json::json!({"metadata": {"name": "bench-node"}, "spec": {}, "status": {"conditions": [
+                    {"type": "Ready", "status": "True", "lastHeartbeatTime": now}]}}),
+            )
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        std::fs::write(
+            dir.join("kubeconfig"),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n\
+                 users:\n- name: u\n  user:\n    token: bench\n\
+                 contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
+                server.url()
+            ),
+        )?;
+        let mut config =
+            std::fs::OpenOptions::new().append(true).open(dir.join("root/etc/acl-update/config.toml"))?;
+        std::io::Write::write_all(
+            &mut config,
+            format!(
+                "[kubernetes]\nenabled = true\nnode-name = \"bench-node\"\nkubeconfig = \"{d}/kubeconfig\"\n"
+            )
+            .as_bytes(),
+        )?;
+        Some(server)
+    } else {
+        None
+    };
     sh.change_dir(&root);
     let mut agent = std::process::Command::new(&agentd)
         .arg("--config-root")
@@ -505,9 +545,13 @@ pub(crate) fn idle(sh: &Shell, secs: u64) -> Result<()> {
     // Start-up (first check) done; then the window.
     std::thread::sleep(std::time::Duration::from_secs(3));
     let (a0, s0) = (switches(agent.id()), switches(sleeper.id()));
+    let requests =
+        |s: &Option<test_apiserver::ApiServer>| s.as_ref().map_or(0, |s| s.requests().values().sum::<u64>());
+    let r0 = requests(&server);
     println!("measuring {secs} s of idling ...");
     std::thread::sleep(std::time::Duration::from_secs(secs));
     let (a1, s1) = (switches(agent.id()), switches(sleeper.id()));
+    let r1 = requests(&server);
     if let Some(status) = agent.try_wait()? {
         bail!("acl-agentd exited ({status}); see {}", dir.join("agent.log").display());
     }
@@ -521,7 +565,8 @@ pub(crate) fn idle(sh: &Shell, secs: u64) -> Result<()> {
     println!("| process | RSS | threads | wake-ups in {secs} s | per minute |");
     println!("|---|---|---|---|---|");
     println!(
-        "| acl-agentd (idle, check mode, metrics on) | {:.1} MiB | {threads} | {} | {:.1} |",
+        "| acl-agentd (idle, check mode, metrics on{}) | {:.1} MiB | {threads} | {} | {:.1} |",
+        if kubernetes { ", Kubernetes mode" } else { "" },
         arss as f64 / 1024.0,
         wakeups(&a0, &a1),
         per_min(wakeups(&a0, &a1))
@@ -532,6 +577,19 @@ pub(crate) fn idle(sh: &Shell, secs: u64) -> Result<()> {
         wakeups(&s0, &s1),
         per_min(wakeups(&s0, &s1))
     );
+    if let Some(server) = &server {
+        let annotations = server
+            .get(test_apiserver::Kind::Node, "", "bench-node")
+            .map(|n| n["metadata"]["annotations"].as_object().map_or(0, |a| a.len()))
+            .unwrap_or(0);
+        if annotations == 0 {
+            bail!("the agent wrote no status onto its Node; see {}", dir.join("agent.log").display());
+        }
+        println!(
+            "Kubernetes mode: {} API requests in the {secs} s window ({annotations} status annotations on the Node)",
+            r1 - r0
+        );
+    }
     println!(
         "RSS ratio agent/sleep: {:.1}; goal <= 15 MiB: {}",
         arss as f64 / srss.max(1) as f64,

@@ -9,7 +9,7 @@
 //! | `bench install [--size-mib N]` | install from nginx to a loop device against curl, zstd and dd |
 //! | `image RECIPE --version V --trust DIR [--key K]... [--repo DIR]` | build a bootable OS image from a recipe, sign and publish it |
 //! | `e2e` | build the test OS images, boot them in qemu and run the update scenarios a-f |
-//! | `bench idle [--seconds N]` | the idle agent's memory and wake-ups against a `sleep` baseline |
+//! | `bench idle [--seconds N] [--kubernetes]` | the idle agent's memory and wake-ups against a `sleep` baseline (with `--kubernetes`: in Kubernetes mode, against the test API server) |
 
 // A task runner reports to its user on standard output.
 #![allow(clippy::print_stdout)]
@@ -36,11 +36,13 @@ fn main() -> Result<()> {
         ["bench", "build", rest @ ..] => bench::build(&sh, size_arg(rest)?.unwrap_or(1024)),
         ["bench", "chunk-size", rest @ ..] => bench::chunk_size(&sh, size_arg(rest)?.unwrap_or(256)),
         ["bench", "install", rest @ ..] => bench::install(&sh, size_arg(rest)?.unwrap_or(1024)),
-        ["bench", "idle"] => bench::idle(&sh, 60),
-        ["bench", "idle", "--seconds", n] => bench::idle(&sh, n.parse()?),
+        ["bench", "idle"] => bench::idle(&sh, 60, false),
+        ["bench", "idle", "--kubernetes"] => bench::idle(&sh, 60, true),
+        ["bench", "idle", "--seconds", n] => bench::idle(&sh, n.parse()?, false),
+        ["bench", "idle", "--seconds", n, "--kubernetes"] => bench::idle(&sh, n.parse()?, true),
         _ => {
             println!(
-                "usage: cargo xtask <test | demo | bench build [--size-mib N] | bench chunk-size [--size-mib N] | bench install [--size-mib N] | bench idle [--seconds N]>"
+                "usage: cargo xtask <test | demo | bench build [--size-mib N] | bench chunk-size [--size-mib N] | bench install [--size-mib N] | bench idle [--seconds N] [--kubernetes]>"
             );
             if args.is_empty() || args == ["--help"] { Ok(()) } else { bail!("unknown task {args:?}") }
         }

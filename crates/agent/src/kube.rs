@@ -191,8 +191,9 @@ pub async fn run(
     let cfg = watcher::Config::default().fields(&format!("metadata.name={}", c.opts.node));
     let stream = watcher(nodes, cfg).default_backoff();
     tokio::pin!(stream);
-    let mut tick = tokio::time::interval(c.opts.retry);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Timed work (renewing the lease, retrying the lock, polling an install's progress) only
+    // exists while something is under way: an idle agent wakes for nothing here.
+    let mut next_tick = Instant::now() + c.opts.retry;
     loop {
         tokio::select! {
             ev = stream.next() => match ev {
@@ -215,7 +216,10 @@ pub async fn run(
                 c.draining = None;
                 c.drain_done(done).await;
             }
-            _ = tick.tick() => c.tick().await,
+            _ = tokio::time::sleep_until(next_tick), if c.busy() => {
+                next_tick = Instant::now() + c.opts.retry;
+                c.tick().await;
+            }
         }
         c.reconcile().await;
         c.write_status().await;
@@ -338,6 +342,11 @@ impl Controller {
         }
         let kind = if failed { Type::Warning } else { Type::Normal };
         self.events.publish(kind, reason, &note).await;
+    }
+
+    /// Whether timed work is due at all.
+    fn busy(&self) -> bool {
+        self.held.is_some() || self.snap.reboot_wanted || !matches!(self.snap.state.phase, Phase::Idle)
     }
 
     async fn tick(&mut self) {
