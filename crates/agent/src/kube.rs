@@ -58,6 +58,20 @@ pub struct Options {
     pub retry: Duration,
     /// Time between eviction rounds.
     pub drain_poll: Duration,
+    /// When this machine booted: a Ready condition counts only if the kubelet reported it
+    /// after this (a restart of the agent alone does not wait for a new report).
+    pub booted_at: Timestamp,
+}
+
+/// The boot time, from `/proc/uptime` (now, if it cannot be read).
+pub fn boot_time() -> Timestamp {
+    let now = Timestamp::now();
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .and_then(|up| jiff::SignedDuration::try_from_secs_f64(up).ok())
+        .and_then(|up| now.checked_sub(up).ok())
+        .unwrap_or(now)
 }
 
 impl Options {
@@ -72,12 +86,13 @@ impl Options {
             events_namespace: k.events_namespace.clone(),
             retry: (k.lease_duration / 4).clamp(Duration::from_millis(100), Duration::from_secs(10)),
             drain_poll: Duration::from_secs(5).min(k.lease_duration / 4),
+            booted_at: boot_time(),
         }
     }
 }
 
-/// The Node's Ready condition, as one of the health checks: Ready, reported by a kubelet that
-/// started after this agent did (a Ready left over from before the reboot does not count).
+/// The Node's Ready condition, as one of the health checks: Ready, reported by a kubelet after
+/// this boot (a Ready left over from before the reboot does not count).
 #[derive(Debug)]
 pub struct NodeReady {
     ready: watch::Receiver<bool>,
@@ -163,7 +178,7 @@ pub async fn run(
         events: Recorder::new(client, &opts.events_namespace, &opts.node),
         daemon,
         ready_tx,
-        since: Timestamp::now(),
+        since: opts.booted_at,
         node: None,
         snap: status.borrow_and_update().clone(),
         held: None,

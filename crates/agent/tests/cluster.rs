@@ -136,6 +136,8 @@ impl SimNode {
             }));
             let mut opts = agent::kube::Options::new(&k, settings.health_deadline, self.name.clone());
             opts.drain_poll = Duration::from_millis(200);
+            // This simulated machine booted just now.
+            opts.booted_at = Timestamp::now();
             let client = cluster::plain_client(&server.url()).unwrap();
             let kube =
                 tokio::spawn(agent::kube::run(client, opts, tx, status.subscribe(), transitions_rx, feed));
@@ -253,6 +255,18 @@ fn pod(name: &str, node: &str, app: &str) -> Value {
            "spec": {"nodeName": node}, "status": {"phase": "Running"}})
 }
 
+/// The pod `prod/db-0` on `node`, with a PodDisruptionBudget `db` that allows no eviction.
+fn pod_without_disruptions(server: &ApiServer, node: &str) {
+    server.create(Kind::Pod, pod("db-0", node, "db")).unwrap();
+    server
+        .create(
+            Kind::Pdb,
+            json!({"metadata": {"name": "db", "namespace": "prod"},
+                   "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "db"}}}}),
+        )
+        .unwrap();
+}
+
 async fn until(what: &str, secs: u64, cond: impl Fn() -> bool) {
     let end = std::time::Instant::now() + Duration::from_secs(secs);
     while !cond() {
@@ -344,14 +358,7 @@ async fn twenty_nodes_update_two_at_a_time() {
         server.create(Kind::Pod, ds).unwrap();
     }
     // One pod whose budget allows no disruption: only its node must wait.
-    server.create(Kind::Pod, pod("db-0", blocked, "db")).unwrap();
-    server
-        .create(
-            Kind::Pdb,
-            json!({"metadata": {"name": "db", "namespace": "prod"},
-                   "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "db"}}}}),
-        )
-        .unwrap();
+    pod_without_disruptions(&server, blocked);
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut lives = Vec::new();
@@ -491,14 +498,7 @@ async fn a_node_deleted_while_holding_the_lock_does_not_block_the_others() {
     }
     // node-0 gets stuck draining (a budget that never allows its pod to go) while holding the
     // only slot of the lock.
-    server.create(Kind::Pod, pod("db-0", "node-0", "db")).unwrap();
-    server
-        .create(
-            Kind::Pdb,
-            json!({"metadata": {"name": "db", "namespace": "prod"},
-                   "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "db"}}}}),
-        )
-        .unwrap();
+    pod_without_disruptions(&server, "node-0");
     let stop = Arc::new(AtomicBool::new(false));
     let mut lives = BTreeMap::new();
     for n in &names {
