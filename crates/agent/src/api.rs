@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Requests: `status`, `check-now`, `pause`, `resume`, `{"rollback":{"now":false}}`,
-//! `{"update":{"version":null}}` (or a version). Each goes through the daemon's state machine
+//! `{"update":{"version":null}}` (or a version); `allow-reboot` is refused here (it is Kubernetes
+//! mode's answer once the lock is held and the node drained). Each goes through the daemon's state machine
 //! like any other event, so the API can do nothing the machine would not allow. The answer
 //! carries the state after the request and, while an install runs, its progress (what
 //! `aclctl update --follow` draws its bar from).

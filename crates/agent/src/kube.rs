@@ -146,7 +146,6 @@ struct Controller {
     events: Recorder,
     daemon: mpsc::Sender<ApiRequest>,
     ready_tx: watch::Sender<bool>,
-    since: Timestamp,
     node: Option<Node>,
     snap: Snapshot,
     held: Option<String>,
@@ -178,7 +177,6 @@ pub async fn run(
         events: Recorder::new(client, &opts.events_namespace, &opts.node),
         daemon,
         ready_tx,
-        since: opts.booted_at,
         node: None,
         snap: status.borrow_and_update().clone(),
         held: None,
@@ -251,7 +249,7 @@ impl Controller {
     }
 
     fn ready(&self) -> bool {
-        self.node.as_ref().is_some_and(|n| node_ready(n, self.since))
+        self.node.as_ref().is_some_and(|n| node_ready(n, self.opts.booted_at))
     }
 
     async fn ask(&self, request: Request) -> Option<Snapshot> {

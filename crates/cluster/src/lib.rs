@@ -39,14 +39,6 @@ pub(crate) fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Cluste
     move |source| ClusterError::Api { what, source }
 }
 
-/// The API's answer code, if the call got one.
-pub fn code(e: &ClusterError) -> Option<u16> {
-    match e {
-        ClusterError::Api { source: kube::Error::Api(s), .. } => Some(s.code),
-        _ => None,
-    }
-}
-
 /// A client from a kubeconfig file, or inferred: in-cluster (service account) when run in a
 /// pod, else `$KUBECONFIG` or `~/.kube/config`.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClusterError> {
