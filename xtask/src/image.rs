@@ -40,6 +40,18 @@ struct Recipe {
     kernel: Option<String>,
     #[serde(default)]
     packages: Vec<String>,
+    /// Dependencies not to follow (needed only by maintainer scripts, which never run here).
+    #[serde(default)]
+    exclude_packages: Vec<String>,
+    /// Paths removed from the unpacked packages (documentation, tools the image does not run).
+    #[serde(default)]
+    drop: Vec<String>,
+    /// systemd units to enable (`systemctl --root enable`, as a package's postinst would).
+    #[serde(default)]
+    enable: Vec<String>,
+    /// systemd units to mask.
+    #[serde(default)]
+    mask: Vec<String>,
     #[serde(default)]
     modules: Vec<String>,
     #[serde(default)]
@@ -48,13 +60,21 @@ struct Recipe {
     epoch: Option<i64>,
     #[serde(default)]
     file: Vec<FileSpec>,
+    /// OCI images made at build time, for containerd to import at boot (no registry).
+    #[serde(default)]
+    container: Vec<crate::oci::ContainerSpec>,
 }
 
+/// A file of the image: its text, a file of this repository copied byte for byte, or a
+/// symbolic link.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSpec {
     path: String,
-    text: String,
+    text: Option<String>,
+    /// A path relative to the repository's root (e.g. systemd/acl-agentd.service).
+    source: Option<String>,
+    link: Option<String>,
     mode: Option<u32>,
 }
 
@@ -71,6 +91,11 @@ fn load(path: &Path) -> Result<Recipe> {
     base.cmdline = r.cmdline.or(base.cmdline);
     base.epoch = r.epoch.or(base.epoch);
     base.packages.extend(r.packages);
+    base.exclude_packages.extend(r.exclude_packages);
+    base.drop.extend(r.drop);
+    base.enable.extend(r.enable);
+    base.mask.extend(r.mask);
+    base.container.extend(r.container);
     base.modules.extend(r.modules);
     base.binaries.extend(r.binaries);
     for f in r.file {
@@ -171,22 +196,31 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     let _ = std::fs::remove_dir_all(&a.work);
     let tree = a.work.join("tree");
     let kstage = a.work.join("kernel");
-    for d in
-        ["proc", "sys", "dev", "run", "tmp", "var", "root", "mnt", "boot", "etc/acl", "usr/bin", "usr/sbin"]
-    {
+    for d in [
+        "proc", "sys", "dev", "run", "tmp", "var", "root", "mnt", "boot", "etc/acl", "usr/bin", "usr/sbin",
+        "home", "srv", "opt",
+    ] {
         std::fs::create_dir_all(tree.join(d))?;
     }
 
-    // 1. Packages.
-    let mut pkgs: Vec<String> = r.packages.clone();
-    pkgs.sort();
-    pkgs.dedup();
+    // 1. Packages: the closure of the recipe's, unpacked.
+    let pkgs = crate::debs::closure(sh, &r.packages, &r.exclude_packages)?;
+    crate::debs::prefetch(sh, &cache, &pkgs)?;
     for p in &pkgs {
-        let deb = fetch_deb(sh, &cache, p)?;
+        let deb = crate::debs::fetch(sh, &cache, p)?;
         cmd!(sh, "dpkg -x {deb} {tree}").run()?;
     }
+    std::fs::write(a.work.join("packages.txt"), pkgs.join("\n") + "\n")?;
+    for d in &r.drop {
+        let p = tree.join(d.trim_start_matches('/'));
+        if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p)?;
+        } else if p.symlink_metadata().is_ok() {
+            std::fs::remove_file(&p)?;
+        }
+    }
     // 2. Kernel and modules.
-    let kdeb = fetch_deb(sh, &cache, &kernel_pkg)?;
+    let kdeb = crate::debs::fetch(sh, &cache, &kernel_pkg)?;
     cmd!(sh, "dpkg -x {kdeb} {kstage}").run()?;
     let kver = std::fs::read_dir(kstage.join("lib/modules"))?
         .flatten()
@@ -226,14 +260,19 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     }
     std::fs::write(tree.join("etc/acl/version"), format!("{}\n", a.version))?;
     for f in &r.file {
-        let p = tree.join(f.path.trim_start_matches('/'));
-        std::fs::create_dir_all(p.parent().expect("has a parent"))?;
-        let text = f.text.strip_prefix('\n').unwrap_or(&f.text);
-        // Replace, never write through: the path may be a symlink (a busybox applet).
-        let _ = std::fs::remove_file(&p);
-        std::fs::write(&p, text)?;
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode.unwrap_or(0o644)))?;
+        write_file(&root, &tree, f)?;
+    }
+    for c in &r.container {
+        crate::oci::build(sh, &tree, c, epoch)?;
+    }
+    system_users(sh, &tree, epoch)?;
+    // Units enabled and masked as a package's maintainer scripts or an administrator would.
+    let systemctl_root = format!("--root={}", tree.display());
+    for u in &r.enable {
+        cmd!(sh, "systemctl {systemctl_root} --quiet enable {u}").run()?;
+    }
+    for u in &r.mask {
+        cmd!(sh, "systemctl {systemctl_root} --quiet mask {u}").run()?;
     }
 
     // 3. The initramfs, from a private copy of dracut with our module.
@@ -296,25 +335,62 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     Ok(Built { build: out, vmlinuz, initrd: first_initrd, kernel_release: kver })
 }
 
-/// The cached .deb of `pkg`, downloaded when missing.
-fn fetch_deb(sh: &Shell, cache: &Path, pkg: &str) -> Result<PathBuf> {
-    let find = || -> Option<PathBuf> {
-        let prefix = format!("{}_", pkg.split('=').next().unwrap_or(pkg));
-        std::fs::read_dir(cache).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
-                && p.extension().is_some_and(|x| x == "deb")
-        })
-    };
-    if let Some(p) = find() {
-        return Ok(p);
+/// The system users and groups the packages declare (sysusers.d), written into the read-only
+/// `/etc` at build time since nothing can add them at boot; the password ages' day count is
+/// the recipe's epoch, not the build day.
+fn system_users(sh: &Shell, tree: &Path, epoch: i64) -> Result<()> {
+    if !["usr/lib/sysusers.d", "lib/sysusers.d"].iter().any(|d| tree.join(d).is_dir()) {
+        return Ok(());
     }
-    let _d = sh.push_dir(cache);
-    cmd!(sh, "apt-get download -q {pkg}")
-        .quiet()
-        .ignore_stderr()
-        .run()
-        .with_context(|| format!("apt-get download {pkg}"))?;
-    find().with_context(|| format!("apt-get download {pkg} left no .deb in {}", cache.display()))
+    let root = format!("--root={}", tree.display());
+    cmd!(sh, "systemd-sysusers {root}").quiet().run()?;
+    let day = (epoch / 86_400).to_string();
+    for f in ["etc/shadow", "etc/gshadow"] {
+        let p = tree.join(f);
+        let Ok(text) = std::fs::read_to_string(&p) else { continue };
+        let fixed: String = text
+            .lines()
+            .map(|l| {
+                let mut fields: Vec<&str> = l.split(':').collect();
+                if f == "etc/shadow" && fields.len() > 2 && !fields[2].is_empty() {
+                    fields[2] = &day;
+                }
+                fields.join(":") + "\n"
+            })
+            .collect();
+        std::fs::write(&p, fixed)?;
+    }
+    for f in ["etc/passwd-", "etc/group-", "etc/shadow-", "etc/gshadow-"] {
+        let _ = std::fs::remove_file(tree.join(f));
+    }
+    Ok(())
+}
+
+/// Writes one of the recipe's files into the tree, replacing whatever is at its path.
+fn write_file(root: &Path, tree: &Path, f: &FileSpec) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = tree.join(f.path.trim_start_matches('/'));
+    std::fs::create_dir_all(p.parent().expect("has a parent"))?;
+    // Replace, never write through: the path may be a symlink (a busybox applet).
+    let _ = std::fs::remove_file(&p);
+    let mode = match (&f.text, &f.source, &f.link) {
+        (Some(text), None, None) => {
+            std::fs::write(&p, text.strip_prefix('\n').unwrap_or(text))?;
+            f.mode.unwrap_or(0o644)
+        }
+        (None, Some(src), None) => {
+            // Byte for byte, so that what the image runs is what the repository holds.
+            std::fs::copy(root.join(src), &p).with_context(|| format!("copy {src} into the image"))?;
+            f.mode.unwrap_or(0o644)
+        }
+        (None, None, Some(target)) => {
+            std::os::unix::fs::symlink(target, &p)?;
+            return Ok(());
+        }
+        _ => bail!("file {}: give exactly one of text, source and link", f.path),
+    };
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
 }
 
 /// Copies the named modules and everything they depend on (by `modules.dep`).

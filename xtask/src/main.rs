@@ -15,10 +15,12 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod debs;
 mod demo;
 mod e2e;
 mod image;
 mod nginx;
+mod oci;
 mod tools;
 
 use anyhow::{Result, bail};

@@ -9,6 +9,7 @@
 // A command-line tool's results go to standard output.
 #![allow(clippy::print_stdout)]
 
+mod deadline;
 mod follow;
 mod status;
 mod update;
@@ -158,6 +159,21 @@ enum Command {
         /// Print the resulting status as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Give up the booted slot if nothing confirms it in time: waits until it is confirmed
+    /// (exits 0) or until health.deadline + health.fallback-grace after the kernel started, then
+    /// marks it bad and reboots into the other slot, when that one can boot. Run by
+    /// acl-boot-deadline.service on every boot, independently of the agent.
+    BootDeadline {
+        /// The disk (default: [agent] disk, else the running system's disk).
+        #[arg(long)]
+        disk: Option<PathBuf>,
+        /// The booted slot (default: from the kernel command line).
+        #[arg(long)]
+        booted: Option<Slot>,
+        /// Look for the agent's configuration under this directory instead of /.
+        #[arg(long, default_value = "/")]
+        config_root: PathBuf,
     },
     /// Confirm the booted slot as good (what the agent does after its health checks pass).
     MarkGood {
@@ -329,6 +345,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Resume(a) => ask_agent(&a, agent::machine::Request::Resume),
         Command::Check(a) => ask_agent(&a, agent::machine::Request::CheckNow),
         Command::Rollback { target, now, socket, json } => rollback(&target, now, &socket, json),
+        Command::BootDeadline { disk, booted, config_root } => {
+            deadline::run(&config_root, disk.as_deref(), booted)
+        }
         Command::MarkGood { target, json } => change(&target, json, "mark-good", choice::mark_good),
     }
 }

@@ -115,6 +115,7 @@ fn utc() -> String {
 #[allow(missing_docs)]
 pub struct Health {
     pub deadline: String,
+    pub fallback_grace: String,
     pub check_timeout: String,
     pub required_dir: PathBuf,
     pub wanted_dir: PathBuf,
@@ -127,6 +128,7 @@ impl Default for Health {
     fn default() -> Self {
         Self {
             deadline: "10m".into(),
+            fallback_grace: "2m".into(),
             check_timeout: "60s".into(),
             required_dir: "/etc/acl-update/health/required.d".into(),
             wanted_dir: "/etc/acl-update/health/wanted.d".into(),

@@ -66,6 +66,9 @@ pub struct Settings {
     pub ca_file: Option<PathBuf>,
     pub windows: Vec<Window>,
     pub health_deadline: Duration,
+    /// When `acl-boot-deadline.service` gives up an unconfirmed boot: this long after the
+    /// health deadline, counted from the kernel's start.
+    pub fallback_grace: Duration,
     pub check_timeout: Duration,
     pub required_dir: PathBuf,
     pub wanted_dir: PathBuf,
@@ -288,6 +291,7 @@ impl Settings {
             ca_file: opt_path(&c.trust.ca_file),
             windows,
             health_deadline: duration("health.deadline", &c.health.deadline, Duration::from_secs(10))?,
+            fallback_grace: duration("health.fallback-grace", &c.health.fallback_grace, Duration::ZERO)?,
             check_timeout: duration("health.check-timeout", &c.health.check_timeout, Duration::from_secs(1))?,
             required_dir: c.health.required_dir.clone(),
             wanted_dir: c.health.wanted_dir.clone(),
