@@ -28,7 +28,8 @@ const EXIT_REFUSED: u8 = 3;
     name = "aclctl",
     version,
     after_help = "\
-Exit codes: 0 success; 1 failure; 2 usage error; 3 refused (the slots' state does not allow it)."
+Exit codes: 0 success; 1 failure; 2 usage error; 3 refused (the slots' state or the partition
+table's layout does not allow it)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -233,11 +234,20 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aclctl: error: {}", cliutil::error_chain(&e));
-            let refused = matches!(e.downcast_ref::<DiskError>(), Some(DiskError::Transition { .. }))
-                || e.downcast_ref::<repo::TrustError>().is_some();
-            std::process::ExitCode::from(if refused { EXIT_REFUSED } else { 1 })
+            std::process::ExitCode::from(if refused(&e) { EXIT_REFUSED } else { 1 })
         }
     }
+}
+
+/// Whether `e` is a refusal (exit code 3): the slots' state, the table's layout or the
+/// repository's signatures do not allow the request.
+fn refused(e: &anyhow::Error) -> bool {
+    let disk_refused = |d: &DiskError| matches!(d, DiskError::Transition { .. } | DiskError::Layout { .. });
+    e.chain().any(|c| {
+        c.downcast_ref::<DiskError>().is_some_and(disk_refused)
+            || matches!(c.downcast_ref::<install::InstallError>(), Some(install::InstallError::Disk(d)) if disk_refused(d))
+            || c.downcast_ref::<repo::TrustError>().is_some()
+    })
 }
 
 fn run(cli: Cli) -> Result<()> {

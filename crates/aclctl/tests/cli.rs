@@ -130,3 +130,41 @@ fn config_is_merged_annotated_and_refused_when_invalid() {
     let defaults = aclctl(&["config", "--defaults"]);
     assert!(String::from_utf8_lossy(&defaults.stdout).contains("check-interval = \"1h\""));
 }
+
+/// Issue 12: USR-B's entry moved over USR-A (CRCs valid). `status` names the problem instead of
+/// `null`; every change is refused with exit code 3, naming the partitions, and writes nothing.
+#[test]
+fn issue_12_status_names_an_unsafe_layout_and_changes_are_refused() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    updated_disk(&sgdisk, &img);
+    let d = img.to_str().unwrap();
+    assert_eq!(json(&["status", "--disk", d, "--json"])["table"]["layout_ok"], true);
+    let (a_first, a_last) = testkit::gpt_edit::extent(&img, 512, 3);
+    let (_, b_last) = testkit::gpt_edit::extent(&img, 512, 4);
+    testkit::gpt_edit::set_extent(&img, 512, 4, a_last - 7, b_last);
+    let before = std::fs::read(&img).unwrap();
+    let named = format!(
+        "partition 3 USR-A (LBAs {a_first}-{a_last}) overlaps partition 4 USR-B (LBAs {}-{b_last})",
+        a_last - 7
+    );
+
+    let s = json(&["status", "--disk", d, "--json"]);
+    assert_eq!(s["table"]["layout_ok"], false, "{s}");
+    assert_eq!(s["table"]["problem"], format!("unsafe layout: {named}"), "{s}");
+    let out = aclctl(&["status", "--disk", d]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("UNSAFE") && text.contains(&named), "{text}");
+
+    for args in
+        [&["rollback", "--disk", d][..], &["mark-good", "--disk", d, "--booted", "B"], &["boot", "--disk", d]]
+    {
+        let out = aclctl(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
+        assert!(err.contains(&named) && err.contains("the disk was not changed"), "{args:?}: {err}");
+        assert!(std::fs::read(&img).unwrap() == before, "{args:?} wrote to the disk");
+    }
+}

@@ -220,3 +220,29 @@ async fn a_certificate_that_does_not_match_is_refused() {
     assert_eq!(Disk::open(&disk, false).unwrap().slots().b.priority(), 0);
     assert_eq!(slot_digest(&disk, Slot::A, 4 << 20), booted);
 }
+
+/// Issue 12: a USR-B entry that covers USR-A or the EFI partition (valid by CRC) must not be
+/// written: the install is refused before anything is written, naming both partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_12_install_refuses_a_target_over_another_partition() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let v1 = f.release("1.0.0", 0);
+    for (over, number) in [("USR-A", 3), ("EFI-SYSTEM", 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk(&sgdisk, dir.path());
+        let (first, last) = testkit::gpt_edit::extent(&disk, 512, number);
+        let (_, b_last) = testkit::gpt_edit::extent(&disk, 512, 4);
+        let b_first = first + (last - first) / 2;
+        testkit::gpt_edit::set_extent(&disk, 512, 4, b_first, if number == 3 { b_last } else { last });
+        let before = std::fs::read(&disk).unwrap();
+        let _ = std::fs::remove_dir_all(f.path("state"));
+        let e = f.install(&disk, Slot::A, &v1, &f.file_fetcher()).await.unwrap_err();
+        assert!(matches!(e, install::InstallError::Disk(slot::DiskError::Layout { .. })), "{over}: {e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("overlaps partition 4 USR-B (LBAs {b_first}-")), "{msg}");
+        assert!(msg.contains(over) && msg.contains("the disk was not changed"), "{msg}");
+        assert!(std::fs::read(&disk).unwrap() == before, "{over}: the refused install wrote to the disk");
+        assert!(!f.path("state").join(install::JOURNAL_FILE).exists(), "{over}: a journal was started");
+    }
+}
