@@ -1,8 +1,9 @@
 //! The install pipeline (see the crate docs for the order of steps).
 
-use crate::journal::{Journal, replace_file};
+use crate::journal::Journal;
 use crate::plan::{self, Plan};
 use crate::slotio::{AlignedBuf, BufPool, SlotIo};
+use durable::replace_file;
 use fetch::{FetchError, Fetcher};
 use manifest::{Manifest, Sha256Digest};
 use payload::{ChunkDecoder, ChunkError};
