@@ -28,6 +28,12 @@ const EXIT_REFUSED: u8 = 3;
     name = "aclctl",
     version,
     after_help = "\
+One writer per disk: the commands that change a disk (rollback, mark-good, boot, update --repo,
+provision) hold its lock while they work. Another acl-update process holding it (the agent
+installing, another aclctl) makes them fail at once, naming its pid and command, without changing
+anything; a lock held by another program (udev probing the disk, a partitioning tool) is waited
+for up to 5 s. status and history never wait.
+
 Exit codes: 0 success; 1 failure; 2 usage error; 3 refused (the slots' state or the partition
 table's layout does not allow it)."
 )]

@@ -5,9 +5,15 @@
 //! that needs a slot's byte extent (the installer, the boot path) first checks the layout
 //! ([`Disk::check_layout`]) and refuses with [`DiskError::Layout`], naming the partitions and
 //! LBAs, before any byte is written.
+//!
+//! Opening a disk `writable` takes its exclusive lock ([`crate::lock`]) before reading the table,
+//! and the `Disk` value holds it until dropped: one writer per disk. [`Disk::update`] reads the
+//! table again under the lock and computes the transition from what is on the disk now, so a
+//! change made by another tool since the open is neither lost nor mixed into a stale copy.
 
 use crate::choice::{Slot, Slots, TransitionError};
 use crate::layout::LayoutError;
+use crate::lock::{DiskLock, LockError};
 use crate::table::{self, BlockDevice, Entry, Health, Table, TableError};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
@@ -37,6 +43,34 @@ pub enum DiskError {
         path: PathBuf,
         /// The error.
         source: std::io::Error,
+    },
+    /// Another writer holds the disk's lock.
+    #[error("{path}: {holder} is changing this disk; nothing was changed (try again when it is done)")]
+    Busy {
+        /// The disk.
+        path: PathBuf,
+        /// Who holds the lock, in words.
+        holder: String,
+    },
+    /// The disk's lock could not be taken.
+    #[error("{path}: locking the disk: {source}")]
+    Lock {
+        /// The disk.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Between the open and a write, another tool changed which partitions are the slots.
+    #[error(
+        "{path}: the slot partitions changed since the disk was opened (now A is partition {a}, B is {b}); nothing was changed"
+    )]
+    SlotsMoved {
+        /// The disk.
+        path: PathBuf,
+        /// A's number now.
+        a: u32,
+        /// B's number now.
+        b: u32,
     },
     /// The GPT could not be read or written.
     #[error("{path}: {source}")]
@@ -131,17 +165,38 @@ pub struct Disk<D> {
     table: Table,
     a: Entry,
     b: Entry,
+    /// Held by a disk opened for writing (see [`crate::lock`]).
+    lock: Option<DiskLock>,
 }
 
 impl Disk<std::fs::File> {
-    /// Opens a block device or image file; `writable` for anything that changes bits.
+    /// Opens a block device or image file; `writable` for anything that changes bits, which
+    /// takes the disk's exclusive lock first (refused at once while another acl-update process
+    /// holds it, after up to [`crate::lock::DEFAULT_WAIT`] for another program) and keeps it
+    /// as long as the returned value lives.
     pub fn open(path: &Path, writable: bool) -> Result<Self, DiskError> {
         let dev = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
             .open(path)
             .map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
-        Self::from_device(dev, path)
+        let lock = if writable {
+            let lock = DiskLock::acquire(&dev, path, crate::lock::DEFAULT_WAIT).map_err(|e| match e {
+                LockError::Busy { holder } => DiskError::Busy { path: path.to_owned(), holder },
+                LockError::Io(source) => DiskError::Lock { path: path.to_owned(), source },
+            })?;
+            Some(lock)
+        } else {
+            None
+        };
+        let mut disk = Self::from_device(dev, path)?;
+        disk.lock = lock;
+        Ok(disk)
+    }
+
+    /// Whether this value holds the disk's exclusive lock (opened writable).
+    pub fn is_locked(&self) -> bool {
+        self.lock.is_some()
     }
 }
 
@@ -151,7 +206,7 @@ impl<D: BlockDevice> Disk<D> {
         let path = path.to_owned();
         let table = table::read(&dev).map_err(|source| DiskError::Table { path: path.clone(), source })?;
         let (a, b) = find_slots(&path, &table)?;
-        Ok(Self { dev, path, table, a, b })
+        Ok(Self { dev, path, table, a, b, lock: None })
     }
 
     /// The path the disk was opened as.
@@ -228,6 +283,7 @@ impl<D: BlockDevice> Disk<D> {
         &mut self,
         f: impl FnOnce(&Slots) -> Result<Slots, TransitionError>,
     ) -> Result<Slots, DiskError> {
+        self.reread()?;
         self.check_layout().map_err(|e| self.layout_error(e))?;
         let new =
             f(&self.slots()).map_err(|source| DiskError::Transition { path: self.path.clone(), source })?;
@@ -257,6 +313,23 @@ impl<D: BlockDevice> Disk<D> {
         }
         self.update(|s| Ok(*s))?;
         Ok(true)
+    }
+
+    /// Reads the table again (under the lock when writable), keeping the slot partitions.
+    fn reread(&mut self) -> Result<(), DiskError> {
+        let (_, table) = Self::from_device_ref(&self.dev, &self.path)?;
+        let (a, b) = find_slots(&self.path, &table)?;
+        let same = |x: &Entry, y: &Entry| {
+            (x.number, x.unique_guid, x.first_lba, x.last_lba)
+                == (y.number, y.unique_guid, y.first_lba, y.last_lba)
+        };
+        if !same(&a, &self.a) || !same(&b, &self.b) {
+            return Err(DiskError::SlotsMoved { path: self.path.clone(), a: a.number, b: b.number });
+        }
+        self.table = table;
+        self.a = a;
+        self.b = b;
+        Ok(())
     }
 
     fn from_device_ref(dev: &D, path: &Path) -> Result<(Slots, Table), DiskError> {

@@ -11,7 +11,8 @@
 //! - [`layout`]: the check that partitions and table copies lie apart and on the disk, made
 //!   before anything is written (a hostile table is refused, never written over).
 //! - [`Disk`]: finds USR-A and USR-B by name and type GUID and applies a transition with one
-//!   table write, read back and checked.
+//!   table write, read back and checked, under the disk's exclusive lock ([`lock`]): one
+//!   writer per disk.
 //! - [`booted`]: which slot is running, from the kernel command line.
 
 pub mod booted;
@@ -19,6 +20,7 @@ pub mod choice;
 mod disk;
 mod gptprio;
 pub mod layout;
+pub mod lock;
 pub mod system;
 pub mod table;
 
