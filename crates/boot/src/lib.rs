@@ -65,8 +65,10 @@ pub fn slot_manifest(
     use std::os::unix::fs::FileExt as _;
     let (base, len) = disk.slot_extent(slot).map_err(|e| e.to_string())?;
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let (m, sig) =
-        trailer::read(len, |o, buf| file.read_exact_at(buf, base + o)).map_err(|e| e.to_string())?;
+    let (m, sig) = trailer::read(len, |o, buf| {
+        file.read_exact_at(buf, base.checked_add(o).ok_or(std::io::ErrorKind::InvalidInput)?)
+    })
+    .map_err(|e| e.to_string())?;
     let manifest = policy.manifest(&format!("slot {slot} trailer"), &m, &sig).map_err(|e| e.to_string())?;
     if manifest.image_size > len {
         return Err(format!("image of {} bytes is larger than the slot ({len} bytes)", manifest.image_size));

@@ -169,7 +169,10 @@ pub fn slot_trailer(disk: &Path, slot: Slot) -> Result<(Vec<u8>, Vec<u8>), Strin
     let d = Disk::open(disk, false).map_err(|e| e.to_string())?;
     let (base, len) = d.slot_extent(slot).map_err(|e| e.to_string())?;
     let file = std::fs::File::open(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
-    trailer::read(len, |o, buf| file.read_exact_at(buf, base + o)).map_err(|e| e.to_string())
+    trailer::read(len, |o, buf| {
+        file.read_exact_at(buf, base.checked_add(o).ok_or(std::io::ErrorKind::InvalidInput)?)
+    })
+    .map_err(|e| e.to_string())
 }
 
 fn record_path(state_dir: &Path, slot: Slot) -> PathBuf {

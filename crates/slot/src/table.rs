@@ -202,7 +202,8 @@ fn read_copy(
         return Err(format!("LBA {lba} is outside the disk"));
     }
     let mut buf = vec![0u8; sector as usize];
-    dev.read_at(&mut buf, lba * sector).map_err(|e| format!("read LBA {lba}: {e}"))?;
+    let at = lba.checked_mul(sector).ok_or(format!("LBA {lba} is past any byte offset"))?;
+    dev.read_at(&mut buf, at).map_err(|e| format!("read LBA {lba}: {e}"))?;
     if &buf[..8] != SIGNATURE {
         return Err(format!("no GPT signature at LBA {lba}"));
     }
@@ -236,7 +237,8 @@ fn read_copy(
         return Err(format!("entry array at LBA {start} overlaps the header or leaves the disk"));
     }
     let mut entries = vec![0u8; bytes as usize];
-    dev.read_at(&mut entries, start * sector).map_err(|e| format!("read entries at LBA {start}: {e}"))?;
+    let at = start.checked_mul(sector).ok_or(format!("entry array LBA {start} is past any byte offset"))?;
+    dev.read_at(&mut entries, at).map_err(|e| format!("read entries at LBA {start}: {e}"))?;
     if crc32fast::hash(&entries) != h.entries_crc() {
         return Err(format!("entry array CRC mismatch (array at LBA {start})"));
     }
@@ -275,7 +277,7 @@ pub fn read(dev: &dyn BlockDevice) -> Result<Table, TableError> {
         let primary = read_copy(dev, sector, 1, disk_sectors);
         let backup_lba = match &primary {
             Ok((h, _)) => h.alternate_lba(),
-            Err(_) => disk_sectors - 1,
+            Err(_) => disk_sectors.saturating_sub(1),
         };
         let backup = read_copy(dev, sector, backup_lba, disk_sectors);
         let table = match (primary, backup) {
