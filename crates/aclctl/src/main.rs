@@ -29,7 +29,14 @@ const EXIT_REFUSED: u8 = 3;
     name = "aclctl",
     version,
     after_help = "\
-Exit codes: 0 success; 1 failure; 2 usage error; 3 refused (the slots' state does not allow it)."
+One writer per disk: the commands that change a disk (rollback, mark-good, boot, update --repo,
+provision) hold its lock while they work. Another acl-update process holding it (the agent
+installing, another aclctl) makes them fail at once, naming its pid and command, without changing
+anything; a lock held by another program (udev probing the disk, a partitioning tool) is waited
+for up to 5 s. status and history never wait.
+
+Exit codes: 0 success; 1 failure; 2 usage error; 3 refused (the slots' state or the partition
+table's layout does not allow it)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -249,11 +256,20 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aclctl: error: {}", cliutil::error_chain(&e));
-            let refused = matches!(e.downcast_ref::<DiskError>(), Some(DiskError::Transition { .. }))
-                || e.downcast_ref::<repo::TrustError>().is_some();
-            std::process::ExitCode::from(if refused { EXIT_REFUSED } else { 1 })
+            std::process::ExitCode::from(if refused(&e) { EXIT_REFUSED } else { 1 })
         }
     }
+}
+
+/// Whether `e` is a refusal (exit code 3): the slots' state, the table's layout or the
+/// repository's signatures do not allow the request.
+fn refused(e: &anyhow::Error) -> bool {
+    let disk_refused = |d: &DiskError| matches!(d, DiskError::Transition { .. } | DiskError::Layout { .. });
+    e.chain().any(|c| {
+        c.downcast_ref::<DiskError>().is_some_and(disk_refused)
+            || matches!(c.downcast_ref::<install::InstallError>(), Some(install::InstallError::Disk(d)) if disk_refused(d))
+            || c.downcast_ref::<repo::TrustError>().is_some()
+    })
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -43,6 +43,9 @@ pub(crate) struct Status {
 struct TableStatus {
     primary_ok: bool,
     backup_ok: bool,
+    /// Whether partitions and table copies lie apart and on the disk; when not, every change
+    /// is refused and `problem` says why.
+    layout_ok: bool,
     problem: Option<String>,
 }
 
@@ -70,6 +73,7 @@ impl Status {
         let slots = disk.slots();
         let next = choice::choose(&slots);
         let health = disk.health();
+        let layout = disk.check_layout().err();
         let slot_status = |s: Slot| {
             let p = disk.partition(s);
             let bits = slots.get(s);
@@ -107,7 +111,11 @@ impl Status {
             table: TableStatus {
                 primary_ok: health.primary_error.is_none(),
                 backup_ok: health.backup_error.is_none(),
-                problem: health.primary_error.clone().or_else(|| health.backup_error.clone()),
+                layout_ok: layout.is_none(),
+                problem: layout
+                    .map(|e| format!("unsafe layout: {e}"))
+                    .or_else(|| health.primary_error.clone())
+                    .or_else(|| health.backup_error.clone()),
             },
             booted: booted.slot(),
             booted_source: match booted {
@@ -147,6 +155,9 @@ pub(crate) fn print(s: &Status, json: bool) -> Result<()> {
     }
     let table = match &s.table.problem {
         None => "both copies valid".to_owned(),
+        Some(p) if !s.table.layout_ok => {
+            format!("UNSAFE ({p}); every change is refused until the table is fixed, e.g. with sgdisk")
+        }
         Some(p) => format!("NEEDS REPAIR ({p}); any change repairs it"),
     };
     println!("disk       {} (GPT, {}-byte sectors, {table})", s.disk, s.sector_size);

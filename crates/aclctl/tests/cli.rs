@@ -130,3 +130,132 @@ fn config_is_merged_annotated_and_refused_when_invalid() {
     let defaults = aclctl(&["config", "--defaults"]);
     assert!(String::from_utf8_lossy(&defaults.stdout).contains("check-interval = \"1h\""));
 }
+
+/// Issue 12: USR-B's entry moved over USR-A (CRCs valid). `status` names the problem instead of
+/// `null`; every change is refused with exit code 3, naming the partitions, and writes nothing.
+#[test]
+fn issue_12_status_names_an_unsafe_layout_and_changes_are_refused() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    updated_disk(&sgdisk, &img);
+    let d = img.to_str().unwrap();
+    assert_eq!(json(&["status", "--disk", d, "--json"])["table"]["layout_ok"], true);
+    let (a_first, a_last) = testkit::gpt_edit::extent(&img, 512, 3);
+    let (_, b_last) = testkit::gpt_edit::extent(&img, 512, 4);
+    testkit::gpt_edit::set_extent(&img, 512, 4, a_last - 7, b_last);
+    let before = std::fs::read(&img).unwrap();
+    let named = format!(
+        "partition 3 USR-A (LBAs {a_first}-{a_last}) overlaps partition 4 USR-B (LBAs {}-{b_last})",
+        a_last - 7
+    );
+
+    let s = json(&["status", "--disk", d, "--json"]);
+    assert_eq!(s["table"]["layout_ok"], false, "{s}");
+    assert_eq!(s["table"]["problem"], format!("unsafe layout: {named}"), "{s}");
+    let out = aclctl(&["status", "--disk", d]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("UNSAFE") && text.contains(&named), "{text}");
+
+    for args in
+        [&["rollback", "--disk", d][..], &["mark-good", "--disk", d, "--booted", "B"], &["boot", "--disk", d]]
+    {
+        let out = aclctl(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
+        assert!(err.contains(&named) && err.contains("the disk was not changed"), "{args:?}: {err}");
+        assert!(std::fs::read(&img).unwrap() == before, "{args:?} wrote to the disk");
+    }
+}
+
+/// Builds, signs and publishes a 2 MiB image as 2.0.0 into `dir/repo`, trusted by `dir/keys`;
+/// then replaces the payload with a FIFO, so that an install blocks on its first read, holding
+/// the disk's lock, until the test kills it.
+fn stalling_repository(dir: &Path) {
+    let key = signing::SecretKey::from_seed([4; 32]);
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    key.public().write_new(&dir.join("keys/k.pub")).unwrap();
+    let fs = dir.join("fs.img");
+    std::fs::write(&fs, (0..2u32 << 20).map(|i| (i / 4096) as u8 ^ i as u8).collect::<Vec<u8>>()).unwrap();
+    let opts = payload::BuildOptions {
+        version: "2.0.0".parse().unwrap(),
+        arch: std::env::consts::ARCH.into(),
+        kernel_cmdline: String::new(),
+        chunk_size: 256 << 10,
+        level: 1,
+        threads: 1,
+        salt: None,
+    };
+    payload::build(&fs, &dir.join("build"), &opts, &|_| {}).unwrap();
+    repo::local::sign_document(&dir.join("build/manifest.json"), std::slice::from_ref(&key)).unwrap();
+    let policy = repo::TrustPolicy::new(signing::TrustedKeys::new([key.public()]).unwrap(), 1).unwrap();
+    let req = repo::local::PublishRequest {
+        repo: &dir.join("repo"),
+        image_dir: &dir.join("build"),
+        channel: "stable",
+        expires_in: jiff::SignedDuration::from_hours(24),
+        waves: vec![],
+        now: jiff::Timestamp::now(),
+        threads: 1,
+    };
+    repo::local::publish(&req, std::slice::from_ref(&key), &policy, &|_, _| {}).unwrap();
+    let payload = dir.join(format!("repo/images/2.0.0/{}/payload", std::env::consts::ARCH));
+    std::fs::remove_file(&payload).unwrap();
+    run(Path::new("/usr/bin/mkfifo"), &[payload.to_str().unwrap()]);
+}
+
+/// Issue 12, item 2, with two real processes: `aclctl update --repo` holds the disk's lock for
+/// its whole install (here stuck reading its payload); `aclctl rollback` and `mark-good` on the
+/// same disk are refused at once, naming it, and write nothing. Once it is killed, the lock is
+/// free (its leftover record names a dead process and is ignored).
+#[test]
+fn issue_12_a_second_aclctl_is_refused_while_an_update_holds_the_disk() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    if !Path::new("/usr/bin/mkfifo").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    stalling_repository(dir.path());
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    updated_disk(&sgdisk, &img);
+    let d = img.to_str().unwrap();
+    let state = dir.path().join("state");
+    let repo_url = format!("file://{}", dir.path().join("repo").display());
+    let keys = dir.path().join("keys");
+    let mut update = Command::new(env!("CARGO_BIN_EXE_aclctl"))
+        .args(["update", "--repo", &repo_url, "--trust", keys.to_str().unwrap(), "--disk", d])
+        .args(["--booted", "B", "--socket", "/nonexistent/agent.sock", "--state-dir"])
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The install has begun (journal written, so the disk is open and locked).
+    let journal = state.join("install-journal.json");
+    let started = Instant::now();
+    while !journal.exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the update never started");
+        assert!(update.try_wait().unwrap().is_none(), "the update ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = std::fs::read(&img).unwrap();
+    for args in [&["rollback", "--disk", d][..], &["mark-good", "--disk", d, "--booted", "B"]] {
+        let started = Instant::now();
+        let out = aclctl(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(3), "{args:?} waited");
+        assert!(err.contains(&format!("pid {} (", update.id())) && err.contains("aclctl update"), "{err}");
+        assert!(err.contains("nothing was changed"), "{err}");
+        assert!(std::fs::read(&img).unwrap() == before, "{args:?} wrote to the disk");
+    }
+    // status never waits.
+    assert_eq!(json(&["status", "--disk", d, "--json"])["slots"][0]["priority"], 0, "A is being written");
+    update.kill().unwrap();
+    update.wait().unwrap();
+    let s = json(&["mark-good", "--disk", d, "--booted", "B", "--json"]);
+    assert_eq!(s["slots"][1]["successful"], true);
+    assert!(run(&sgdisk, &["-v", d]).contains("No problems found"));
+}

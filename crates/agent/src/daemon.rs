@@ -414,10 +414,19 @@ impl Daemon {
                 self.slots("mark good", |s| choice::mark_good(s, env.booted));
             }
             Action::MarkBadAndReboot => {
-                self.slots("mark bad", |s| choice::mark_bad(s, env.booted));
-                tracing::info!("rebooting into the previous slot");
-                if let Err(e) = env.platform.reboot() {
-                    tracing::error!("reboot failed: {e}");
+                // Only a slot actually marked bad is left: a reboot without the mark would boot
+                // the same slot and spend its tries until nothing boots (issue 12).
+                match self.change_slots("mark bad", |s| choice::mark_bad(s, env.booted)) {
+                    Ok(_) => {
+                        tracing::info!("rebooting into the previous slot");
+                        if let Err(e) = env.platform.reboot() {
+                            tracing::error!("reboot failed: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        let event = Event::MarkBadFailed { slot: env.booted, reason: e.to_string() };
+                        self.feed(&event, cfg)?;
+                    }
                 }
             }
             Action::Rollback { reboot } => {
@@ -443,17 +452,21 @@ impl Daemon {
         what: &str,
         f: impl FnOnce(&slot::Slots) -> Result<slot::Slots, choice::TransitionError>,
     ) -> bool {
+        self.change_slots(what, f).is_ok()
+    }
+
+    /// Applies a slot transition; the new bits, or why not (also logged).
+    fn change_slots(
+        &self,
+        what: &str,
+        f: impl FnOnce(&slot::Slots) -> Result<slot::Slots, choice::TransitionError>,
+    ) -> Result<slot::Slots, slot::DiskError> {
         let result = Disk::open(&self.env.disk, true).and_then(|mut d| d.update(f));
-        match result {
-            Ok(s) => {
-                tracing::info!(a = %s.a, b = %s.b, "{what}: done");
-                true
-            }
-            Err(e) => {
-                tracing::error!("{what} failed: {e}");
-                false
-            }
+        match &result {
+            Ok(s) => tracing::info!(a = %s.a, b = %s.b, "{what}: done"),
+            Err(e) => tracing::error!("{what} failed: {e}"),
         }
+        result
     }
 }
 

@@ -38,11 +38,7 @@ pub fn append(state_dir: &Path, entry: &Entry) -> std::io::Result<()> {
         let text = std::fs::read(&path)?;
         let cut = text.len() / 2;
         let start = text[cut..].iter().position(|&b| b == b'\n').map_or(text.len(), |p| cut + p + 1);
-        let tmp = state_dir.join(format!(".{HISTORY_FILE}.tmp"));
-        let mut t = std::fs::File::create(&tmp)?;
-        t.write_all(&text[start..])?;
-        t.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        durable::replace_file(&path, &text[start..])?;
     }
     Ok(())
 }

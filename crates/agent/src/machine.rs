@@ -21,6 +21,7 @@
 //! | Rebooting v | Started, old slot runs, v still boots next | Staged v | RequestReboot |
 //! | Verifying v | Health passed | Idle | MarkGood |
 //! | Verifying v | Health failed / deadline | Idle | MarkBadAndReboot (failure recorded) |
+//! | any | MarkBadFailed (mark-bad refused or failed) | same phase, note says why | - (no reboot) |
 //! | any | Started, booted slot unconfirmed | Verifying | RunHealth |
 //! | Installing v | Started (after a crash) | Installing v | Install v (resumes) |
 //! | Idle | Operator Rollback (now) | Idle | Rollback (and reboot when now) |
@@ -28,11 +29,18 @@
 //!
 //! Invalid events in a phase are ignored with a note (`Action::Log`), never a panic: a daemon
 //! must not die of a late or duplicated event.
+//!
+//! `MarkBadAndReboot` reboots only when the slot was marked bad. When marking it bad is refused
+//! (the other slot is not bootable, e.g. on a freshly provisioned disk) or fails (the disk), a
+//! reboot would only spend the running slot's tries until nothing boots (issue 12): the daemon
+//! stays on the running slot and reports [`Event::MarkBadFailed`], whose note (in the history)
+//! says why.
 
 use jiff::{SignedDuration, Timestamp};
 use policy::{Decision, Failure, Wanted};
 use semver::Version;
 use serde::{Deserialize, Serialize};
+use slot::choice::Slot;
 
 /// Where the agent is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +179,13 @@ pub enum Event {
         /// The time.
         now: Timestamp,
     },
+    /// Marking the booted slot bad was refused or failed, so the daemon did not reboot.
+    MarkBadFailed {
+        /// The running slot, which stays.
+        slot: Slot,
+        /// Why, in words (the disk error or the refused transition).
+        reason: String,
+    },
     /// An operator asked for something.
     Operator(Request),
 }
@@ -218,7 +233,8 @@ pub enum Action {
     RunHealth,
     /// Mark the booted slot good.
     MarkGood,
-    /// Mark the booted slot bad and reboot into the other one.
+    /// Mark the booted slot bad and reboot into the other one; only when the mark is written.
+    /// Otherwise the daemon reboots nothing and answers [`Event::MarkBadFailed`].
     MarkBadAndReboot,
     /// Make the other slot boot next (operator rollback), and reboot if `reboot` and that
     /// worked.
@@ -452,6 +468,12 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             s.phase = Phase::Idle;
             s.note = format!("staged {version} withdrawn by the operator");
             actions.push(Action::Unstage);
+        }
+        (Event::MarkBadFailed { slot, reason }, _) => {
+            s.note = format!(
+                "not rolling back: could not mark slot {slot} bad ({reason}); not rebooting, slot {slot} keeps running"
+            );
+            actions.push(Action::Log(s.note.clone()));
         }
         (e, _) => actions = ignored(&format!("{e:?}")),
     }

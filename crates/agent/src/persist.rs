@@ -2,7 +2,6 @@
 //! the new state, never a mixture. An unreadable file is reported, not guessed at.
 
 use crate::machine::State;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// File name of the state in the state directory.
@@ -30,12 +29,7 @@ pub fn load(state_dir: &Path) -> Result<State, PersistError> {
 pub fn save(state_dir: &Path, state: &State) -> Result<(), PersistError> {
     let path = state_dir.join(STATE_FILE);
     let err = |e: std::io::Error| PersistError { path: path.clone(), reason: e.to_string() };
-    let tmp = state_dir.join(format!(".{STATE_FILE}.tmp"));
     let mut bytes = serde_json::to_vec_pretty(state).expect("state serialises");
     bytes.push(b'\n');
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
-    std::fs::File::open(state_dir).and_then(|d| d.sync_all()).map_err(err)
+    durable::replace_file(&path, &bytes).map_err(err)
 }

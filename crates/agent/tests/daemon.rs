@@ -80,6 +80,73 @@ async fn a_failed_health_check_marks_the_slot_bad_and_the_old_one_boots() {
     assert_eq!(f.boot(), Slot::A, "the previous slot boots");
 }
 
+/// Issue 12: on a freshly provisioned disk (slot A on trial, B never written) a failing
+/// required check cannot mark A bad: there is nothing to fall back to. The daemon must not
+/// reboot (each reboot would spend one of A's tries until nothing boots); it says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_12_a_refused_mark_bad_on_a_fresh_disk_does_not_reboot() {
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new(&sgdisk, true, &[]);
+    {
+        let mut d = Disk::open(&f.disk, true).unwrap();
+        let tries = slot::Tries::new(3).unwrap();
+        d.update(|s| Ok(slot::choice::provisioned(&slot::choice::give_up(s, Slot::B), Slot::A, tries)))
+            .unwrap();
+    }
+    assert_eq!(f.boot(), Slot::A);
+    let before = f.slots();
+    assert!(!before.a.successful() && !before.b.bootable(), "{before:?}");
+    f.add_check("required.d", "50-app", "#!/bin/sh\necho app not answering\nexit 1\n");
+    let p = platform();
+    let said = |f: &Fixture| f.history().iter().any(|h| h.contains("not rebooting"));
+    f.run_until(Slot::A, &p, || said(&f)).await;
+    assert_eq!(p.reboots(), 0, "a refused mark-bad rebooted");
+    assert_eq!(f.slots(), before, "the slots changed");
+    let line = f.history().into_iter().find(|h| h.contains("not rebooting")).unwrap();
+    assert!(
+        line.contains("could not mark slot A bad")
+            && line.contains("marking A bad would leave no slot to boot")
+            && line.contains("slot A keeps running"),
+        "{line}"
+    );
+    assert!(
+        f.history().iter().any(|h| h.contains("failed its health checks") && h.contains("app not answering")),
+        "{:?}",
+        f.history()
+    );
+    assert_eq!(f.state().failures[0].version.to_string(), "1.0.0");
+}
+
+/// Issue 12: marking the slot bad fails on the disk itself (here a table whose OEM-CONFIG entry
+/// was moved over ROOT, so every write is refused). The daemon must not reboot into the same slot;
+/// the history names the disk's problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_12_a_failed_mark_bad_write_does_not_reboot() {
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    // An image file (no loop device), so that the test can edit the table under the agent.
+    let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
+    let p = platform();
+    f.run_until(Slot::A, &p, || p.reboots() == 1).await;
+    assert_eq!(f.boot(), Slot::B);
+    let (root_first, _) = testkit::gpt_edit::extent(&f.image, 512, 9);
+    let (oem_first, _) = testkit::gpt_edit::extent(&f.image, 512, 7);
+    testkit::gpt_edit::set_extent(&f.image, 512, 7, oem_first, root_first + 10);
+    let before = std::fs::read(&f.image).unwrap();
+    f.add_check("required.d", "50-app", "#!/bin/sh\necho app not answering\nexit 1\n");
+    let said = |f: &Fixture| f.history().iter().any(|h| h.contains("not rebooting"));
+    f.run_until(Slot::B, &p, || said(&f)).await;
+    assert_eq!(p.reboots(), 1, "a failed mark-bad rebooted");
+    assert!(std::fs::read(&f.image).unwrap() == before, "the disk changed");
+    let line = f.history().into_iter().find(|h| h.contains("not rebooting")).unwrap();
+    assert!(
+        line.contains("could not mark slot B bad")
+            && line.contains("partition 7 OEM-CONFIG")
+            && line.contains("overlaps partition 9 ROOT")
+            && line.contains("slot B keeps running"),
+        "{line}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_api_pauses_resumes_and_reports() {
     use agent::api;

@@ -63,10 +63,12 @@ pub fn slot_manifest(
     policy: &TrustPolicy,
 ) -> Result<manifest::Manifest, String> {
     use std::os::unix::fs::FileExt as _;
-    let (base, len) = disk.slot_extent(slot);
+    let (base, len) = disk.slot_extent(slot).map_err(|e| e.to_string())?;
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let (m, sig) =
-        trailer::read(len, |o, buf| file.read_exact_at(buf, base + o)).map_err(|e| e.to_string())?;
+    let (m, sig) = trailer::read(len, |o, buf| {
+        file.read_exact_at(buf, base.checked_add(o).ok_or(std::io::ErrorKind::InvalidInput)?)
+    })
+    .map_err(|e| e.to_string())?;
     let manifest = policy.manifest(&format!("slot {slot} trailer"), &m, &sig).map_err(|e| e.to_string())?;
     if manifest.image_size > len {
         return Err(format!("image of {} bytes is larger than the slot ({len} bytes)", manifest.image_size));
@@ -77,6 +79,8 @@ pub fn slot_manifest(
 /// Chooses, spends a try, verifies; see the module docs.
 pub fn select(path: &Path, policy: &TrustPolicy) -> Result<Selection, BootError> {
     let mut disk = Disk::open(path, true)?;
+    // A table whose partitions overlap is refused before any slot is read or given up.
+    disk.check_layout().map_err(|e| disk.layout_error(e))?;
     let mut given_up = Vec::new();
     loop {
         let Some((chosen, _)) = choice::boot_attempt(&disk.slots()) else {

@@ -43,7 +43,7 @@ impl Fixture {
         repo::local::sign_document(&out.join("manifest.json"), std::slice::from_ref(key)).unwrap();
         let m = std::fs::read(out.join("manifest.json")).unwrap();
         let sig = std::fs::read(out.join("manifest.json.sig")).unwrap();
-        let (base, len) = Disk::open(&self.disk, false).unwrap().slot_extent(slot);
+        let (base, len) = Disk::open(&self.disk, false).unwrap().slot_extent(slot).unwrap();
         let (at, bytes) = trailer::encode(&m, &sig, len);
         std::fs::OpenOptions::new()
             .write(true)
@@ -123,9 +123,28 @@ fn a_slot_without_a_valid_signed_trailer_is_given_up() {
     assert_eq!(f.slots().b.priority(), 0, "given up for good");
 
     // Nothing valid at all: a clear error listing why.
-    let (base, len) = Disk::open(&f.disk, false).unwrap().slot_extent(Slot::A);
+    let (base, len) = Disk::open(&f.disk, false).unwrap().slot_extent(Slot::A).unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&f.disk).unwrap();
     file.write_all_at(&[0u8; 4096], base + len - 4096).unwrap();
     let e = f.select().unwrap_err().to_string();
     assert!(e.contains("no bootable slot") && e.contains("slot A: no slot trailer"), "{e}");
+}
+
+/// Issue 12: a table whose USR-B entry covers USR-A (CRCs valid) is refused before any try is
+/// spent or any slot given up: acl-boot writes nothing and says why.
+#[test]
+fn issue_12_an_overlapping_table_is_refused_without_a_write() {
+    let Some(f) = fixture() else { return };
+    f.install_trailer(Slot::A, "1.0.0", None);
+    f.install_trailer(Slot::B, "2.0.0", None);
+    f.activate(Slot::B, 3);
+    let (a_first, _) = testkit::gpt_edit::extent(&f.disk, 512, 3);
+    let (_, b_last) = testkit::gpt_edit::extent(&f.disk, 512, 4);
+    testkit::gpt_edit::set_extent(&f.disk, 512, 4, a_first + 8, b_last);
+    let before = std::fs::read(&f.disk).unwrap();
+    let e = f.select().unwrap_err();
+    assert!(matches!(e, boot::BootError::Disk(slot::DiskError::Layout { .. })), "{e}");
+    let e = e.to_string();
+    assert!(e.contains("overlaps partition 4 USR-B") && e.contains("the disk was not changed"), "{e}");
+    assert!(std::fs::read(&f.disk).unwrap() == before, "acl-boot wrote to an unsafe table");
 }

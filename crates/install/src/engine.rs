@@ -1,8 +1,9 @@
 //! The install pipeline (see the crate docs for the order of steps).
 
-use crate::journal::{Journal, replace_file};
+use crate::journal::Journal;
 use crate::plan::{self, Plan};
 use crate::slotio::{AlignedBuf, BufPool, SlotIo};
+use durable::replace_file;
 use fetch::{FetchError, Fetcher};
 use manifest::{Manifest, Sha256Digest};
 use payload::{ChunkDecoder, ChunkError};
@@ -166,9 +167,12 @@ pub fn record_manifest(state_dir: &Path, slot: Slot, bytes: &[u8]) -> std::io::R
 pub fn slot_trailer(disk: &Path, slot: Slot) -> Result<(Vec<u8>, Vec<u8>), String> {
     use std::os::unix::fs::FileExt as _;
     let d = Disk::open(disk, false).map_err(|e| e.to_string())?;
-    let (base, len) = d.slot_extent(slot);
+    let (base, len) = d.slot_extent(slot).map_err(|e| e.to_string())?;
     let file = std::fs::File::open(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
-    trailer::read(len, |o, buf| file.read_exact_at(buf, base + o)).map_err(|e| e.to_string())
+    trailer::read(len, |o, buf| {
+        file.read_exact_at(buf, base.checked_add(o).ok_or(std::io::ErrorKind::InvalidInput)?)
+    })
+    .map_err(|e| e.to_string())
 }
 
 fn record_path(state_dir: &Path, slot: Slot) -> PathBuf {
@@ -222,9 +226,15 @@ pub async fn install(
     let m = req.manifest;
     let target = req.booted.other();
     let mut disk = Disk::open(req.disk, true)?;
-    let (base, len) = disk.slot_extent(target);
+    let (base, len) = disk.slot_extent(target)?;
     let (trailer_at, trailer_bytes) = trailer::encode(req.manifest_bytes, req.manifest_sig, len);
-    let need = m.image_size.div_ceil(trailer::BLOCK) * trailer::BLOCK + trailer_bytes.len() as u64;
+    // Checked: the sizes come from a signed but not necessarily sane manifest.
+    let need = m
+        .image_size
+        .div_ceil(trailer::BLOCK)
+        .checked_mul(trailer::BLOCK)
+        .and_then(|n| n.checked_add(trailer_bytes.len() as u64))
+        .unwrap_or(u64::MAX);
     if need > len {
         return Err(InstallError::TargetTooSmall { slot: target, need, have: len });
     }
@@ -395,7 +405,7 @@ async fn write_all(
                 return Ok(Vec::new());
             }
             let d = Disk::open(&disk, false)?;
-            let (base, len) = d.slot_extent(booted);
+            let (base, len) = d.slot_extent(booted)?;
             let src = SlotIo::open(&disk, base, len, false).map_err(io("open", &disk))?;
             let mut failed = Vec::new();
             for c in copies {

@@ -4,11 +4,12 @@
 //! is replaced atomically, so after a crash it never claims more than the disk holds. It may
 //! claim less (work since the last sync is redone). The read-back at the end checks every chunk
 //! again, so a journal that lies (a disk that lost a write) costs a re-fetch, not a bad slot.
+//! It is saved through `durable::replace_file`, whose temporary file is unique per writer, so
+//! two installers saving at once never rename each other's half-written file.
 
 use manifest::Sha256Digest;
 use serde::{Deserialize, Serialize};
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// File name of the journal in the state directory.
 pub const JOURNAL_FILE: &str = "install-journal.json";
@@ -61,7 +62,7 @@ impl Journal {
     /// Writes the journal atomically and durably.
     pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
         let bytes = serde_json::to_vec_pretty(self).expect("journal serialises");
-        replace_file(&state_dir.join(JOURNAL_FILE), &bytes)
+        durable::replace_file(&state_dir.join(JOURNAL_FILE), &bytes)
     }
 
     /// Removes the journal (the install finished).
@@ -73,18 +74,6 @@ impl Journal {
     }
 }
 
-/// Write to a temporary file, sync, rename over `path`, sync the directory.
-pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp: PathBuf =
-        dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(dir)
-}
-
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -92,6 +81,29 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 12: two installs shared `.install-journal.json.tmp`; one renamed the other's
+    /// half-written journal or failed. Now concurrent saves all succeed, the journal always
+    /// parses, and no temporary file is left.
+    #[test]
+    fn issue_12_concurrent_saves_do_not_share_a_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let dir = dir.path();
+                s.spawn(move || {
+                    for i in 0..150usize {
+                        let mut j = Journal::new(Sha256Digest([t; 32]), format!("target-{t}"), 4000);
+                        j.set_done(&vec![i % 2 == 0; 4000]);
+                        j.save(dir).unwrap();
+                        assert!(Journal::load(dir).is_some(), "a torn journal");
+                    }
+                });
+            }
+        });
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(JOURNAL_FILE)]);
+    }
 
     #[test]
     fn bits_round_trip_through_a_file() {

@@ -1,5 +1,11 @@
 //! What to do for each chunk: nothing (already written), copy it from the local image, or fetch
 //! it; and how to group the fetches into few range requests. Pure.
+//!
+//! A frame is decoded once and checked against the first chunk that uses it, then written for
+//! every chunk that uses it; so chunks share one decoded frame only when they are the same
+//! chunk content (same frame, size and digest). `Manifest::validate` refuses anything else;
+//! the plan does not rely on it: chunks that name one frame but differ are decoded and checked
+//! each on its own (issue 12).
 
 use manifest::{Manifest, Sha256Digest};
 use std::collections::{BTreeMap, HashMap};
@@ -49,20 +55,20 @@ pub fn plan(new: &Manifest, done: &[bool], local: Option<&Manifest>, max_request
         .map(|m| m.chunks.iter().enumerate().map(|(j, c)| (c.sha256, m.chunk_range(j).start)).collect())
         .unwrap_or_default();
     let mut p = Plan::default();
-    // Frames to fetch, by payload offset: (length, chunk indices).
-    let mut frames: BTreeMap<u64, (u32, Vec<usize>)> = BTreeMap::new();
+    // Frames to fetch, by payload offset then the content they must decode to: chunk indices.
+    let mut frames: BTreeMap<(u64, u32, u32, Sha256Digest), Vec<usize>> = BTreeMap::new();
     for (i, c) in new.chunks.iter().enumerate() {
         if done.get(i).copied().unwrap_or(false) {
             p.done.push(i);
         } else if let Some(&from) = have.get(&c.sha256) {
             p.local.push(LocalCopy { index: i, from });
         } else {
-            frames.entry(c.offset).or_insert((c.length, Vec::new())).1.push(i);
+            frames.entry((c.offset, c.length, c.size, c.sha256)).or_default().push(i);
         }
     }
     let mut group: Option<FetchGroup> = None;
-    for (offset, (length, indices)) in frames {
-        let end = offset + u64::from(length);
+    for ((offset, length, _, _), indices) in frames {
+        let end = offset.saturating_add(u64::from(length));
         match &mut group {
             Some(g) if g.range.end == offset && end - g.range.start <= max_request => {
                 let rel = (offset - g.range.start) as usize..(end - g.range.start) as usize;
@@ -130,6 +136,26 @@ mod tests {
             vec![FetchGroup { range: 10..35, frames: vec![(0..20, vec![1, 3]), (20..25, vec![2])] }]
         );
         assert_eq!(p.fetch_bytes(), 25);
+    }
+
+    #[test]
+    fn issue_12_chunks_that_name_one_frame_but_differ_are_decoded_each_on_its_own() {
+        // Chunk 1 has chunk 0's frame but another digest; chunk 2 the same frame and another
+        // size; chunk 3 is identical to chunk 0 and shares its decode.
+        let mut new = manifest(&[1, 2, 1, 1], &[(0, 10), (0, 10), (0, 10), (0, 10)]);
+        new.chunks[2].size = 8192;
+        let p = plan(&new, &[], None, 1 << 20);
+        let frames: Vec<Vec<usize>> =
+            p.fetch.iter().flat_map(|g| g.frames.iter().map(|(_, idx)| idx.clone())).collect();
+        assert_eq!(frames.len(), 3, "{p:?}");
+        assert!(
+            frames.contains(&vec![0, 3]) && frames.contains(&vec![1]) && frames.contains(&vec![2]),
+            "{p:?}"
+        );
+        // Each decode covers exactly the frame's bytes.
+        for g in &p.fetch {
+            assert_eq!(g.range, 0..10);
+        }
     }
 
     #[test]

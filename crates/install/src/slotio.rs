@@ -121,14 +121,13 @@ impl SlotIo {
 
     fn check(&self, offset: u64, len: usize) -> io::Result<u64> {
         let end = offset.checked_add(len as u64).filter(|&e| e <= self.len);
-        if end.is_none() {
-            return Err(io::Error::other(format!(
-                "refusing I/O at slot bytes {offset}..{} outside the slot's {} bytes",
-                offset + len as u64,
+        let at = end.and_then(|_| self.base.checked_add(offset));
+        at.ok_or_else(|| {
+            io::Error::other(format!(
+                "refusing I/O of {len} bytes at slot byte {offset}, outside the slot's {} bytes",
                 self.len
-            )));
-        }
-        Ok(self.base + offset)
+            ))
+        })
     }
 
     /// Writes `data` at `offset` within the slot.
@@ -154,12 +153,10 @@ impl SlotIo {
         if self.direct {
             return Ok(());
         }
-        nix::fcntl::posix_fadvise(
-            &self.file,
-            self.base as i64,
-            self.len as i64,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        )
-        .map_err(io::Error::from)
+        let (Ok(base), Ok(len)) = (i64::try_from(self.base), i64::try_from(self.len)) else {
+            return Err(io::Error::other("slot extent past the largest file offset"));
+        };
+        nix::fcntl::posix_fadvise(&self.file, base, len, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+            .map_err(io::Error::from)
     }
 }

@@ -220,3 +220,70 @@ async fn a_certificate_that_does_not_match_is_refused() {
     assert_eq!(Disk::open(&disk, false).unwrap().slots().b.priority(), 0);
     assert_eq!(slot_digest(&disk, Slot::A, 4 << 20), booted);
 }
+
+/// Issue 12: a USR-B entry that covers USR-A or the EFI partition (valid by CRC) must not be
+/// written: the install is refused before anything is written, naming both partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_12_install_refuses_a_target_over_another_partition() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let v1 = f.release("1.0.0", 0);
+    for (over, number) in [("USR-A", 3), ("EFI-SYSTEM", 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk(&sgdisk, dir.path());
+        let (first, last) = testkit::gpt_edit::extent(&disk, 512, number);
+        let (_, b_last) = testkit::gpt_edit::extent(&disk, 512, 4);
+        let b_first = first + (last - first) / 2;
+        testkit::gpt_edit::set_extent(&disk, 512, 4, b_first, if number == 3 { b_last } else { last });
+        let before = std::fs::read(&disk).unwrap();
+        let _ = std::fs::remove_dir_all(f.path("state"));
+        let e = f.install(&disk, Slot::A, &v1, &f.file_fetcher()).await.unwrap_err();
+        assert!(matches!(e, install::InstallError::Disk(slot::DiskError::Layout { .. })), "{over}: {e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("overlaps partition 4 USR-B (LBAs {b_first}-")), "{msg}");
+        assert!(msg.contains(over) && msg.contains("the disk was not changed"), "{msg}");
+        assert!(std::fs::read(&disk).unwrap() == before, "{over}: the refused install wrote to the disk");
+        assert!(!f.path("state").join(install::JOURNAL_FILE).exists(), "{over}: a journal was started");
+    }
+}
+
+/// Issue 12, item 2: the installer holds the disk's lock for the whole install, so nothing else
+/// (a `rollback`, `mark-good`, a second install) can change the table while the slot is being
+/// written; once it stops, the lock is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_12_the_installer_holds_the_disk_lock_for_the_whole_install() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let v1 = f.release("1.0.0", 0);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk(&sgdisk, dir.path());
+    // The payload stalls after a few requests: the install is under way for a while.
+    let url = server(f.path("repo"), Mode::Stall, 3).await;
+    let opts = FetchOptions { attempts: 1, stall_timeout: Duration::from_secs(3), ..FetchOptions::default() };
+    let fetcher = Fetcher::new(&url, opts).unwrap();
+    let _ = std::fs::remove_dir_all(f.path("state"));
+    let journal = f.path("state").join(install::JOURNAL_FILE);
+    let run = async { f.install_with(&disk, Slot::A, &v1, &fetcher, 128 << 10).await };
+    let probe = async {
+        common_until(|| journal.exists()).await;
+        let e = Disk::open(&disk, true).unwrap_err();
+        assert!(matches!(&e, slot::DiskError::Busy { .. }), "{e}");
+        assert!(e.to_string().contains(&format!("pid {} (", std::process::id())), "{e}");
+        // Readers still work (status during an install).
+        assert_eq!(Disk::open(&disk, false).unwrap().slots().b.priority(), 0);
+    };
+    let (result, ()) = tokio::join!(run, probe);
+    assert!(result.is_err(), "the stalled install failed");
+    let d = Disk::open(&disk, true).expect("the lock is free once the install stopped");
+    assert!(d.is_locked());
+}
+
+async fn common_until(done: impl Fn() -> bool) {
+    for _ in 0..1500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out");
+}

@@ -64,7 +64,7 @@ async fn full_then_adaptive_install_from_file_repository() {
 
 fn read_trailer(disk: &Path, slot: Slot) -> Result<(Vec<u8>, Vec<u8>), trailer::TrailerError> {
     use std::os::unix::fs::FileExt as _;
-    let (base, len) = Disk::open(disk, false).unwrap().slot_extent(slot);
+    let (base, len) = Disk::open(disk, false).unwrap().slot_extent(slot).unwrap();
     let file = std::fs::File::open(disk).unwrap();
     trailer::read(len, |o, buf| file.read_exact_at(buf, base + o))
 }

@@ -6,7 +6,13 @@
 //! tree begins, so every chunk is pure data or pure tree. Where the builder cuts is its choice
 //! (content-defined, so that an inserted block moves no boundary but its neighbours'); the
 //! manifest lists each chunk's image offset and size. Each chunk is one zstd frame at
-//! `offset .. offset + length` of the payload file; identical chunks share one frame.
+//! `offset .. offset + length` of the payload file; identical chunks share one frame, and
+//! frames of different chunks never overlap.
+//!
+//! A manifest is signed, but a signature says who made it, not that it is sane: [`Manifest::validate`]
+//! does all its arithmetic checked, so that a hostile number (a frame offset near 2^64, a
+//! frame shared by chunks of different sizes) is a typed error, never a panic or a chunk written
+//! with another chunk's bytes (issue 12).
 
 use crate::{DocumentError, FORMAT_VERSION, Sha256Digest, from_canonical, to_canonical};
 use serde::{Deserialize, Serialize};
@@ -107,9 +113,10 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// The frame's byte range in the payload.
+    /// The frame's byte range in the payload (its end saturated at `u64::MAX`; a validated
+    /// manifest has no frame that gets there).
     pub fn payload_range(&self) -> Range<u64> {
-        self.offset..self.offset + u64::from(self.length)
+        self.offset..self.offset.saturating_add(u64::from(self.length))
     }
 }
 
@@ -170,6 +177,49 @@ pub enum ManifestError {
         end: u64,
         /// Payload size.
         payload_size: u64,
+    },
+    /// A chunk whose frame would end past the largest 64-bit offset.
+    #[error(
+        "chunk {index}'s frame at payload byte {offset} ({length} bytes) ends past the largest possible offset"
+    )]
+    FrameOffsetOverflow {
+        /// Chunk index.
+        index: usize,
+        /// Frame start.
+        offset: u64,
+        /// Frame length.
+        length: u32,
+    },
+    /// Two chunks name the same frame but are not the same chunk content (a frame decodes to one
+    /// chunk; sharing is only for identical chunks).
+    #[error("chunks {first} and {second} share the frame at payload byte {offset} but differ in {what}")]
+    SharedFrameMismatch {
+        /// The first chunk using the frame.
+        first: usize,
+        /// The other.
+        second: usize,
+        /// Frame start.
+        offset: u64,
+        /// "size", "frame length" or "digest".
+        what: &'static str,
+    },
+    /// Frames of two chunks overlap without being the same frame.
+    #[error(
+        "chunk {second}'s frame at payload bytes {second_start}..{second_end} overlaps chunk {first}'s at {first_start}..{first_end}"
+    )]
+    OverlappingFrames {
+        /// The chunk whose frame starts first.
+        first: usize,
+        /// Its frame start.
+        first_start: u64,
+        /// Its frame end.
+        first_end: u64,
+        /// The other chunk.
+        second: usize,
+        /// Its frame start.
+        second_start: u64,
+        /// Its frame end.
+        second_end: u64,
     },
     /// A chunk with an empty frame.
     #[error("chunk {0} has an empty compressed frame")]
@@ -246,10 +296,11 @@ impl Manifest {
         from_canonical("manifest", bytes)
     }
 
-    /// The byte range of chunk `index` in the image.
+    /// The byte range of chunk `index` in the image (its end saturated at `u64::MAX`; a
+    /// validated manifest has no chunk that gets there).
     pub fn chunk_range(&self, index: usize) -> Range<u64> {
         let c = &self.chunks[index];
-        c.image_offset..c.image_offset + u64::from(c.size)
+        c.image_offset..c.image_offset.saturating_add(u64::from(c.size))
     }
 
     /// Checks that the manifest describes one consistent image and payload.
@@ -279,12 +330,17 @@ impl Manifest {
                 return Err(ManifestError::BadChunk {
                     index,
                     start: c.image_offset,
-                    end: c.image_offset + u64::from(c.size),
+                    end: c.image_offset.saturating_add(u64::from(c.size)),
                     expected_start: at,
                     max,
                 });
             }
-            at += u64::from(c.size);
+            // Cannot overflow in practice (it would take 2^38 chunks), but stays checked.
+            at = at.checked_add(u64::from(c.size)).ok_or(ManifestError::ChunksDoNotCoverImage {
+                chunks: self.chunks.len(),
+                covered: u64::MAX,
+                image_size: self.image_size,
+            })?;
         }
         if at != self.image_size {
             return Err(ManifestError::ChunksDoNotCoverImage {
@@ -304,16 +360,19 @@ impl Manifest {
             if c.length == 0 {
                 return Err(ManifestError::EmptyFrame(index));
             }
-            let r = c.payload_range();
-            if r.end > self.payload.size || r.end < r.start {
+            let Some(end) = c.offset.checked_add(u64::from(c.length)) else {
+                return Err(ManifestError::FrameOffsetOverflow { index, offset: c.offset, length: c.length });
+            };
+            if end > self.payload.size {
                 return Err(ManifestError::ChunkOutsidePayload {
                     index,
-                    start: r.start,
-                    end: r.end,
+                    start: c.offset,
+                    end,
                     payload_size: self.payload.size,
                 });
             }
         }
+        self.check_frames()?;
         let v = &self.verity;
         if v.hash_algorithm != "sha256" {
             return Err(ManifestError::UnsupportedHash(v.hash_algorithm.clone()));
@@ -334,5 +393,150 @@ impl Manifest {
             return Err(ManifestError::TreeNotOnBoundary(v.data_size));
         }
         Ok(())
+    }
+
+    /// Frames are shared only by identical chunks (same size, frame length and digest), and
+    /// distinct frames do not overlap. Needs every frame end checked already.
+    fn check_frames(&self) -> Result<(), ManifestError> {
+        let mut order: Vec<usize> = (0..self.chunks.len()).collect();
+        order.sort_by_key(|&i| (self.chunks[i].offset, i));
+        let mut prev: Option<usize> = None;
+        for i in order {
+            let c = &self.chunks[i];
+            if let Some(p) = prev {
+                let pc = &self.chunks[p];
+                if pc.offset == c.offset {
+                    let what = if pc.size != c.size {
+                        Some("size")
+                    } else if pc.length != c.length {
+                        Some("frame length")
+                    } else if pc.sha256 != c.sha256 {
+                        Some("digest")
+                    } else {
+                        None
+                    };
+                    if let Some(what) = what {
+                        return Err(ManifestError::SharedFrameMismatch {
+                            first: p,
+                            second: i,
+                            offset: c.offset,
+                            what,
+                        });
+                    }
+                    continue;
+                }
+                let (pr, r) = (pc.payload_range(), c.payload_range());
+                if r.start < pr.end {
+                    return Err(ManifestError::OverlappingFrames {
+                        first: p,
+                        first_start: pr.start,
+                        first_end: pr.end,
+                        second: i,
+                        second_start: r.start,
+                        second_end: r.end,
+                    });
+                }
+            }
+            prev = Some(i);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest of 4 KiB chunks at the given frames (offset, length, digest byte), valid
+    /// when the frames are; the payload is 1 MiB.
+    fn manifest(chunks: &[(u64, u32, u8)]) -> Manifest {
+        let chunks: Vec<Chunk> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, &(offset, length, digest))| Chunk {
+                image_offset: i as u64 * 4096,
+                size: 4096,
+                sha256: Sha256Digest([digest; 32]),
+                offset,
+                length,
+            })
+            .collect();
+        let size = chunks.len() as u64 * 4096;
+        // The data area whose hash tree fills the rest of the image (when there is one).
+        let params = verity::Params::new(4096, 4096, vec![]).unwrap();
+        let data_size = (0..=size / 4096)
+            .map(|k| size - k * 4096)
+            .find(|&d| d + params.tree_size(d / 4096) == size)
+            .unwrap_or(size);
+        Manifest::new(
+            "1.0.0".parse().unwrap(),
+            "x86_64".into(),
+            size,
+            Sha256Digest([0; 32]),
+            8192,
+            PayloadRef { path: "payload".into(), size: 1 << 20, compression: "zstd".into() },
+            VerityInfo {
+                data_size,
+                data_block_size: 4096,
+                hash_block_size: 4096,
+                hash_algorithm: "sha256".into(),
+                salt: vec![],
+                root_hash: Sha256Digest([0; 32]),
+            },
+            String::new(),
+            chunks,
+        )
+    }
+
+    #[test]
+    fn issue_12_a_frame_offset_near_2_64_is_an_error_not_a_panic() {
+        assert_eq!(manifest(&[(0, 100, 1)]).validate(), Ok(()));
+        for offset in [u64::MAX, u64::MAX - 50, u64::MAX - 99] {
+            let m = manifest(&[(offset, 100, 1)]);
+            assert_eq!(
+                m.validate(),
+                Err(ManifestError::FrameOffsetOverflow { index: 0, offset, length: 100 })
+            );
+            assert_eq!(m.chunks[0].payload_range().end, u64::MAX, "saturated, no panic");
+        }
+        // Exactly at the end of the 64-bit range: no overflow, but outside the payload.
+        let m = manifest(&[(u64::MAX - 100, 100, 1)]);
+        assert!(matches!(m.validate(), Err(ManifestError::ChunkOutsidePayload { .. })));
+        // An image offset near 2^64: named, no panic in the message either.
+        let mut m = manifest(&[(0, 100, 1)]);
+        m.chunks[0].image_offset = u64::MAX - 10;
+        let e = m.validate().unwrap_err();
+        assert!(matches!(e, ManifestError::BadChunk { start, end: u64::MAX, .. } if start == u64::MAX - 10));
+        assert_eq!(m.chunk_range(0).end, u64::MAX);
+    }
+
+    #[test]
+    fn issue_12_a_frame_shared_by_different_chunks_is_refused() {
+        // Identical chunks may share a frame.
+        assert_eq!(manifest(&[(0, 100, 1), (100, 50, 2), (0, 100, 1)]).validate(), Ok(()));
+        // Different sizes behind one frame.
+        let mut m = manifest(&[(0, 100, 1), (100, 50, 2), (0, 100, 1)]);
+        m.chunks[2].size = 8192;
+        m.chunks[2].image_offset = 8192;
+        m.image_size = 16384;
+        m.verity.data_size = 16384;
+        assert_eq!(
+            m.validate(),
+            Err(ManifestError::SharedFrameMismatch { first: 0, second: 2, offset: 0, what: "size" })
+        );
+        // Different digests, or lengths, behind one frame.
+        assert!(matches!(
+            manifest(&[(0, 100, 1), (0, 100, 3)]).validate(),
+            Err(ManifestError::SharedFrameMismatch { what: "digest", .. })
+        ));
+        assert!(matches!(
+            manifest(&[(0, 100, 1), (0, 90, 1)]).validate(),
+            Err(ManifestError::SharedFrameMismatch { what: "frame length", .. })
+        ));
+        // Overlapping but not the same frame.
+        assert_eq!(
+            manifest(&[(0, 100, 1), (50, 100, 2)]).validate().unwrap_err().to_string(),
+            "chunk 1's frame at payload bytes 50..150 overlaps chunk 0's at 0..100"
+        );
     }
 }

@@ -21,7 +21,5 @@ pub mod local;
 pub mod state;
 pub mod trust;
 
-mod fsutil;
-
 pub use local::RepoError;
 pub use trust::{TrustError, TrustPolicy};

@@ -5,10 +5,10 @@
 //! index atomically. A crash leaves either the old index or the new one, each with a matching
 //! release directory; at worst an unreferenced temporary directory remains.
 
-use crate::fsutil::replace_file;
 use crate::layout;
 use crate::state::{AcceptedState, StateError};
 use crate::trust::{TrustError, TrustPolicy};
+use durable::replace_file;
 use jiff::{SignedDuration, Timestamp};
 use manifest::{ChannelIndex, Manifest, Release, Sha256Digest, Wave};
 use signing::{Purpose, SecretKey, SignatureError, SignatureFile};

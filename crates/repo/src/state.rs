@@ -3,7 +3,7 @@
 //! Kept as a small JSON file replaced atomically, so that a crash leaves the old or the new
 //! record. A missing file means nothing was accepted yet.
 
-use crate::fsutil::replace_file;
+use durable::replace_file;
 use manifest::Accepted;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -51,5 +51,41 @@ impl AcceptedState {
     /// Records a newly accepted index.
     pub fn record(&mut self, accepted: Accepted) {
         self.channels.insert(accepted.channel.clone(), accepted);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use manifest::Sha256Digest;
+
+    /// Issue 12: concurrent checks in one process shared `.accepted-index.json.tmp<pid>`, so one
+    /// renamed the other's half-written file or failed with "not found". Now every save
+    /// succeeds, the file is always one whole record, and no temporary file is left.
+    #[test]
+    fn issue_12_concurrent_saves_do_not_share_a_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accepted-index.json");
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let path = &path;
+                s.spawn(move || {
+                    for v in 0..150u64 {
+                        let mut st = AcceptedState::default();
+                        st.record(Accepted {
+                            channel: format!("channel-{t}"),
+                            index_version: v,
+                            sha256: Sha256Digest([t as u8; 32]),
+                        });
+                        st.save(path).unwrap();
+                        AcceptedState::load(path).expect("always a whole record");
+                    }
+                });
+            }
+        });
+        let last = AcceptedState::load(&path).unwrap();
+        assert_eq!(last.channels.values().next().unwrap().index_version, 149);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("accepted-index.json")]);
     }
 }

@@ -1,12 +1,29 @@
 //! A disk with A/B slots: finding them by GPT name and type, reading and changing their bits.
+//!
+//! Opening a disk only reads: a table with a bad layout still opens, so that `aclctl status`
+//! can show what is wrong. Everything that would write (a transition, a repair) and everything
+//! that needs a slot's byte extent (the installer, the boot path) first checks the layout
+//! ([`Disk::check_layout`]) and refuses with [`DiskError::Layout`], naming the partitions and
+//! LBAs, before any byte is written.
+//!
+//! Opening a disk `writable` takes its exclusive lock ([`crate::lock`]) before reading the table,
+//! and the `Disk` value holds it until dropped: one writer per disk. [`Disk::update`] reads the
+//! table again under the lock and computes the transition from what is on the disk now, so a
+//! change made by another tool since the open is neither lost nor mixed into a stale copy.
 
 use crate::choice::{Slot, Slots, TransitionError};
+use crate::layout::LayoutError;
+use crate::lock::{DiskLock, LockError};
 use crate::table::{self, BlockDevice, Entry, Health, Table, TableError};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 /// The partition type of a slot: Flatcar's "Container Linux /usr" type GUID.
 pub const USR_PARTITION_TYPE: Uuid = uuid::uuid!("5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6");
+
+/// The smallest slot partition we write to: room for a small image and its trailer. Anything
+/// smaller is a damaged entry, not a slot.
+pub const MIN_SLOT_BYTES: u64 = 1 << 20;
 
 /// The GPT partition name of `slot`.
 pub fn slot_label(slot: Slot) -> &'static str {
@@ -26,6 +43,34 @@ pub enum DiskError {
         path: PathBuf,
         /// The error.
         source: std::io::Error,
+    },
+    /// Another writer holds the disk's lock.
+    #[error("{path}: {holder} is changing this disk; nothing was changed (try again when it is done)")]
+    Busy {
+        /// The disk.
+        path: PathBuf,
+        /// Who holds the lock, in words.
+        holder: String,
+    },
+    /// The disk's lock could not be taken.
+    #[error("{path}: locking the disk: {source}")]
+    Lock {
+        /// The disk.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Between the open and a write, another tool changed which partitions are the slots.
+    #[error(
+        "{path}: the slot partitions changed since the disk was opened (now A is partition {a}, B is {b}); nothing was changed"
+    )]
+    SlotsMoved {
+        /// The disk.
+        path: PathBuf,
+        /// A's number now.
+        a: u32,
+        /// B's number now.
+        b: u32,
     },
     /// The GPT could not be read or written.
     #[error("{path}: {source}")]
@@ -87,8 +132,21 @@ pub enum DiskError {
         /// Why not.
         source: TransitionError,
     },
+    /// The table's layout makes writing unsafe (partitions over each other or over the table).
+    #[error(
+        "{path}: refusing to touch the slots, the partition table is unsafe: {source}; the disk was not changed"
+    )]
+    Layout {
+        /// The disk.
+        path: PathBuf,
+        /// What is wrong (boxed: it names two partitions, and errors travel by value).
+        source: Box<LayoutError>,
+    },
     /// After a write, the table read back does not hold what was written.
-    #[error("{path}: read back slot bits {found:?}, wrote {expected:?}")]
+    #[error(
+        "{path}: after the write the table reads back A [{}] B [{}], not the A [{}] B [{}] written",
+        found.a, found.b, expected.a, expected.b
+    )]
     ReadBack {
         /// The disk.
         path: PathBuf,
@@ -107,17 +165,38 @@ pub struct Disk<D> {
     table: Table,
     a: Entry,
     b: Entry,
+    /// Held by a disk opened for writing (see [`crate::lock`]).
+    lock: Option<DiskLock>,
 }
 
 impl Disk<std::fs::File> {
-    /// Opens a block device or image file; `writable` for anything that changes bits.
+    /// Opens a block device or image file; `writable` for anything that changes bits, which
+    /// takes the disk's exclusive lock first (refused at once while another acl-update process
+    /// holds it, after up to [`crate::lock::DEFAULT_WAIT`] for another program) and keeps it
+    /// as long as the returned value lives.
     pub fn open(path: &Path, writable: bool) -> Result<Self, DiskError> {
         let dev = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
             .open(path)
             .map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
-        Self::from_device(dev, path)
+        let lock = if writable {
+            let lock = DiskLock::acquire(&dev, path, crate::lock::DEFAULT_WAIT).map_err(|e| match e {
+                LockError::Busy { holder } => DiskError::Busy { path: path.to_owned(), holder },
+                LockError::Io(source) => DiskError::Lock { path: path.to_owned(), source },
+            })?;
+            Some(lock)
+        } else {
+            None
+        };
+        let mut disk = Self::from_device(dev, path)?;
+        disk.lock = lock;
+        Ok(disk)
+    }
+
+    /// Whether this value holds the disk's exclusive lock (opened writable).
+    pub fn is_locked(&self) -> bool {
+        self.lock.is_some()
     }
 }
 
@@ -127,7 +206,7 @@ impl<D: BlockDevice> Disk<D> {
         let path = path.to_owned();
         let table = table::read(&dev).map_err(|source| DiskError::Table { path: path.clone(), source })?;
         let (a, b) = find_slots(&path, &table)?;
-        Ok(Self { dev, path, table, a, b })
+        Ok(Self { dev, path, table, a, b, lock: None })
     }
 
     /// The path the disk was opened as.
@@ -148,11 +227,33 @@ impl<D: BlockDevice> Disk<D> {
         }
     }
 
-    /// Byte offset and length of `slot`'s partition.
-    pub fn slot_extent(&self, slot: Slot) -> (u64, u64) {
+    /// Byte offset and length of `slot`'s partition; refused when the layout is unsafe
+    /// ([`Self::check_layout`]), so that nobody writes a slot that covers something else.
+    pub fn slot_extent(&self, slot: Slot) -> Result<(u64, u64), DiskError> {
+        self.check_layout().map_err(|e| self.layout_error(e))?;
         let e = self.partition(slot);
-        let ss = self.table.sector_size();
-        (e.first_lba * ss, (e.last_lba + 1 - e.first_lba) * ss)
+        // check_layout bounds every slot by the disk, so this is always Some.
+        slot_bytes(e, self.table.sector_size()).ok_or_else(|| {
+            self.layout_error(LayoutError::SlotTooSmall { part: e.part(), bytes: 0, min: MIN_SLOT_BYTES })
+        })
+    }
+
+    /// The refusal for a layout problem of this disk.
+    pub fn layout_error(&self, e: LayoutError) -> DiskError {
+        DiskError::Layout { path: self.path.clone(), source: Box::new(e) }
+    }
+
+    /// Checks the table's layout (see [`crate::layout`]) and that each slot can hold an image
+    /// ([`MIN_SLOT_BYTES`]). Pure: reads nothing, writes nothing.
+    pub fn check_layout(&self) -> Result<(), LayoutError> {
+        self.table.check_layout()?;
+        for e in [&self.a, &self.b] {
+            let bytes = slot_bytes(e, self.table.sector_size()).map_or(0, |(_, len)| len);
+            if bytes < MIN_SLOT_BYTES {
+                return Err(LayoutError::SlotTooSmall { part: e.part(), bytes, min: MIN_SLOT_BYTES });
+            }
+        }
+        Ok(())
     }
 
     /// The table's sector size.
@@ -182,6 +283,8 @@ impl<D: BlockDevice> Disk<D> {
         &mut self,
         f: impl FnOnce(&Slots) -> Result<Slots, TransitionError>,
     ) -> Result<Slots, DiskError> {
+        self.reread()?;
+        self.check_layout().map_err(|e| self.layout_error(e))?;
         let new =
             f(&self.slots()).map_err(|source| DiskError::Transition { path: self.path.clone(), source })?;
         let mut t = self.table.clone();
@@ -212,11 +315,34 @@ impl<D: BlockDevice> Disk<D> {
         Ok(true)
     }
 
+    /// Reads the table again (under the lock when writable), keeping the slot partitions.
+    fn reread(&mut self) -> Result<(), DiskError> {
+        let (_, table) = Self::from_device_ref(&self.dev, &self.path)?;
+        let (a, b) = find_slots(&self.path, &table)?;
+        let same = |x: &Entry, y: &Entry| {
+            (x.number, x.unique_guid, x.first_lba, x.last_lba)
+                == (y.number, y.unique_guid, y.first_lba, y.last_lba)
+        };
+        if !same(&a, &self.a) || !same(&b, &self.b) {
+            return Err(DiskError::SlotsMoved { path: self.path.clone(), a: a.number, b: b.number });
+        }
+        self.table = table;
+        self.a = a;
+        self.b = b;
+        Ok(())
+    }
+
     fn from_device_ref(dev: &D, path: &Path) -> Result<(Slots, Table), DiskError> {
         let table = table::read(dev).map_err(|source| DiskError::Table { path: path.to_owned(), source })?;
         let (a, b) = find_slots(path, &table)?;
         Ok((Slots { a: a.attributes, b: b.attributes }, table))
     }
+}
+
+/// Byte offset and length of a partition, if its extent is in order and fits 64-bit offsets.
+fn slot_bytes(e: &Entry, sector: u64) -> Option<(u64, u64)> {
+    let sectors = e.last_lba.checked_sub(e.first_lba)?.checked_add(1)?;
+    Some((e.first_lba.checked_mul(sector)?, sectors.checked_mul(sector)?))
 }
 
 fn find_slots(path: &Path, table: &Table) -> Result<(Entry, Entry), DiskError> {

@@ -8,17 +8,23 @@
 //!   boot attempt, mark good, mark bad, rollback) over [`Slots`]. The first-stage initramfs
 //!   will run the same [`choice::boot_attempt`].
 //! - [`table`]: the GPT read with fallback to the backup copy and written crash-safely.
+//! - [`layout`]: the check that partitions and table copies lie apart and on the disk, made
+//!   before anything is written (a hostile table is refused, never written over).
 //! - [`Disk`]: finds USR-A and USR-B by name and type GUID and applies a transition with one
-//!   table write, read back and checked.
+//!   table write, read back and checked, under the disk's exclusive lock ([`lock`]): one
+//!   writer per disk.
 //! - [`booted`]: which slot is running, from the kernel command line.
 
 pub mod booted;
 pub mod choice;
 mod disk;
 mod gptprio;
+pub mod layout;
+pub mod lock;
 pub mod system;
 pub mod table;
 
 pub use choice::{Slot, Slots, Tries};
-pub use disk::{Disk, DiskError, USR_PARTITION_TYPE, slot_label};
+pub use disk::{Disk, DiskError, MIN_SLOT_BYTES, USR_PARTITION_TYPE, slot_label};
 pub use gptprio::{GptPrio, Nibble};
+pub use layout::LayoutError;

@@ -13,8 +13,14 @@
 //! check and the reader takes the other copy, which holds either the old table (torn primary)
 //! or, when both are valid, the primary, which is the newer one (torn backup). [`read`] reports
 //! a copy that needs repair and [`write`] repairs it.
+//!
+//! Nothing in a table is trusted to be sane: every number read is used in checked arithmetic,
+//! and [`Table::write`] refuses a table whose layout fails [`crate::layout::check`] (partitions
+//! over each other or over the table copies), so a hostile or corrupt table is reported, never
+//! written over and never a panic.
 
 use crate::GptPrio;
+use crate::layout::{self, Geometry, LayoutError, Lbas, Part};
 use std::io;
 use uuid::Uuid;
 
@@ -76,6 +82,17 @@ pub enum TableError {
     /// A partition index past the table.
     #[error("partition entry {0} does not exist")]
     NoSuchEntry(u32),
+    /// The table's layout is unsafe to write (see [`crate::layout`]); nothing was written.
+    #[error("nothing was written: {0}")]
+    Layout(Box<LayoutError>),
+    /// An offset past what a 64-bit byte offset holds (only a hostile table gets here).
+    #[error("LBA {lba} is past any byte offset at {sector}-byte sectors")]
+    OffsetOverflow {
+        /// The LBA.
+        lba: u64,
+        /// The sector size.
+        sector: u64,
+    },
 }
 
 fn io_err(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> TableError {
@@ -140,6 +157,12 @@ impl Header {
     fn entries_lba(&self) -> u64 {
         u64_at(&self.raw, 72)
     }
+    fn first_usable(&self) -> u64 {
+        u64_at(&self.raw, 40)
+    }
+    fn last_usable(&self) -> u64 {
+        u64_at(&self.raw, 48)
+    }
     fn num_entries(&self) -> u32 {
         u32_at(&self.raw, 80)
     }
@@ -179,7 +202,8 @@ fn read_copy(
         return Err(format!("LBA {lba} is outside the disk"));
     }
     let mut buf = vec![0u8; sector as usize];
-    dev.read_at(&mut buf, lba * sector).map_err(|e| format!("read LBA {lba}: {e}"))?;
+    let at = lba.checked_mul(sector).ok_or(format!("LBA {lba} is past any byte offset"))?;
+    dev.read_at(&mut buf, at).map_err(|e| format!("read LBA {lba}: {e}"))?;
     if &buf[..8] != SIGNATURE {
         return Err(format!("no GPT signature at LBA {lba}"));
     }
@@ -208,14 +232,13 @@ fn read_copy(
     }
     let entry_sectors = bytes.div_ceil(sector);
     let start = h.entries_lba();
-    if start == 0
-        || start.saturating_add(entry_sectors) > disk_sectors
-        || (start..start + entry_sectors).contains(&lba)
-    {
+    let end = start.checked_add(entry_sectors).filter(|&e| e <= disk_sectors);
+    if start == 0 || end.is_none_or(|end| (start..end).contains(&lba)) {
         return Err(format!("entry array at LBA {start} overlaps the header or leaves the disk"));
     }
     let mut entries = vec![0u8; bytes as usize];
-    dev.read_at(&mut entries, start * sector).map_err(|e| format!("read entries at LBA {start}: {e}"))?;
+    let at = start.checked_mul(sector).ok_or(format!("entry array LBA {start} is past any byte offset"))?;
+    dev.read_at(&mut entries, at).map_err(|e| format!("read entries at LBA {start}: {e}"))?;
     if crc32fast::hash(&entries) != h.entries_crc() {
         return Err(format!("entry array CRC mismatch (array at LBA {start})"));
     }
@@ -226,13 +249,16 @@ fn read_copy(
 #[derive(Debug, Clone)]
 pub struct Table {
     sector: u64,
+    disk_sectors: u64,
     /// The valid header the table was taken from (primary if valid, else backup).
     header: Header,
     entries: Vec<u8>,
     primary_lba: u64,
     primary_entries_lba: u64,
     backup_lba: u64,
-    backup_entries_lba: u64,
+    /// `None` when the backup header is too close to the disk's start for its entry array
+    /// (a hostile alternate LBA); the layout check refuses such a table.
+    backup_entries_lba: Option<u64>,
     health: Health,
 }
 
@@ -251,7 +277,7 @@ pub fn read(dev: &dyn BlockDevice) -> Result<Table, TableError> {
         let primary = read_copy(dev, sector, 1, disk_sectors);
         let backup_lba = match &primary {
             Ok((h, _)) => h.alternate_lba(),
-            Err(_) => disk_sectors - 1,
+            Err(_) => disk_sectors.saturating_sub(1),
         };
         let backup = read_copy(dev, sector, backup_lba, disk_sectors);
         let table = match (primary, backup) {
@@ -262,7 +288,7 @@ pub fn read(dev: &dyn BlockDevice) -> Result<Table, TableError> {
                     None
                 };
                 Table::new(
-                    sector,
+                    (sector, disk_sectors),
                     p,
                     pe,
                     1,
@@ -272,7 +298,7 @@ pub fn read(dev: &dyn BlockDevice) -> Result<Table, TableError> {
                 )
             }
             (Ok((p, pe)), Err(e)) => Table::new(
-                sector,
+                (sector, disk_sectors),
                 p,
                 pe,
                 1,
@@ -285,7 +311,7 @@ pub fn read(dev: &dyn BlockDevice) -> Result<Table, TableError> {
                 let primary_lba = b.alternate_lba();
                 let entries_lba = b.entries_lba();
                 Table::new(
-                    sector,
+                    (sector, disk_sectors),
                     b,
                     be,
                     primary_lba,
@@ -320,7 +346,7 @@ fn same_geometry(p: &Header, b: &Header) -> bool {
 
 impl Table {
     fn new(
-        sector: u64,
+        (sector, disk_sectors): (u64, u64),
         header: Header,
         entries: Vec<u8>,
         primary_lba: u64,
@@ -332,10 +358,11 @@ impl Table {
         let primary_entries_lba = if header.my_lba() == primary_lba { header.entries_lba() } else { 2 };
         Table {
             sector,
+            disk_sectors,
             primary_lba,
             primary_entries_lba,
             backup_lba,
-            backup_entries_lba: backup_entries_lba.unwrap_or(backup_lba - entry_sectors),
+            backup_entries_lba: backup_entries_lba.or_else(|| backup_lba.checked_sub(entry_sectors)),
             header,
             entries,
             health,
@@ -350,6 +377,26 @@ impl Table {
     /// The state of the two copies.
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    /// Where the table's copies and usable area lie, for [`crate::layout::check`].
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            disk_sectors: self.disk_sectors,
+            primary_lba: self.primary_lba,
+            primary_entries_lba: self.primary_entries_lba,
+            backup_lba: self.backup_lba,
+            backup_entries_lba: self.backup_entries_lba,
+            entry_sectors: self.header.entries_bytes().div_ceil(self.sector),
+            usable: Lbas { first: self.header.first_usable(), last: self.header.last_usable() },
+        }
+    }
+
+    /// Checks that the partitions and the table copies lie apart and on the disk (see
+    /// [`crate::layout`]). Does not read or write the disk.
+    pub fn check_layout(&self) -> Result<(), LayoutError> {
+        let parts: Vec<Part> = self.entries().iter().map(Entry::part).collect();
+        layout::check(&self.geometry(), &parts)
     }
 
     /// The used entries, in array order.
@@ -381,7 +428,10 @@ impl Table {
     /// Sets the attribute field of partition `number` in memory (nothing is written).
     pub fn set_attributes(&mut self, number: u32, attributes: GptPrio) -> Result<(), TableError> {
         let es = self.header.entry_size() as usize;
-        let at = (number as usize).checked_sub(1).map(|i| i * es).filter(|&at| at + es <= self.entries.len());
+        let at = (number as usize)
+            .checked_sub(1)
+            .and_then(|i| i.checked_mul(es))
+            .filter(|&at| at.checked_add(es).is_some_and(|end| end <= self.entries.len()));
         let at = at.ok_or(TableError::NoSuchEntry(number))?;
         self.entries[at + 48..at + 56].copy_from_slice(&attributes.0.to_le_bytes());
         Ok(())
@@ -390,15 +440,23 @@ impl Table {
     /// Writes this table's entries to both copies, crash-safely (see the module docs).
     ///
     /// `on_disk` is the table as read before the change; only entry sectors that differ from
-    /// it are written, except that an invalid copy is rewritten whole (repair).
+    /// it are written, except that an invalid copy is rewritten whole (repair). A table whose
+    /// layout fails [`Table::check_layout`] is refused before anything is written.
     pub fn write(&self, dev: &mut dyn BlockDevice, on_disk: &Table) -> Result<(), TableError> {
+        self.check_layout().map_err(|e| TableError::Layout(Box::new(e)))?;
+        let backup_entries_lba = self.backup_entries_lba.ok_or_else(|| {
+            TableError::Layout(Box::new(LayoutError::NoRoomForBackupEntries {
+                backup_lba: self.backup_lba,
+                sectors: self.header.entries_bytes().div_ceil(self.sector),
+            }))
+        })?;
         let crc = crc32fast::hash(&self.entries);
         let primary = self.header.placed(self.primary_lba, self.backup_lba, self.primary_entries_lba, crc);
-        let backup = self.header.placed(self.backup_lba, self.primary_lba, self.backup_entries_lba, crc);
+        let backup = self.header.placed(self.backup_lba, self.primary_lba, backup_entries_lba, crc);
         let primary_whole = on_disk.health.primary_error.is_some();
         let backup_whole = on_disk.health.backup_error.is_some();
         self.write_copy(dev, &primary, self.primary_entries_lba, &on_disk.entries, primary_whole)?;
-        self.write_copy(dev, &backup, self.backup_entries_lba, &on_disk.entries, backup_whole)?;
+        self.write_copy(dev, &backup, backup_entries_lba, &on_disk.entries, backup_whole)?;
         Ok(())
     }
 
@@ -413,14 +471,29 @@ impl Table {
         let ss = self.sector as usize;
         for (i, (new, old)) in self.entries.chunks(ss).zip(old_entries.chunks(ss)).enumerate() {
             if whole || new != old {
-                let off = (entries_lba + i as u64) * self.sector;
+                let off = self.byte_offset(entries_lba.saturating_add(i as u64))?;
                 dev.write_at(new, off).map_err(io_err("write", off))?;
             }
         }
         let mut sector = vec![0u8; ss];
         sector[..header.raw.len()].copy_from_slice(&header.raw);
-        let off = header.my_lba() * self.sector;
+        let off = self.byte_offset(header.my_lba())?;
         dev.write_at(&sector, off).map_err(io_err("write", off))?;
         dev.sync().map_err(io_err("sync", off))
+    }
+
+    fn byte_offset(&self, lba: u64) -> Result<u64, TableError> {
+        lba.checked_mul(self.sector).ok_or(TableError::OffsetOverflow { lba, sector: self.sector })
+    }
+}
+
+impl Entry {
+    /// This entry as layout errors name it.
+    pub fn part(&self) -> Part {
+        Part {
+            number: self.number,
+            name: self.name.clone(),
+            lbas: Lbas { first: self.first_lba, last: self.last_lba },
+        }
     }
 }

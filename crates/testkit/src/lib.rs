@@ -125,6 +125,99 @@ pub fn sgdisk_attributes(sgdisk: &Path, target: &Path, n: u32) -> u64 {
     u64::from_str_radix(hex.trim(), 16).expect("hex attribute flags")
 }
 
+/// Hostile GPTs for the tests: edits the table of an image file in place, byte by byte, and
+/// recomputes every CRC, so that the result is valid by checksum and wrong in its layout (as a
+/// bug in another tool, a bad image or an attacker would leave it).
+pub mod gpt_edit {
+    use std::path::Path;
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+    }
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+    }
+
+    /// Recomputes the entry-array CRC and the header CRC of the copy whose header is at `lba`.
+    fn reseal(img: &mut [u8], sector: usize, lba: usize) {
+        let h = lba * sector;
+        let size = u32_at(img, h + 12) as usize;
+        let entries = u64_at(img, h + 72) as usize * sector;
+        let bytes = u32_at(img, h + 80) as usize * u32_at(img, h + 84) as usize;
+        let crc = crc32fast::hash(&img[entries..entries + bytes]);
+        img[h + 88..h + 92].copy_from_slice(&crc.to_le_bytes());
+        img[h + 16..h + 20].fill(0);
+        let crc = crc32fast::hash(&img[h..h + size]);
+        img[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// The LBAs of the primary and backup headers.
+    fn copies(img: &[u8], sector: usize) -> [usize; 2] {
+        [1, u64_at(img, sector + 32) as usize]
+    }
+
+    /// Sets the first and last LBA of partition `number` in both copies of the table.
+    pub fn set_extent(path: &Path, sector: usize, number: u32, first: u64, last: u64) {
+        let mut img = std::fs::read(path).expect("read disk image");
+        for lba in copies(&img, sector) {
+            let h = lba * sector;
+            let at = u64_at(&img, h + 72) as usize * sector
+                + (number as usize - 1) * u32_at(&img, h + 84) as usize;
+            img[at + 32..at + 40].copy_from_slice(&first.to_le_bytes());
+            img[at + 40..at + 48].copy_from_slice(&last.to_le_bytes());
+            reseal(&mut img, sector, lba);
+        }
+        std::fs::write(path, img).expect("write disk image");
+    }
+
+    /// The first and last LBA of partition `number`, from the primary table.
+    pub fn extent(path: &Path, sector: usize, number: u32) -> (u64, u64) {
+        let img = std::fs::read(path).expect("read disk image");
+        let at = u64_at(&img, sector + 72) as usize * sector
+            + (number as usize - 1) * u32_at(&img, sector + 84) as usize;
+        (u64_at(&img, at + 32), u64_at(&img, at + 40))
+    }
+
+    /// Sets the 8-byte header field at `offset` (e.g. 32, the alternate LBA) of the primary
+    /// header, or of both headers, and reseals them.
+    pub fn set_header_u64(path: &Path, sector: usize, offset: usize, value: u64, both: bool) {
+        let mut img = std::fs::read(path).expect("read disk image");
+        let lbas = copies(&img, sector);
+        for &lba in if both { &lbas[..] } else { &lbas[..1] } {
+            let h = lba * sector;
+            img[h + offset..h + offset + 8].copy_from_slice(&value.to_le_bytes());
+            let size = u32_at(&img, h + 12) as usize;
+            img[h + 16..h + 20].fill(0);
+            let crc = crc32fast::hash(&img[h..h + size]);
+            img[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+        }
+        std::fs::write(path, img).expect("write disk image");
+    }
+
+    /// Sets the 4-byte header field at `offset` (80 the entry count, 84 the entry size) of
+    /// the primary header, or of both, and reseals them: the entry-array CRC is recomputed
+    /// over the array the new numbers describe when it lies on the disk.
+    pub fn set_header_u32(path: &Path, sector: usize, offset: usize, value: u32, both: bool) {
+        let mut img = std::fs::read(path).expect("read disk image");
+        let lbas = copies(&img, sector);
+        for &lba in if both { &lbas[..] } else { &lbas[..1] } {
+            let h = lba * sector;
+            img[h + offset..h + offset + 4].copy_from_slice(&value.to_le_bytes());
+            let entries = u64_at(&img, h + 72) as usize * sector;
+            let bytes = u32_at(&img, h + 80) as usize * u32_at(&img, h + 84) as usize;
+            if let Some(array) = img.get(entries..entries.saturating_add(bytes)) {
+                let crc = crc32fast::hash(array);
+                img[h + 88..h + 92].copy_from_slice(&crc.to_le_bytes());
+            }
+            let size = u32_at(&img, h + 12) as usize;
+            img[h + 16..h + 20].fill(0);
+            let crc = crc32fast::hash(&img[h..h + size]);
+            img[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+        }
+        std::fs::write(path, img).expect("write disk image");
+    }
+}
+
 /// A loop device over a file; detached on drop.
 #[derive(Debug)]
 pub struct Loop {

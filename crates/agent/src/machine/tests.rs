@@ -116,6 +116,22 @@ fn failed_health_rolls_back_and_records_why() {
     assert!(s.note.contains("50-kubelet failed"), "{}", s.note);
 }
 
+/// Issue 12: a mark-bad that did not happen leaves the phase alone, says why and asks for no
+/// reboot.
+#[test]
+fn issue_12_a_failed_mark_bad_says_why_and_does_not_reboot() {
+    let mut events = happy_path();
+    events[6] = Event::Health { result: Err("required check failed".into()), now: t(9) };
+    let (s, _) = run(&State::default(), &events);
+    let reason = "slot B is not bootable: marking A bad would leave no slot to boot".to_owned();
+    let (s2, a) = step(&s, &Event::MarkBadFailed { slot: Slot::A, reason: reason.clone() }, &cfg());
+    assert_eq!(s2.phase, s.phase);
+    assert_eq!(s2.failures, s.failures, "the health failure stays recorded");
+    assert!(s2.note.contains(&reason) && s2.note.contains("not rebooting"), "{}", s2.note);
+    assert_eq!(a, vec![Action::Log(s2.note.clone())]);
+    assert!(!a.iter().any(|a| matches!(a, Action::Reboot | Action::MarkBadAndReboot)));
+}
+
 #[test]
 fn health_deadline_rolls_back() {
     let events = &happy_path()[..6];

@@ -126,7 +126,7 @@ impl Fixture {
 /// SHA-256 of the first `len` bytes of `slot`, read independently of the installer.
 pub fn slot_digest(disk: &Path, slot: Slot, len: u64) -> Sha256Digest {
     use std::os::unix::fs::FileExt as _;
-    let (base, _) = Disk::open(disk, false).unwrap().slot_extent(slot);
+    let (base, _) = Disk::open(disk, false).unwrap().slot_extent(slot).unwrap();
     let mut buf = vec![0u8; len as usize];
     std::fs::File::open(disk).unwrap().read_exact_at(&mut buf, base).unwrap();
     Sha256Digest::of(&buf)
