@@ -8,7 +8,7 @@
 //! | `bench chunk-size` | compression ratio and adaptive-update cost for several chunk sizes |
 //! | `bench install [--size-mib N]` | install from nginx to a loop device against curl, zstd and dd |
 //! | `image RECIPE --version V --trust DIR [--key K]... [--repo DIR]` | build a bootable OS image from a recipe, sign and publish it |
-//! | `e2e` | build the test OS images, boot them in qemu and run the update scenarios a-f |
+//! | `e2e` | build the test OS images, boot them in qemu and run the scenarios a-j of `integration/e2e` |
 //! | `bench idle [--seconds N] [--kubernetes]` | the idle agent's memory and wake-ups against a `sleep` baseline (with `--kubernetes`: in Kubernetes mode, against the test API server) |
 
 // A task runner reports to its user on standard output.

@@ -214,7 +214,10 @@ pub async fn run(
         slot = %env.booted,
         version = d.booted_version.as_deref().unwrap_or("unknown"),
         confirmed = boot.confirmed,
-        "agent started"
+        "agent started: slot {} runs {}{}",
+        env.booted,
+        d.booted_version.as_deref().unwrap_or("an unknown version"),
+        if boot.confirmed { "" } else { " (not confirmed yet)" }
     );
     d.feed(&Event::Started { boot, now: env.platform.now() }, &cfg)?;
     tokio::pin!(shutdown);
@@ -524,7 +527,13 @@ async fn install_version(
     let msig = fetcher.get(&format!("{}.sig", release.manifest)).await.map_err(|e| e.to_string())?;
     let m = policy.release_manifest(release, &mbytes, &msig).map_err(|e| e.to_string())?;
     progress.total.store(m.image_size, Ordering::Relaxed);
-    tracing::info!(version = %version, bytes = m.image_size, "installing into slot {}", env.booted.other());
+    tracing::info!(
+        version = %version,
+        bytes = m.image_size,
+        "installing {version} into slot {} ({} bytes)",
+        env.booted.other(),
+        m.image_size
+    );
     let req = install::InstallRequest {
         disk: &env.disk,
         booted: env.booted,
@@ -546,7 +555,13 @@ async fn install_version(
         resumed = report.resumed_bytes,
         write_ms = report.write_time.as_millis() as u64,
         verify_ms = report.verify_time.as_millis() as u64,
-        "installed"
+        // The fields again in the text: `journalctl` and the console show only the message.
+        "installed version={version} fetched={} reused={} resumed={} write_ms={} verify_ms={}",
+        report.fetch_bytes,
+        report.reused_bytes,
+        report.resumed_bytes,
+        report.write_time.as_millis(),
+        report.verify_time.as_millis()
     );
     Ok(())
 }

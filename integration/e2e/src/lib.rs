@@ -1,0 +1,135 @@
+//! The end-to-end scenarios: the whole product on real kernels in qemu (software emulation),
+//! on the test node OS of `image-recipes/node.toml`: systemd as PID 1, journald, udev, D-Bus,
+//! networkd, containerd running a container workload, and `acl-agentd` started by the
+//! repository's own unit file.
+//!
+//! `cargo xtask e2e` builds the images (xtask's image builder, behind [`Lab`]), publishes them
+//! into a repository served by nginx (the guest reaches it at 10.0.2.2:18080, qemu's user
+//! network mapping the host's loopback), provisions a fresh disk-image file with 1.0.0 in slot
+//! A and a state file system on partition 9, and calls [`run`].
+//!
+//! The scenarios run in order on that one disk, each a function in [`scenarios`]. A boot that
+//! ends one scenario starts the next where it can (the next release is published and checked
+//! while the node is up), so fifteen boots cover ten scenarios: software emulation makes every
+//! boot cost a minute. Assertions read the serial console (journald forwards the journal
+//! there) and, after power-off, the disk's GPT bits. Every boot's console log is kept.
+
+// A test runner reports to its user on standard output.
+#![allow(clippy::print_stdout)]
+
+pub mod scenarios;
+pub mod vm;
+
+use anyhow::{Result, bail};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A built image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The version.
+    pub version: String,
+    /// `aclpub build` output (manifest.json, payload).
+    pub build: PathBuf,
+    /// Its kernel and initramfs (also inside the image), for a first stage.
+    pub vmlinuz: PathBuf,
+    /// See `vmlinuz`.
+    pub initrd: PathBuf,
+}
+
+/// What the scenarios need from the machine that runs them: images and a repository.
+pub trait Lab {
+    /// Builds `recipe` (a file name in `image-recipes/`) as `version`.
+    fn build(&self, recipe: &str, version: &str) -> Result<Image>;
+    /// Publishes a built image into the channel the node follows.
+    fn publish(&self, image: &Image) -> Result<()>;
+    /// Bytes the repository's web server has sent so far.
+    fn bytes_sent(&self) -> u64;
+}
+
+/// The images of the scenarios, by version.
+#[derive(Debug)]
+pub struct Images {
+    /// 1.0.0, provisioned (a).
+    pub v1: Image,
+    /// 2.0.0 on another kernel build (b).
+    pub v2: Image,
+    /// 3.0.0 whose required health check fails (c).
+    pub v3: Image,
+    /// 4.0.0 whose init dies: the kernel panics (d).
+    pub v4: Image,
+    /// 5.0.0, cut by a power loss mid-download (e).
+    pub v5: Image,
+    /// 6.0.0 with a systemd unit that fails at boot (g).
+    pub v6: Image,
+    /// 7.0.0, installed while the agent is frozen (h).
+    pub v7: Image,
+    /// 8.0.0 whose agent cannot run (j).
+    pub v8: Image,
+}
+
+/// One run of the scenarios.
+#[derive(Debug)]
+pub struct Run<'a, L: Lab> {
+    /// Images and repository.
+    pub lab: &'a L,
+    /// The images.
+    pub images: Images,
+    /// The machine.
+    pub vm: vm::Vm,
+    /// Repository files the image must hold byte for byte: (path in the guest, file here).
+    pub unit_files: Vec<(String, PathBuf)>,
+    /// Per scenario, its phases and how long each took.
+    pub timings: Vec<(&'static str, Vec<(&'static str, Duration)>)>,
+}
+
+impl<L: Lab> Run<'_, L> {
+    /// Records a scenario's phase timings for the closing table.
+    pub fn time(&mut self, scenario: &'static str, phases: Vec<(&'static str, Duration)>) {
+        self.timings.push((scenario, phases));
+    }
+
+    /// The slot bits of the disk (after power-off).
+    pub fn bits(&self) -> Result<slot::Slots> {
+        Ok(slot::Disk::open(&self.vm.disk, false)?.slots())
+    }
+}
+
+/// Runs every scenario in order, then prints the timing table.
+pub fn run<L: Lab>(run: &mut Run<'_, L>) -> Result<()> {
+    let b = scenarios::a_fresh_disk(run)?;
+    let b = scenarios::i_sandbox(run, b)?;
+    let b = scenarios::b_update(run, b)?;
+    let b = scenarios::c_health_rollback(run, b)?;
+    let b = scenarios::d_kernel_panic(run, b)?;
+    let b = scenarios::e_power_cut(run, b)?;
+    let b = scenarios::f_operator_rollback(run, b)?;
+    let b = scenarios::g_failed_unit(run, b)?;
+    let b = scenarios::h_frozen_agent(run, b)?;
+    scenarios::j_agent_cannot_run(run, b)?;
+    println!("\n| scenario | phase | seconds |\n|---|---|---|");
+    for (name, phases) in &run.timings {
+        for (phase, d) in phases {
+            println!("| {name} | {phase} | {:.1} |", d.as_secs_f64());
+        }
+    }
+    println!("\ne2e: all scenarios passed; console logs in {}", run.vm.logs.display());
+    Ok(())
+}
+
+/// Fails with `what` unless `ok`.
+pub fn ensure(ok: bool, what: impl std::fmt::Display) -> Result<()> {
+    if ok { Ok(()) } else { bail!("expected {what}") }
+}
+
+/// The payload size of a built image.
+pub fn payload_size(build: &Path) -> Result<u64> {
+    let m = manifest::Manifest::from_bytes(&std::fs::read(build.join("manifest.json"))?)?;
+    Ok(m.payload.size)
+}
+
+/// The image digest of a built image (reproducibility).
+pub fn image_sha256(build: &Path) -> Result<String> {
+    let m = manifest::Manifest::from_bytes(&std::fs::read(build.join("manifest.json"))?)?;
+    Ok(m.image_sha256.to_string())
+}

@@ -1,0 +1,416 @@
+//! One function per scenario. Each takes the machine as the previous scenario left it (still
+//! running, so the next release can be published and checked in the same boot) and returns it
+//! running for the next one.
+//!
+//! | scenario | what happens | asserted |
+//! |---|---|---|
+//! | a | a fresh disk, 1.0.0 provisioned into slot A, boots | systemd, containerd's workload and the agent come up; health passes, A is confirmed; the units in the image are the repository's |
+//! | i | measured inside that boot | the agent's `systemd-analyze security` exposure, its effective capabilities, where it can write |
+//! | b | 2.0.0 (another kernel build) published | the agent finds it by itself, installs it into B, reboots with `systemctl reboot`; B boots the new kernel and is confirmed |
+//! | c | 3.0.0 whose required check fails | it boots, fails, is marked bad, 2.0.0 boots again; the reason is on the console and in `aclctl history` |
+//! | d | 4.0.0 whose init dies (kernel panic) | the boot path spends both tries, 2.0.0 boots without the agent, 4.0.0 is skipped |
+//! | e | the power is cut half-way through 5.0.0's download | A is not bootable, 2.0.0 boots, the install resumes and completes, 5.0.0 is confirmed |
+//! | f | `aclctl rollback --now` on 5.0.0 | 2.0.0 boots |
+//! | g | 6.0.0 in which a systemd unit fails at boot | the systemd check names the unit, the slot is rolled back, the unit is in `aclctl history` |
+//! | h | the agent is frozen (SIGSTOP) mid-install of 7.0.0 | the watchdog kills it, systemd restarts it, the install resumes and completes |
+//! | j | 8.0.0 whose agent cannot start | `acl-boot-deadline.service` gives the slot up at its deadline, without the agent; 7.0.0 boots |
+
+use crate::vm::Booted;
+use crate::{Lab, Run, ensure};
+use anyhow::{Context as _, Result, bail};
+use std::time::{Duration, Instant};
+
+/// The phases of one boot up to the agent.
+struct Up {
+    userspace: Duration,
+    multi_user: Duration,
+    ready: Duration,
+}
+
+/// Waits for a boot of `slot` running `version` to come up: the slot's userspace, systemd's
+/// multi-user.target, the agent's READY=1 (systemd says "Started" for a Type=notify unit only
+/// then).
+fn up(b: &mut Booted, slot: &str, version: &str) -> Result<Up> {
+    let userspace = b.wait_for(&format!("acl: up: slot={slot} version={version} "))?;
+    let multi_user = b.wait_for("Reached target multi-user.target")?;
+    let ready = b.wait_for("Started acl-agentd.service")?;
+    Ok(Up { userspace, multi_user, ready })
+}
+
+fn up_phases(u: &Up) -> Vec<(&'static str, Duration)> {
+    vec![
+        ("boot to userspace", u.userspace),
+        ("boot to multi-user.target", u.multi_user),
+        ("agent ready (READY=1)", u.ready),
+    ]
+}
+
+/// (a) A fresh disk with 1.0.0 on slot A boots under systemd, its workload answers, the agent
+/// confirms it; the agent's units in the image are the repository's, byte for byte.
+pub fn a_fresh_disk<L: Lab>(run: &mut Run<'_, L>) -> Result<Booted> {
+    println!("\n== (a) fresh disk: 1.0.0 on slot A boots under systemd and is confirmed");
+    let mut b = run.vm.boot("a1")?;
+    b.wait_for("kernel=6.1.0-56-amd64")?;
+    let u = up(&mut b, "A", "1.0.0")?;
+    let healthy = b.wait_for("1.0.0 is healthy")?;
+    b.wait_for("mark good: done")?;
+    for (guest, host) in &run.unit_files {
+        let want = manifest::Sha256Digest::of(&std::fs::read(host)?).to_string();
+        let out = b.run(&format!("sha256sum {guest}"))?;
+        let got = out.lines().find_map(|l| l.strip_suffix(&format!("  {guest}"))).map(str::trim);
+        ensure(
+            got == Some(want.as_str()),
+            format!(
+                "{guest} in the image to be {} byte for byte (sha256 {want}, got {got:?})",
+                host.display()
+            ),
+        )?;
+        println!("  {guest} is the repository's {} (sha256 {want})", host.display());
+    }
+    let s = run.bits()?;
+    ensure(s.a.successful() && s.a.priority() == 2, format!("A confirmed: {s:?}"))?;
+    let mut phases = up_phases(&u);
+    phases.push(("to healthy", healthy - u.ready));
+    run.time("a", phases);
+    Ok(b)
+}
+
+/// (i) Inside the booted guest: the agent's exposure by `systemd-analyze security`, its
+/// effective capabilities, and which directories it can write (probed from its own mount
+/// namespace, where the unit's read-only mounts apply even to root).
+pub fn i_sandbox<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (i) the agent's sandbox, measured inside the guest");
+    let t = Instant::now();
+    let out = b.run("systemd-analyze security --no-pager acl-agentd.service | tail -n 1")?;
+    let exposure: f64 = out
+        .split("acl-agentd.service:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no exposure figure in {out:?}"))?;
+    println!("  systemd-analyze security: exposure {exposure:.1} (goal at most 2.0)");
+    ensure(exposure <= 2.0, format!("an exposure of at most 2.0, not {exposure}"))?;
+    let out = b.run("grep CapEff /proc/$(pidof acl-agentd)/status")?;
+    ensure(out.contains("CapEff:\t0000000000000000"), format!("no effective capabilities: {out:?}"))?;
+    println!("  effective capabilities: 0");
+    let out = b.run(
+        "for d in / /etc /usr /var /var/lib /var/log /root /home /run /var/lib/acl-update /run/acl-update; do \
+         if nsenter -t $(pidof acl-agentd) -m -- touch $d/.acl-probe 2>/dev/null; then echo \"probe: writable $d\"; \
+         nsenter -t $(pidof acl-agentd) -m -- rm -f $d/.acl-probe; else echo \"probe: read-only $d\"; fi; done",
+    )?;
+    let writable: Vec<&str> =
+        out.lines().filter_map(|l| l.trim().strip_prefix("probe: writable ")).map(str::trim).collect();
+    let read_only = out.lines().filter(|l| l.trim().starts_with("probe: read-only ")).count();
+    println!("  writable in the agent's view: {writable:?}; read-only: {read_only} others");
+    ensure(
+        writable == ["/var/lib/acl-update", "/run/acl-update"],
+        format!("only the state and runtime directories writable, not {writable:?}"),
+    )?;
+    run.time("i", vec![("measurements", t.elapsed())]);
+    Ok(b)
+}
+
+/// (b) The agent finds 2.0.0 by itself (its periodic check), installs it into B and reboots
+/// through systemd; B boots the other kernel build and is confirmed; A stays the way back.
+pub fn b_update<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (b) the agent finds 2.0.0 (kernel 6.1.0-50), installs it into B, reboots into it");
+    run.lab.publish(&run.images.v2)?;
+    let published = b.elapsed();
+    let inst = b.wait_for("installing 2.0.0 into slot B")?;
+    let done = b.wait_for("installed version=2.0.0")?;
+    b.wait_for("rebooting into 2.0.0")?;
+    let rebooted = b.wait_exit()?;
+    let write = ms(&b.field_after("installed version=2.0.0", "write_ms=")?)?;
+    let verify = ms(&b.field_after("installed version=2.0.0", "verify_ms=")?)?;
+    let mut b = run.vm.boot("b2")?;
+    b.wait_for("kernel=6.1.0-50-amd64")?;
+    let u = up(&mut b, "B", "2.0.0")?;
+    let healthy = b.wait_for("2.0.0 is healthy")?;
+    b.wait_for("mark good: done")?;
+    let s = run.bits()?;
+    ensure(
+        s.b.successful() && s.b.priority() == 2 && s.a.successful(),
+        format!("B confirmed, A the way back: {s:?}"),
+    )?;
+    let mut phases = vec![
+        ("published to install start (periodic check)", inst.saturating_sub(published)),
+        ("download+write (streamed together)", write),
+        ("read-back verify", verify),
+        ("install in all (manifest, plan, activation)", done - inst),
+        ("to reboot (systemctl reboot, shutdown)", rebooted - done),
+    ];
+    phases.extend(up_phases(&u));
+    phases.push(("to healthy", healthy - u.ready));
+    run.time("b", phases);
+    Ok(b)
+}
+
+/// Publishes `image`, asks the running agent to check now, and waits for the install and the
+/// reboot into it.
+fn install_now<L: Lab>(run: &mut Run<'_, L>, b: &mut Booted, image: &crate::Image) -> Result<Duration> {
+    run.lab.publish(image)?;
+    b.type_line("aclctl check")?;
+    let inst = b.wait_for(&format!("installing {}", image.version))?;
+    let done = b.wait_for(&format!("installed version={}", image.version))?;
+    b.wait_exit()?;
+    Ok(done - inst)
+}
+
+/// (c) 3.0.0's required health check fails: it is marked bad, 2.0.0 boots again, and the
+/// reason is on the console and in the history.
+pub fn c_health_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (c) 3.0.0 fails its required health check: automatic rollback to 2.0.0");
+    let v3 = run.images.v3.clone();
+    let install = install_now(run, &mut b, &v3)?;
+    let mut b = run.vm.boot("c2")?;
+    let u = up(&mut b, "A", "3.0.0")?;
+    let failed = b.wait_for("3.0.0 failed its health checks")?;
+    b.wait_for("app: not answering on :8080")?;
+    b.wait_exit()?;
+    let mut b = run.vm.boot("c3")?;
+    let back = up(&mut b, "B", "2.0.0")?;
+    let out = b.run("aclctl history -n 3")?;
+    ensure(
+        out.contains("3.0.0 failed its health checks"),
+        format!("the failure in aclctl history: {out:?}"),
+    )?;
+    let s = run.bits()?;
+    ensure(s.a.priority() == 0 && s.b.successful(), format!("A given up, B runs: {s:?}"))?;
+    let mut phases = vec![("install (download, write, verify)", install)];
+    phases.extend(up_phases(&u));
+    phases.push(("to health verdict", failed - u.ready));
+    phases.push(("rollback boot: agent ready", back.ready));
+    run.time("c", phases);
+    Ok(b)
+}
+
+/// (d) 4.0.0's init dies, so its kernel panics: the boot path spends its tries and 2.0.0
+/// boots without the agent's help; the agent then reports 4.0.0 as not booted and skips it.
+pub fn d_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (d) 4.0.0 panics at boot: its tries run out, 2.0.0 comes back by itself");
+    let v4 = run.images.v4.clone();
+    install_now(run, &mut b, &v4)?;
+    let mut panics = Vec::new();
+    for (i, left) in ["1", "0"].iter().enumerate() {
+        let mut b = run.vm.boot(&format!("d{}", i + 2))?;
+        b.wait_for(&format!("stage 1: slot A (4.0.0), tries left: {left}"))?;
+        b.wait_for("Kernel panic")?;
+        panics.push(b.wait_exit()?);
+    }
+    let mut b = run.vm.boot("d4")?;
+    b.wait_for("stage 1: slot B (2.0.0)")?;
+    let u = up(&mut b, "B", "2.0.0")?;
+    b.wait_for("4.0.0 did not boot; running 2.0.0; 4.0.0 is skipped")?;
+    let out = b.run("aclctl check")?;
+    ensure(out.contains("4.0.0 failed"), format!("4.0.0 listed as failed by the agent: {out:?}"))?;
+    let s = run.bits()?;
+    ensure(!s.a.bootable() && s.b.successful(), format!("A out of tries, B runs: {s:?}"))?;
+    run.time(
+        "d",
+        vec![
+            ("panic boot 1", panics[0]),
+            ("panic boot 2", panics[1]),
+            ("fallback boot to userspace", u.userspace),
+            ("fallback boot: agent ready", u.ready),
+        ],
+    );
+    Ok(b)
+}
+
+/// (e) The power is cut half-way through 5.0.0's download: the half-written slot is not
+/// bootable, 2.0.0 boots, the agent resumes the install and completes it, 5.0.0 is confirmed.
+pub fn e_power_cut<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (e) power cut half-way through the 5.0.0 download; it resumes after the reboot");
+    let v5 = run.images.v5.clone();
+    // What the node must fetch: the frames of chunks slot B (2.0.0) does not hold.
+    let to_fetch = fetch_estimate(&run.images.v2.build, &v5.build)?;
+    run.lab.publish(&v5)?;
+    let before = run.lab.bytes_sent();
+    b.type_line("aclctl check")?;
+    b.wait_for("installing 5.0.0 into slot A")?;
+    let t = Instant::now();
+    while run.lab.bytes_sent() - before < to_fetch / 2 {
+        if t.elapsed() > crate::vm::STEP {
+            bail!(
+                "the 5.0.0 download did not get half-way ({} of {to_fetch} bytes) in {} s",
+                run.lab.bytes_sent() - before,
+                crate::vm::STEP.as_secs()
+            );
+        }
+        if b.text().contains("installed version=5.0.0") {
+            bail!("the install finished before the power cut");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cut_at = run.lab.bytes_sent() - before;
+    b.power_off();
+    let s = run.bits()?;
+    ensure(!s.a.bootable() && s.b.successful(), format!("half-written A is not bootable: {s:?}"))?;
+    let mut b = run.vm.boot("e2")?;
+    let u = up(&mut b, "B", "2.0.0")?;
+    let resumed_at = b.wait_for("installed version=5.0.0")?;
+    let resumed: u64 = b.field_after("installed version=5.0.0", "resumed=")?.parse().unwrap_or(0);
+    b.wait_exit()?;
+    let after = run.lab.bytes_sent() - before - cut_at;
+    let mut b = run.vm.boot("e3")?;
+    let u3 = up(&mut b, "A", "5.0.0")?;
+    let healthy = b.wait_for("5.0.0 is healthy")?;
+    b.wait_for("mark good: done")?;
+    let s = run.bits()?;
+    ensure(s.a.successful() && s.a.priority() == 2, format!("A confirmed with 5.0.0: {s:?}"))?;
+    ensure(resumed > 0, format!("the install resumed with some bytes in place (resumed={resumed})"))?;
+    println!(
+        "  power cut after {:.1} MiB of the {:.1} MiB to fetch; after the reboot {:.1} MiB of the image were in place, {:.1} MiB fetched",
+        mib(cut_at),
+        mib(to_fetch),
+        mib(resumed),
+        mib(after)
+    );
+    run.time(
+        "e",
+        vec![
+            ("after the cut: agent ready", u.ready),
+            ("resumed install done", resumed_at - u.ready),
+            ("new slot: agent ready", u3.ready),
+            ("to healthy", healthy - u3.ready),
+        ],
+    );
+    Ok(b)
+}
+
+/// (f) `aclctl rollback --now`: the previous slot boots.
+pub fn f_operator_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (f) aclctl rollback --now: the previous slot boots");
+    b.type_line("aclctl rollback --now --disk /dev/vda")?;
+    b.wait_for("rolled back by the operator; rebooting")?;
+    let down = b.wait_exit()?;
+    let mut b = run.vm.boot("f2")?;
+    let u = up(&mut b, "B", "2.0.0")?;
+    let s = run.bits()?;
+    ensure(s.b.priority() == 2 && s.a.successful(), format!("B boots next, A still good: {s:?}"))?;
+    run.time("f", vec![("to reboot", down), ("rollback boot: agent ready", u.ready)]);
+    Ok(b)
+}
+
+/// (g) 6.0.0 has a systemd unit that fails at boot: the agent's systemd check reports the
+/// unit, the slot is rolled back, and the unit's name is in the history and on the console.
+pub fn g_failed_unit<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (g) 6.0.0 has a unit that fails at boot: the systemd check rolls it back");
+    let v6 = run.images.v6.clone();
+    install_now(run, &mut b, &v6)?;
+    let mut b = run.vm.boot("g2")?;
+    let u = up(&mut b, "A", "6.0.0")?;
+    let failed = b.wait_for("6.0.0 failed its health checks")?;
+    ensure(
+        b.text()
+            .lines()
+            .any(|l| l.contains("6.0.0 failed its health checks") && l.contains("acl-broken.service")),
+        "the failed unit acl-broken.service named in the agent's verdict on the console",
+    )?;
+    b.wait_exit()?;
+    let mut b = run.vm.boot("g3")?;
+    let back = up(&mut b, "B", "2.0.0")?;
+    let out = b.run("aclctl history -n 4")?;
+    ensure(out.contains("acl-broken.service"), format!("the failed unit in aclctl history: {out:?}"))?;
+    let mut phases = up_phases(&u);
+    phases.push(("to health verdict", failed - u.ready));
+    phases.push(("rollback boot: agent ready", back.ready));
+    run.time("g", phases);
+    Ok(b)
+}
+
+/// (h) The agent is frozen (SIGSTOP) in the middle of installing 7.0.0: systemd's watchdog
+/// (20 s in the test image's drop-in) kills it, systemd restarts it, the install resumes and
+/// completes.
+pub fn h_frozen_agent<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (h) the agent is frozen mid-install: the watchdog restarts it, the install resumes");
+    run.lab.publish(&run.images.v7)?;
+    b.type_line("aclctl check")?;
+    b.wait_for("installing 7.0.0 into slot A")?;
+    // Let the install get some way in, so that there is progress to resume.
+    std::thread::sleep(Duration::from_secs(6));
+    if b.text().contains("installed version=7.0.0") {
+        bail!("the 7.0.0 install finished before the agent could be frozen");
+    }
+    b.type_line("kill -STOP $(pidof acl-agentd)")?;
+    let frozen = Instant::now();
+    b.wait_for("acl-agentd.service: Watchdog timeout")?;
+    let killed = frozen.elapsed();
+    b.wait_for("Started acl-agentd.service")?;
+    let restarted = frozen.elapsed();
+    b.wait_for("installed version=7.0.0")?;
+    let done = frozen.elapsed();
+    let resumed: u64 = b.field_after("installed version=7.0.0", "resumed=")?.parse().unwrap_or(0);
+    b.wait_exit()?;
+    ensure(resumed > 0, format!("the restarted agent resumed the install (resumed={resumed})"))?;
+    println!("  the restarted agent found {:.1} MiB of 7.0.0 already in place", mib(resumed));
+    let mut b = run.vm.boot("h2")?;
+    let u = up(&mut b, "A", "7.0.0")?;
+    b.wait_for("7.0.0 is healthy")?;
+    b.wait_for("mark good: done")?;
+    run.time(
+        "h",
+        vec![
+            ("frozen to watchdog kill", killed),
+            ("frozen to agent ready again", restarted),
+            ("frozen to install done", done),
+            ("new slot: agent ready", u.ready),
+        ],
+    );
+    Ok(b)
+}
+
+/// (j) 8.0.0's agent cannot start: nothing confirms or rejects the slot, and
+/// `acl-boot-deadline.service` (no agent involved) gives it up at its deadline; 7.0.0 boots.
+pub fn j_agent_cannot_run<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<()> {
+    println!("\n== (j) 8.0.0's agent cannot start: the boot deadline brings 7.0.0 back");
+    let v8 = run.images.v8.clone();
+    install_now(run, &mut b, &v8)?;
+    let mut b = run.vm.boot("j2")?;
+    let userspace = b.wait_for("acl: up: slot=B version=8.0.0 ")?;
+    b.wait_for("acl-agentd.service: Main process exited")?;
+    let gave_up = b.wait_for("boot-deadline: slot B was not confirmed")?;
+    let down = b.wait_exit()?;
+    let mut b = run.vm.boot("j3")?;
+    let u = up(&mut b, "A", "7.0.0")?;
+    let out = b.run("aclctl history -n 6")?;
+    ensure(
+        out.contains("slot B was not confirmed"),
+        format!("the boot deadline in aclctl history: {out:?}"),
+    )?;
+    b.power_off();
+    let s = run.bits()?;
+    ensure(!s.b.bootable() && s.a.successful() && s.a.priority() > 0, format!("B given up, A runs: {s:?}"))?;
+    run.time(
+        "j",
+        vec![
+            ("boot to userspace", userspace),
+            ("to the deadline's verdict", gave_up),
+            ("to reboot", down),
+            ("fallback boot: agent ready", u.ready),
+        ],
+    );
+    Ok(())
+}
+
+fn ms(v: &str) -> Result<Duration> {
+    Ok(Duration::from_millis(v.parse().with_context(|| format!("{v:?} is not milliseconds"))?))
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1_048_576.0
+}
+
+/// Compressed bytes of `new`'s frames for chunks that `old` does not hold.
+fn fetch_estimate(old: &std::path::Path, new: &std::path::Path) -> Result<u64> {
+    let read = |p: &std::path::Path| -> Result<manifest::Manifest> {
+        Ok(manifest::Manifest::from_bytes(&std::fs::read(p.join("manifest.json"))?)?)
+    };
+    let (old, new) = (read(old)?, read(new)?);
+    let held: std::collections::HashSet<_> = old.chunks.iter().map(|c| c.sha256).collect();
+    let mut frames = std::collections::BTreeMap::new();
+    for c in new.chunks.iter().filter(|c| !held.contains(&c.sha256)) {
+        frames.insert(c.offset, u64::from(c.length));
+    }
+    Ok(frames.values().sum())
+}
