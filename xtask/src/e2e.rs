@@ -145,7 +145,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
         .iter()
         .map(|u| (format!("/lib/systemd/system/{u}"), root.join("systemd").join(u)))
         .collect();
-    let mut r = Run { lab: &lab, images, vm, unit_files, timings: Vec::new() };
+    let mut r = Run { lab: &lab, images, vm, unit_files, timings: Vec::new(), failures: Vec::new() };
     e2e::run(&mut r)?;
     println!("e2e: {:.1} min in all", started.elapsed().as_secs_f64() / 60.0);
     Ok(())

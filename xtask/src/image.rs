@@ -208,8 +208,9 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     crate::debs::prefetch(sh, &cache, &pkgs)?;
     for p in &pkgs {
         let deb = crate::debs::fetch(sh, &cache, p)?;
-        cmd!(sh, "dpkg -x {deb} {tree}").run()?;
+        cmd!(sh, "dpkg -x {deb} {tree}").quiet().run()?;
     }
+    println!("{} packages unpacked (list in {})", pkgs.len(), a.work.join("packages.txt").display());
     std::fs::write(a.work.join("packages.txt"), pkgs.join("\n") + "\n")?;
     for d in &r.drop {
         let p = tree.join(d.trim_start_matches('/'));
@@ -269,10 +270,10 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     // Units enabled and masked as a package's maintainer scripts or an administrator would.
     let systemctl_root = format!("--root={}", tree.display());
     for u in &r.enable {
-        cmd!(sh, "systemctl {systemctl_root} --quiet enable {u}").run()?;
+        cmd!(sh, "systemctl {systemctl_root} --quiet enable {u}").quiet().run()?;
     }
     for u in &r.mask {
-        cmd!(sh, "systemctl {systemctl_root} --quiet mask {u}").run()?;
+        cmd!(sh, "systemctl {systemctl_root} --quiet mask {u}").quiet().run()?;
     }
 
     // 3. The initramfs, from a private copy of dracut with our module.
@@ -343,7 +344,8 @@ fn system_users(sh: &Shell, tree: &Path, epoch: i64) -> Result<()> {
         return Ok(());
     }
     let root = format!("--root={}", tree.display());
-    cmd!(sh, "systemd-sysusers {root}").quiet().run()?;
+    // It tells of every user it creates; a failure still shows in its exit status.
+    cmd!(sh, "systemd-sysusers {root}").quiet().ignore_stderr().run()?;
     let day = (epoch / 86_400).to_string();
     for f in ["etc/shadow", "etc/gshadow"] {
         let p = tree.join(f);

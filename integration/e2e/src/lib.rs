@@ -81,12 +81,23 @@ pub struct Run<'a, L: Lab> {
     pub unit_files: Vec<(String, PathBuf)>,
     /// Per scenario, its phases and how long each took.
     pub timings: Vec<(&'static str, Vec<(&'static str, Duration)>)>,
+    /// Failed checks that did not stop the run (measurements whose failure leaves the node as
+    /// the next scenario needs it); the run fails at its end if there are any.
+    pub failures: Vec<String>,
 }
 
 impl<L: Lab> Run<'_, L> {
     /// Records a scenario's phase timings for the closing table.
     pub fn time(&mut self, scenario: &'static str, phases: Vec<(&'static str, Duration)>) {
         self.timings.push((scenario, phases));
+    }
+
+    /// A check that does not stop the run: recorded, and reported at its end.
+    pub fn check(&mut self, ok: bool, what: impl std::fmt::Display) {
+        if !ok {
+            println!("  FAILED: expected {what}");
+            self.failures.push(format!("expected {what}"));
+        }
     }
 
     /// The slot bits of the disk (after power-off).
@@ -112,6 +123,9 @@ pub fn run<L: Lab>(run: &mut Run<'_, L>) -> Result<()> {
         for (phase, d) in phases {
             println!("| {name} | {phase} | {:.1} |", d.as_secs_f64());
         }
+    }
+    if !run.failures.is_empty() {
+        bail!("e2e: {} check(s) failed:\n{}", run.failures.len(), run.failures.join("\n"));
     }
     println!("\ne2e: all scenarios passed; console logs in {}", run.vm.logs.display());
     Ok(())

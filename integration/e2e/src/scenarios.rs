@@ -89,9 +89,9 @@ pub fn i_sandbox<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> 
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("no exposure figure in {out:?}"))?;
     println!("  systemd-analyze security: exposure {exposure:.1} (goal at most 2.0)");
-    ensure(exposure <= 2.0, format!("an exposure of at most 2.0, not {exposure}"))?;
+    run.check(exposure <= 2.0, format!("an exposure of at most 2.0, not {exposure}"));
     let out = b.run("grep CapEff /proc/$(pidof acl-agentd)/status")?;
-    ensure(out.contains("CapEff:\t0000000000000000"), format!("no effective capabilities: {out:?}"))?;
+    run.check(out.contains("CapEff:\t0000000000000000"), format!("no effective capabilities: {out:?}"));
     println!("  effective capabilities: 0");
     let out = b.run(
         "for d in / /etc /usr /var /var/lib /var/log /root /home /run /var/lib/acl-update /run/acl-update; do \
@@ -102,10 +102,10 @@ pub fn i_sandbox<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> 
         out.lines().filter_map(|l| l.trim().strip_prefix("probe: writable ")).map(str::trim).collect();
     let read_only = out.lines().filter(|l| l.trim().starts_with("probe: read-only ")).count();
     println!("  writable in the agent's view: {writable:?}; read-only: {read_only} others");
-    ensure(
+    run.check(
         writable == ["/var/lib/acl-update", "/run/acl-update"],
         format!("only the state and runtime directories writable, not {writable:?}"),
-    )?;
+    );
     run.time("i", vec![("measurements", t.elapsed())]);
     Ok(b)
 }
