@@ -22,8 +22,11 @@ use std::path::{Path, PathBuf};
 use xshell::{Shell, cmd};
 
 /// Tools the image build calls.
-pub(crate) const IMAGE_TOOLS: [crate::tools::Tool; 6] = [
+pub(crate) const IMAGE_TOOLS: [crate::tools::Tool; 9] = [
     ("strip", "binutils"),
+    ("systemd-sysusers", "systemd"),
+    ("systemctl", "systemd"),
+    ("tar", "tar"),
     ("mkfs.erofs", "erofs-utils"),
     ("dracut", "dracut-core"),
     ("veritysetup", "cryptsetup-bin"),

@@ -49,8 +49,7 @@ pub(crate) fn verdict(s: &Slots, booted: Slot, uptime: Duration, limit: Duration
 
 /// Watches the booted slot until it is confirmed or the deadline passes (see the module docs).
 pub(crate) fn run(config_root: &Path, disk: Option<&Path>, booted: Option<Slot>) -> Result<()> {
-    let loaded = config::load(&config::Sources::under(config_root))?;
-    let settings = config::Settings::from_loaded(&loaded)?;
+    let settings = settings(config_root)?;
     let limit = settings.health_deadline + settings.fallback_grace;
     let cmdline = slot::system::kernel_cmdline();
     let path = match disk.map(Path::to_owned).or_else(|| settings.disk.clone()) {
@@ -94,22 +93,27 @@ pub(crate) fn run(config_root: &Path, disk: Option<&Path>, booted: Option<Slot>)
                 anyhow::bail!(msg);
             }
             Verdict::GiveUp(_) => {
-                // Write under a fresh read: the agent may have changed the bits since.
-                let mut d = slot::Disk::open(&path, true)?;
-                match d.update(|s| match verdict(s, booted, Duration::MAX, limit) {
-                    Verdict::GiveUp(after) => Ok(after),
-                    Verdict::Confirmed => Ok(*s),
-                    Verdict::Stay(e) => Err(e),
-                    Verdict::Wait(_) => Ok(*s),
-                }) {
-                    Ok(after) if after.get(booted).successful() => {
-                        println!("boot-deadline: slot {booted} was confirmed at the last moment");
-                        return Ok(());
+                // Decide again under the disk's lock, on the table as it is now: the agent may
+                // have confirmed the slot since the read above.
+                let mut d = match slot::Disk::open(&path, true) {
+                    Ok(d) => d,
+                    Err(e @ slot::DiskError::Busy { .. }) => {
+                        println!("boot-deadline: {e}; trying again");
+                        std::thread::sleep(POLL);
+                        continue;
                     }
-                    Ok(_) => {}
                     Err(e) => return Err(e.into()),
-                }
+                };
+                let after = d.update(|s| match verdict(s, booted, Duration::MAX, limit) {
+                    Verdict::GiveUp(after) => Ok(after),
+                    Verdict::Stay(e) => Err(e),
+                    Verdict::Confirmed | Verdict::Wait(_) => Ok(*s),
+                })?;
                 drop(d);
+                if after.get(booted).successful() {
+                    println!("boot-deadline: slot {booted} was confirmed at the last moment");
+                    return Ok(());
+                }
                 let msg = format!(
                     "slot {booted} was not confirmed within {} s of boot (no health verdict): given up; slot {} boots next; rebooting",
                     limit.as_secs(),
@@ -123,6 +127,26 @@ pub(crate) fn run(config_root: &Path, disk: Option<&Path>, booted: Option<Slot>)
     }
 }
 
+/// The agent's configuration, validated as the agent validates it but without needing a
+/// repository (only the agent updates; this command reads the deadline, the disk, the state
+/// directory and the reboot command). When the configuration cannot be used at all, the
+/// defaults: a release whose configuration is broken must be given up too, not kept.
+fn settings(root: &Path) -> Result<config::Settings> {
+    let offline = |mut l: config::Loaded| {
+        l.config.updates.mode = "off".into();
+        config::Settings::from_loaded(&l)
+    };
+    match config::load(&config::Sources::under(root)).and_then(offline) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            eprintln!("boot-deadline: the configuration cannot be used ({e}); using the defaults");
+            // No files under a directory that does not exist: every key has its default.
+            let none = root.join("nonexistent-acl-boot-deadline-defaults");
+            Ok(offline(config::load(&config::Sources::under(&none))?)?)
+        }
+    }
+}
+
 /// Adds the event to the agent's history, so `aclctl history` tells it after the reboot.
 fn record(state_dir: &Path, message: &str) {
     let entry = agent::history::Entry {
@@ -130,7 +154,10 @@ fn record(state_dir: &Path, message: &str) {
         phase: "boot-deadline".into(),
         message: message.into(),
     };
-    if let Err(e) = agent::history::append(state_dir, &entry) {
+    use std::os::unix::fs::DirBuilderExt as _;
+    // The agent that would have made the state directory may never have run.
+    let made = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir);
+    if let Err(e) = made.and_then(|()| agent::history::append(state_dir, &entry)) {
         eprintln!("boot-deadline: could not record it in {}: {e}", state_dir.display());
     }
 }

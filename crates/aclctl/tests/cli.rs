@@ -259,3 +259,82 @@ fn issue_12_a_second_aclctl_is_refused_while_an_update_holds_the_disk() {
     assert_eq!(s["slots"][1]["successful"], true);
     assert!(run(&sgdisk, &["-v", d]).contains("No problems found"));
 }
+
+/// `aclctl boot-deadline` (acl-boot-deadline.service) on a disk image: the booted slot B is on
+/// trial and this machine has been up longer than the configured deadline.
+fn boot_deadline(img: &Path, dir: &Path) -> (Output, PathBuf) {
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("etc/acl-update")).unwrap();
+    let rebooted = dir.join("rebooted");
+    std::fs::write(
+        root.join("etc/acl-update/config.toml"),
+        format!(
+            "[health]\ndeadline = \"10s\"\nfallback-grace = \"0s\"\n[agent]\nstate-dir = \"{}\"\nreboot-command = \"touch {}\"\n",
+            dir.join("state").display(),
+            rebooted.display()
+        ),
+    )
+    .unwrap();
+    let out = aclctl(&[
+        "boot-deadline",
+        "--disk",
+        img.to_str().unwrap(),
+        "--booted",
+        "B",
+        "--config-root",
+        root.to_str().unwrap(),
+    ]);
+    (out, rebooted)
+}
+
+#[test]
+fn boot_deadline_gives_up_an_unconfirmed_boot_only_when_the_other_slot_can_boot() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let uptime: f64 =
+        std::fs::read_to_string("/proc/uptime").unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(uptime > 10.0, "this test needs a machine up for more than the 10 s deadline");
+
+    // B on trial (priority 2, one try left), A confirmed: B is given up, A boots next, the
+    // reboot command runs, the history says why.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    flatcar_layout(&sgdisk, &img, 8);
+    run(&sgdisk, &["-A", "4:set:49", "-A", "4:set:52", img.to_str().unwrap()]);
+    let (out, rebooted) = boot_deadline(&img, dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("slot B was not confirmed within 10 s"));
+    assert!(rebooted.exists(), "the reboot command did not run");
+    assert_eq!(attributes(&sgdisk, &img, 4), "0000000000000000");
+    assert_eq!(json(&["status", "--disk", img.to_str().unwrap(), "--json"])["next_boot"], "A");
+    assert!(run(&sgdisk, &["-v", img.to_str().unwrap()]).contains("No problems found"));
+    let history = std::fs::read_to_string(dir.path().join("state/history.jsonl")).unwrap();
+    assert!(history.contains("slot B was not confirmed"), "{history}");
+
+    // A cannot boot: B stays, nothing is written, no reboot.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    flatcar_layout(&sgdisk, &img, 8);
+    run(&sgdisk, &["-A", "3:clear:48", "-A", "4:set:49", "-A", "4:set:52", img.to_str().unwrap()]);
+    let before = std::fs::read(&img).unwrap();
+    let (out, rebooted) = boot_deadline(&img, dir.path());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("but it stays"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!rebooted.exists(), "rebooted with nowhere to go");
+    assert_eq!(std::fs::read(&img).unwrap(), before, "the disk changed");
+
+    // B confirmed: nothing to watch, at once.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    updated_disk(&sgdisk, &img);
+    let (out, rebooted) = boot_deadline(&img, dir.path());
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to watch"));
+    assert!(!rebooted.exists());
+}

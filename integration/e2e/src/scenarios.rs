@@ -158,21 +158,39 @@ fn install_now<L: Lab>(run: &mut Run<'_, L>, b: &mut Booted, image: &crate::Imag
 
 /// (c) 3.0.0's required health check fails: it is marked bad, 2.0.0 boots again, and the
 /// reason is on the console and in the history.
-pub fn c_health_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+pub fn c_health_rollback<L: Lab>(run: &mut Run<'_, L>, b: Booted) -> Result<Booted> {
     println!("\n== (c) 3.0.0 fails its required health check: automatic rollback to 2.0.0");
     let v3 = run.images.v3.clone();
-    let install = install_now(run, &mut b, &v3)?;
-    let mut b = run.vm.boot("c2")?;
-    let u = up(&mut b, "A", "3.0.0")?;
-    let failed = b.wait_for("3.0.0 failed its health checks")?;
-    b.wait_for("app: not answering on :8080")?;
-    b.wait_exit()?;
-    let mut b = run.vm.boot("c3")?;
-    let back = up(&mut b, "B", "2.0.0")?;
-    let out = b.run("aclctl history -n 3")?;
+    health_rollback(run, b, "c", &v3, "app: not answering on :8080")
+}
+
+/// Installs `image` into A from the running B (2.0.0), boots it, sees its health checks fail
+/// with `reason` in the agent's verdict on the console, and sees 2.0.0 boot again with the
+/// reason in `aclctl history` and A given up (scenarios c and g).
+fn health_rollback<L: Lab>(
+    run: &mut Run<'_, L>,
+    mut b: Booted,
+    scenario: &'static str,
+    image: &crate::Image,
+    reason: &str,
+) -> Result<Booted> {
+    let install = install_now(run, &mut b, image)?;
+    let verdict = format!("{} failed its health checks", image.version);
+    let mut b = run.vm.boot(&format!("{scenario}2"))?;
+    let u = up(&mut b, "A", &image.version)?;
+    let failed = b.wait_for(&verdict)?;
+    b.wait_for(reason)?;
     ensure(
-        out.contains("3.0.0 failed its health checks"),
-        format!("the failure in aclctl history: {out:?}"),
+        b.text().lines().any(|l| l.contains(&verdict) && l.contains(reason)),
+        format!("{reason:?} in the agent's verdict on the console"),
+    )?;
+    b.wait_exit()?;
+    let mut b = run.vm.boot(&format!("{scenario}3"))?;
+    let back = up(&mut b, "B", "2.0.0")?;
+    let out = b.run("aclctl history -n 4")?;
+    ensure(
+        out.contains(&verdict) && out.contains(reason),
+        format!("the failure and {reason:?} in aclctl history: {out:?}"),
     )?;
     let s = run.bits()?;
     ensure(s.a.priority() == 0 && s.b.successful(), format!("A given up, B runs: {s:?}"))?;
@@ -180,7 +198,7 @@ pub fn c_health_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<
     phases.extend(up_phases(&u));
     phases.push(("to health verdict", failed - u.ready));
     phases.push(("rollback boot: agent ready", back.ready));
-    run.time("c", phases);
+    run.time(scenario, phases);
     Ok(b)
 }
 
@@ -297,29 +315,10 @@ pub fn f_operator_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Resul
 
 /// (g) 6.0.0 has a systemd unit that fails at boot: the agent's systemd check reports the
 /// unit, the slot is rolled back, and the unit's name is in the history and on the console.
-pub fn g_failed_unit<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+pub fn g_failed_unit<L: Lab>(run: &mut Run<'_, L>, b: Booted) -> Result<Booted> {
     println!("\n== (g) 6.0.0 has a unit that fails at boot: the systemd check rolls it back");
     let v6 = run.images.v6.clone();
-    install_now(run, &mut b, &v6)?;
-    let mut b = run.vm.boot("g2")?;
-    let u = up(&mut b, "A", "6.0.0")?;
-    let failed = b.wait_for("6.0.0 failed its health checks")?;
-    ensure(
-        b.text()
-            .lines()
-            .any(|l| l.contains("6.0.0 failed its health checks") && l.contains("acl-broken.service")),
-        "the failed unit acl-broken.service named in the agent's verdict on the console",
-    )?;
-    b.wait_exit()?;
-    let mut b = run.vm.boot("g3")?;
-    let back = up(&mut b, "B", "2.0.0")?;
-    let out = b.run("aclctl history -n 4")?;
-    ensure(out.contains("acl-broken.service"), format!("the failed unit in aclctl history: {out:?}"))?;
-    let mut phases = up_phases(&u);
-    phases.push(("to health verdict", failed - u.ready));
-    phases.push(("rollback boot: agent ready", back.ready));
-    run.time("g", phases);
-    Ok(b)
+    health_rollback(run, b, "g", &v6, "acl-broken.service")
 }
 
 /// (h) The agent is frozen (SIGSTOP) in the middle of installing 7.0.0: systemd's watchdog
