@@ -136,14 +136,12 @@ pub fn ensure(ok: bool, what: impl std::fmt::Display) -> Result<()> {
     if ok { Ok(()) } else { bail!("expected {what}") }
 }
 
-/// The payload size of a built image.
-pub fn payload_size(build: &Path) -> Result<u64> {
-    let m = manifest::Manifest::from_bytes(&std::fs::read(build.join("manifest.json"))?)?;
-    Ok(m.payload.size)
+/// The signed manifest of a built image.
+pub fn manifest_of(build: &Path) -> Result<manifest::Manifest> {
+    Ok(manifest::Manifest::from_bytes(&std::fs::read(build.join("manifest.json"))?)?)
 }
 
 /// The image digest of a built image (reproducibility).
 pub fn image_sha256(build: &Path) -> Result<String> {
-    let m = manifest::Manifest::from_bytes(&std::fs::read(build.join("manifest.json"))?)?;
-    Ok(m.image_sha256.to_string())
+    Ok(manifest_of(build)?.image_sha256.to_string())
 }

@@ -405,10 +405,7 @@ fn mib(b: u64) -> f64 {
 
 /// Compressed bytes of `new`'s frames for chunks that `old` does not hold.
 fn fetch_estimate(old: &std::path::Path, new: &std::path::Path) -> Result<u64> {
-    let read = |p: &std::path::Path| -> Result<manifest::Manifest> {
-        Ok(manifest::Manifest::from_bytes(&std::fs::read(p.join("manifest.json"))?)?)
-    };
-    let (old, new) = (read(old)?, read(new)?);
+    let (old, new) = (crate::manifest_of(old)?, crate::manifest_of(new)?);
     let held: std::collections::HashSet<_> = old.chunks.iter().map(|c| c.sha256).collect();
     let mut frames = std::collections::BTreeMap::new();
     for c in new.chunks.iter().filter(|c| !held.contains(&c.sha256)) {

@@ -8,7 +8,7 @@
 
 use anyhow::{Context as _, Result};
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -74,11 +74,6 @@ impl Booted {
     /// The time since power-on.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
-    }
-
-    /// The console log's path.
-    pub fn log(&self) -> &Path {
-        &self.log
     }
 
     fn fail(&mut self, what: &str) -> anyhow::Error {
