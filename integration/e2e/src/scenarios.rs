@@ -9,7 +9,7 @@
 //! | b | 2.0.0 (another kernel build) published | the agent finds it by itself, installs it into B, reboots with `systemctl reboot`; B boots the new kernel and is confirmed |
 //! | c | 3.0.0 whose required check fails | it boots, fails, is marked bad, 2.0.0 boots again; the reason is on the console and in `aclctl history` |
 //! | d | 4.0.0 whose init dies (kernel panic) | the boot path spends both tries, 2.0.0 boots without the agent, 4.0.0 is skipped |
-//! | e | the power is cut half-way through 5.0.0's download | A is not bootable, 2.0.0 boots, the install resumes and completes, 5.0.0 is confirmed |
+//! | e | the power is cut mid-install of 5.0.0 (past half its download, 3 s in) | A is not bootable, 2.0.0 boots, the install resumes and completes, 5.0.0 is confirmed |
 //! | f | `aclctl rollback --now` on 5.0.0 | 2.0.0 boots |
 //! | g | 6.0.0 in which a systemd unit fails at boot | the systemd check names the unit, the slot is rolled back, the unit is in `aclctl history` |
 //! | h | the agent is frozen (SIGSTOP) mid-install of 7.0.0 | the watchdog kills it, systemd restarts it, the install resumes and completes |
@@ -235,10 +235,10 @@ pub fn d_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Boo
     Ok(b)
 }
 
-/// (e) The power is cut half-way through 5.0.0's download: the half-written slot is not
+/// (e) The power is cut mid-install of 5.0.0 (past half its download): the half-written slot is not
 /// bootable, 2.0.0 boots, the agent resumes the install and completes it, 5.0.0 is confirmed.
 pub fn e_power_cut<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (e) power cut half-way through the 5.0.0 download; it resumes after the reboot");
+    println!("\n== (e) power cut in the middle of the 5.0.0 install; it resumes after the reboot");
     let v5 = run.images.v5.clone();
     // What the node must fetch: the frames of chunks slot B (2.0.0) does not hold.
     let to_fetch = fetch_estimate(&run.images.v2.build, &v5.build)?;
