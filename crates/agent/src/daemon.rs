@@ -434,7 +434,14 @@ impl Daemon {
             }
             Action::Rollback { reboot } => {
                 // A refused rollback (nothing good to go back to) must not reboot.
-                if self.slots("rollback", |s| choice::rollback(s, env.booted)) && reboot {
+                if !self.slots("rollback", |s| choice::rollback(s, env.booted)) {
+                    return Ok(());
+                }
+                // Recorded before the reboot, so that the version rolled back from is not
+                // installed again at the next check (it is still the newest release).
+                let from = self.booted_version.as_deref().and_then(|v| v.parse().ok());
+                self.feed(&Event::RolledBack { from, now: env.platform.now() }, cfg)?;
+                if reboot {
                     tracing::info!("rebooting into the other slot (operator rollback)");
                     if let Err(e) = env.platform.reboot() {
                         tracing::error!("reboot failed: {e}");

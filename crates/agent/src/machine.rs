@@ -26,6 +26,7 @@
 //! | Installing v | Started (after a crash) | Installing v | Install v (resumes) |
 //! | Idle | Operator Rollback (now) | Idle | Rollback (and reboot when now) |
 //! | Staged v | Operator Rollback | Idle | Unstage (v no longer boots next) |
+//! | any | RolledBack from v (the rollback was written) | same phase, v skipped until asked for by version | - |
 //!
 //! Invalid events in a phase are ignored with a note (`Action::Log`), never a panic: a daemon
 //! must not die of a late or duplicated event.
@@ -185,6 +186,13 @@ pub enum Event {
         slot: Slot,
         /// Why, in words (the disk error or the refused transition).
         reason: String,
+    },
+    /// The operator's rollback was written: the other slot boots next.
+    RolledBack {
+        /// The version rolled back from (the booted one), if known.
+        from: Option<Version>,
+        /// The time.
+        now: Timestamp,
     },
     /// An operator asked for something.
     Operator(Request),
@@ -469,6 +477,20 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             s.note = format!("staged {version} withdrawn by the operator");
             actions.push(Action::Unstage);
         }
+        (Event::RolledBack { from: Some(version), now }, _) => {
+            // Rolled back from: not installed again by itself (the slot it came from is still
+            // the newest release), only when asked for by version or when a newer one comes.
+            fail(&mut s, version, "rolled back by the operator", *now);
+            if let Some(f) = s.failures.iter_mut().find(|f| &f.version == version) {
+                f.count = f.count.max(policy::MAX_FAILURES);
+            }
+            s.note = format!(
+                "{}; {version} is not installed again unless asked for by version",
+                s.note.trim_end_matches('.')
+            );
+            actions.push(Action::Log(s.note.clone()));
+        }
+        (Event::RolledBack { from: None, .. }, _) => {}
         (Event::MarkBadFailed { slot, reason }, _) => {
             s.note = format!(
                 "not rolling back: could not mark slot {slot} bad ({reason}); not rebooting, slot {slot} keeps running"

@@ -310,3 +310,22 @@ fn an_operator_update_installs_even_in_check_only_mode_but_not_while_paused() {
     let (s, a) = step(&installing, &ask, &cfg());
     assert!(a.is_empty() && s.note == "update not started: busy (installing)", "{s:?}");
 }
+
+/// Found by the e2e run on the systemd node: after `aclctl rollback --now` from 5.0.0 to 2.0.0
+/// the agent on 2.0.0 found 5.0.0, still the newest release, installed it and rebooted into it
+/// within seconds. The version rolled back from is skipped until asked for by version.
+#[test]
+fn an_operator_rollback_sticks() {
+    let (s, _) = run(&State::default(), &happy_path());
+    let (s, a) = step(&s, &Event::Operator(Request::Rollback { now: true }), &cfg());
+    assert_eq!(a, vec![Action::Rollback { reboot: true }]);
+    let (s, a) = step(&s, &Event::RolledBack { from: Some(v("2.0.0")), now: t(30) }, &cfg());
+    assert!(matches!(&a[..], [Action::Log(m)] if m.contains("2.0.0 is not installed again")), "{a:?}");
+    assert_eq!(s.failures[0].version, v("2.0.0"));
+    assert_eq!(s.failures[0].retry_at(), None);
+    // Skipped for good, as a version that did not boot (the policy's tests show such a
+    // version passed by and a newer one taken); it survives the reboot into 1.0.0.
+    assert_eq!(s.failures[0].count, policy::MAX_FAILURES);
+    let (s, _) = run(&s, &[booted("1.0.0", true, t(32))]);
+    assert_eq!(s.failures[0].reason, "rolled back by the operator");
+}
