@@ -108,7 +108,7 @@ fn lookup(sh: &Shell, known: &mut BTreeMap<String, Option<Stanza>>, names: &[Str
     Ok(())
 }
 
-/// `a (>= 1), b | c:any` -> [[a], [b, c]]: names only (the archive holds one version each).
+/// `a (>= 1), b | c:any` becomes `[[a], [b, c]]`: names only (the archive holds one version each).
 fn parse_relations(s: &str) -> Vec<Vec<String>> {
     s.split(',')
         .map(|group| {
