@@ -246,21 +246,42 @@ impl Fetcher {
 
     /// A whole (small) file.
     pub async fn get(&self, path: &str) -> Result<Bytes, FetchError> {
-        self.with_retries(path, None).await
+        self.with_retries(path).await
     }
 
-    /// Bytes `range` of a file; the answer has exactly that length or it is an error.
+    /// Bytes `range` of a file; the answer has exactly that length or it is an error. An
+    /// interrupted answer is resumed where it stopped (see [`RangeStream`]).
     pub async fn get_range(&self, path: &str, range: Range<u64>) -> Result<Bytes, FetchError> {
-        self.with_retries(path, Some(range)).await
+        let mut stream = self.range_stream(path, range.clone());
+        let mut buf = BytesMut::with_capacity((range.end.saturating_sub(range.start)).min(64 << 20) as usize);
+        while let Some(b) = stream.next().await? {
+            buf.extend_from_slice(&b);
+        }
+        Ok(buf.freeze())
     }
 
-    async fn with_retries(&self, path: &str, range: Option<Range<u64>>) -> Result<Bytes, FetchError> {
+    /// Bytes `range` of a file, delivered as they arrive (see [`RangeStream`]).
+    pub fn range_stream(&self, path: &str, range: Range<u64>) -> RangeStream<'_> {
+        RangeStream {
+            fetcher: self,
+            path: path.to_owned(),
+            url: self.url(path),
+            start: range.start,
+            pos: range.start,
+            end: range.end,
+            body: None,
+            failures: 0,
+            backoff: self.opts.first_backoff,
+        }
+    }
+
+    async fn with_retries(&self, path: &str) -> Result<Bytes, FetchError> {
         let url = self.url(path);
         let mut backoff = self.opts.first_backoff;
         let mut last = String::new();
         for attempt in 1..=self.opts.attempts {
             self.requests.fetch_add(1, Ordering::Relaxed);
-            match self.attempt(path, &url, range.clone()).await {
+            match self.attempt(path, &url).await {
                 Ok(b) => return Ok(b),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => last = why,
@@ -273,12 +294,16 @@ impl Fetcher {
         Err(FetchError::GaveUp { url, attempts: self.opts.attempts, last })
     }
 
-    async fn attempt(&self, path: &str, url: &str, range: Option<Range<u64>>) -> Result<Bytes, Attempt> {
+    async fn attempt(&self, path: &str, url: &str) -> Result<Bytes, Attempt> {
         match &self.kind {
-            Kind::File(dir) => self.attempt_file(&dir.join(path), url, range).await,
-            Kind::Http { client, .. } => self.attempt_http(client, url, range).await,
+            Kind::File(dir) => {
+                let b = self.read_file(&dir.join(path), url, None).await?;
+                self.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(b)
+            }
+            Kind::Http { client, .. } => self.attempt_http(client, url).await,
             Kind::Proxied { client, proxy, .. } => {
-                self.attempt_http(client, url, range).await.map_err(|e| match e {
+                self.attempt_http(client, url).await.map_err(|e| match e {
                     Attempt::Retry(why) => Attempt::Retry(format!("{why} (via proxy {proxy})")),
                     fatal => fatal,
                 })
@@ -286,14 +311,15 @@ impl Fetcher {
         }
     }
 
-    async fn attempt_file(
+    /// Reads `range` of a file, or the whole (document-sized) file; not counted as fetched.
+    async fn read_file(
         &self,
         file: &std::path::Path,
         url: &str,
         range: Option<Range<u64>>,
     ) -> Result<Bytes, Attempt> {
         let (file, url_owned, limit) = (file.to_owned(), url.to_owned(), self.opts.max_document);
-        let result = tokio::task::spawn_blocking(move || -> Result<Bytes, Attempt> {
+        tokio::task::spawn_blocking(move || -> Result<Bytes, Attempt> {
             use std::os::unix::fs::FileExt as _;
             let f = std::fs::File::open(&file).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => {
@@ -319,19 +345,17 @@ impl Fetcher {
             Ok(Bytes::from(buf))
         })
         .await
-        .map_err(|e| Attempt::Retry(e.to_string()))?;
-        if let Ok(b) = &result {
-            self.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
-        }
-        result
+        .map_err(|e| Attempt::Retry(e.to_string()))?
     }
 
-    async fn attempt_http<C>(
+    /// Sends one GET (for `range`, when given) and checks the answer's status and headers; the
+    /// body is left to the caller. Returns the body and its expected length.
+    async fn open_http<C>(
         &self,
         client: &Client<C>,
         url: &str,
         range: Option<Range<u64>>,
-    ) -> Result<Bytes, Attempt>
+    ) -> Result<(hyper::body::Incoming, Option<u64>), Attempt>
     where
         hyper_rustls::HttpsConnector<C>:
             hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
@@ -383,8 +407,18 @@ impl Fetcher {
                 return Err(Attempt::Fatal(FetchError::TooLarge { url: url.to_owned(), size: len, limit }));
             }
         }
-        let mut body = resp.into_body();
-        let mut buf = BytesMut::with_capacity(expected.unwrap_or(64 << 10) as usize);
+        Ok((resp.into_body(), expected))
+    }
+
+    /// One attempt at a whole document over HTTP.
+    async fn attempt_http<C>(&self, client: &Client<C>, url: &str) -> Result<Bytes, Attempt>
+    where
+        hyper_rustls::HttpsConnector<C>:
+            hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    {
+        let (mut body, _) = self.open_http(client, url, None).await?;
+        let (stall, limit) = (self.opts.stall_timeout, self.opts.max_document);
+        let mut buf = BytesMut::with_capacity(64 << 10);
         loop {
             let frame = match tokio::time::timeout(stall, body.frame()).await {
                 Err(_) => {
@@ -398,22 +432,138 @@ impl Fetcher {
                 self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
                 buf.extend_from_slice(&data);
                 if buf.len() as u64 > limit {
-                    return Err(match expected {
-                        Some(_) => Attempt::Retry(format!("body longer than the {limit} bytes asked for")),
-                        None => Attempt::Fatal(FetchError::TooLarge {
-                            url: url.to_owned(),
-                            size: buf.len() as u64,
-                            limit,
-                        }),
-                    });
+                    return Err(Attempt::Fatal(FetchError::TooLarge {
+                        url: url.to_owned(),
+                        size: buf.len() as u64,
+                        limit,
+                    }));
                 }
             }
         }
-        if let Some(e) = expected.filter(|&e| buf.len() as u64 != e) {
-            return Err(Attempt::Retry(format!("truncated body: {} of {e} bytes", buf.len())));
-        }
         Ok(buf.freeze())
     }
+}
+
+/// Bytes of a range as they arrive, from [`Fetcher::range_stream`].
+///
+/// A connection that resets, stalls or ends early is not a lost request: the next attempt asks
+/// only for the bytes not yet delivered (issue 12: against a server that reset every few MiB,
+/// whole 4 MiB requests were fetched again and again, and three reruns made no progress). An
+/// attempt that delivered anything counts as progress: `attempts` limits the attempts in a row
+/// that deliver nothing, so a slow, flaky but moving download is never cut.
+#[derive(Debug)]
+pub struct RangeStream<'a> {
+    fetcher: &'a Fetcher,
+    path: String,
+    url: String,
+    start: u64,
+    pos: u64,
+    end: u64,
+    body: Option<hyper::body::Incoming>,
+    failures: u32,
+    backoff: Duration,
+}
+
+impl RangeStream<'_> {
+    /// Offset of the next byte to deliver.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The next bytes of the range, in order; `None` once all were delivered.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, FetchError> {
+        let stall = self.fetcher.opts.stall_timeout;
+        loop {
+            if self.pos >= self.end {
+                self.body = None;
+                return Ok(None);
+            }
+            let Some(body) = self.body.as_mut() else {
+                if self.failures > 0 {
+                    tokio::time::sleep(self.backoff).await;
+                    self.backoff = self.backoff.saturating_mul(2);
+                }
+                self.fetcher.requests.fetch_add(1, Ordering::Relaxed);
+                match self.open().await {
+                    Ok(Opened::Body(b)) => self.body = Some(b),
+                    Ok(Opened::Whole(bytes)) => return Ok(Some(self.deliver(bytes))),
+                    Err(Attempt::Fatal(e)) => return Err(e),
+                    Err(Attempt::Retry(why)) => self.failed(why)?,
+                }
+                continue;
+            };
+            match tokio::time::timeout(stall, body.frame()).await {
+                Err(_) => self.failed(format!("stalled: no data for {:.1} s", stall.as_secs_f64()))?,
+                Ok(None) => self.failed(format!(
+                    "truncated body: {} of {} bytes",
+                    self.pos - self.start,
+                    self.end - self.start
+                ))?,
+                Ok(Some(Err(e))) => self.failed(error_text(&e))?,
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        self.failures = 0;
+                        self.backoff = self.fetcher.opts.first_backoff;
+                        return Ok(Some(self.deliver(data)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts and hands out bytes (never more than the range asked for).
+    fn deliver(&mut self, mut data: Bytes) -> Bytes {
+        data.truncate((self.end - self.pos).min(data.len() as u64) as usize);
+        self.fetcher.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.pos += data.len() as u64;
+        data
+    }
+
+    /// An attempt failed; an error once `attempts` in a row brought nothing.
+    fn failed(&mut self, why: String) -> Result<(), FetchError> {
+        self.body = None;
+        self.failures += 1;
+        if self.failures >= self.fetcher.opts.attempts {
+            let (s, e) = (self.start, self.end);
+            let at = if self.pos > s {
+                format!(" at byte {} of the range {s}..{e}", self.pos)
+            } else {
+                String::new()
+            };
+            return Err(FetchError::GaveUp {
+                url: self.url.clone(),
+                attempts: self.failures,
+                last: format!("{why}{at}"),
+            });
+        }
+        Ok(())
+    }
+
+    async fn open(&self) -> Result<Opened, Attempt> {
+        let rest = self.pos..self.end;
+        let f = self.fetcher;
+        match &f.kind {
+            Kind::File(dir) => {
+                let bytes = f.read_file(&dir.join(&self.path), &self.url, Some(rest)).await?;
+                Ok(Opened::Whole(bytes))
+            }
+            Kind::Http { client, .. } => {
+                Ok(Opened::Body(f.open_http(client, &self.url, Some(rest)).await?.0))
+            }
+            Kind::Proxied { client, proxy, .. } => match f.open_http(client, &self.url, Some(rest)).await {
+                Ok((b, _)) => Ok(Opened::Body(b)),
+                Err(Attempt::Retry(why)) => Err(Attempt::Retry(format!("{why} (via proxy {proxy})"))),
+                Err(fatal) => Err(fatal),
+            },
+        }
+    }
+}
+
+enum Opened {
+    Body(hyper::body::Incoming),
+    Whole(Bytes),
 }
 
 fn check_content_range(headers: &hyper::HeaderMap, r: &Range<u64>) -> Result<(), Attempt> {

@@ -2,8 +2,8 @@
 //! mode must end in an error naming the URL and the problem, or in a retry that succeeds.
 
 use fetch::{FetchError, FetchOptions, Fetcher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -24,15 +24,22 @@ const DATA: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV
 /// Serves DATA at /f, replying to request n with script[min(n, len-1)]. Returns the base URL
 /// and the request counter.
 async fn server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>) {
+    let (url, count, _) = recording_server(script).await;
+    (url, count)
+}
+
+/// [`server`], also returning the ranges asked for, in order.
+async fn recording_server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<(usize, usize)>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let count = Arc::new(AtomicUsize::new(0));
-    let c = Arc::clone(&count);
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let (c, a) = (Arc::clone(&count), Arc::clone(&asked));
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { return };
             let script = script.clone();
-            let c = Arc::clone(&c);
+            let (c, a) = (Arc::clone(&c), Arc::clone(&a));
             tokio::spawn(async move {
                 loop {
                     let mut req = Vec::new();
@@ -50,6 +57,7 @@ async fn server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>) {
                         .and_then(|r| r.trim().split_once('-'))
                         .map(|(s, e)| (s.parse::<usize>().unwrap(), e.parse::<usize>().unwrap()))
                         .unwrap_or((0, DATA.len() - 1));
+                    a.lock().unwrap().push((s, e));
                     let n = c.fetch_add(1, Ordering::SeqCst);
                     let reply = script[n.min(script.len() - 1)];
                     let body = &DATA[s..=e];
@@ -99,7 +107,7 @@ async fn server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>) {
             });
         }
     });
-    (format!("http://{addr}"), count)
+    (format!("http://{addr}"), count, asked)
 }
 
 fn fast() -> FetchOptions {
@@ -146,21 +154,59 @@ async fn server_errors_are_retried_then_reported() {
 
 #[tokio::test]
 async fn reset_stall_truncation_and_wrong_length_are_named() {
-    for (reply, expect) in [
-        (Reply::Reset, "gave up after 3 attempts"),
-        (Reply::Stall, "stalled: no data for 0.3 s"),
-        (Reply::Truncate, "gave up after 3 attempts"),
-        (Reply::WrongLength, "Content-Length 7, expected 10"),
-    ] {
+    for (reply, expect) in
+        [(Reply::Reset, "gave up after 3 attempts"), (Reply::WrongLength, "Content-Length 7, expected 10")]
+    {
         let (r, n) = range(vec![reply]).await;
         let e = r.unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains(expect) && e.url().ends_with("/f"), "{reply:?}: {msg}");
         assert_eq!(n, 3, "{reply:?} must be retried");
     }
+    // Each attempt of these delivers half of what is left, then one byte is left and they
+    // deliver nothing: 3 attempts in a row without progress.
+    for (reply, expect) in [
+        (Reply::Stall, "stalled: no data for 0.3 s at byte 19 of the range 10..20"),
+        (Reply::Truncate, "end of file before message length reached at byte 19 of the range 10..20"),
+    ] {
+        let (r, n) = range(vec![reply]).await;
+        let e = r.unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(expect) && msg.contains("gave up after 3 attempts"), "{reply:?}: {msg}");
+        // 10 -> 5 -> 3 -> 2 -> 1 left: four attempts that bring something (the failure of
+        // the fourth is the first in a row), then two that bring nothing.
+        assert_eq!(n, 4 + 2, "{reply:?}");
+    }
     // A flaky connection that recovers.
     let (r, _) = range(vec![Reply::Reset, Reply::Truncate, Reply::Ok]).await;
     assert_eq!(&r.unwrap()[..], &DATA[10..20]);
+}
+
+/// Issue 12: a range cut part-way was asked for again from its start, so a server that
+/// resets every few MiB made no progress. The next attempt asks only for what is missing,
+/// and the bytes already received are kept.
+#[tokio::test]
+async fn an_interrupted_range_resumes_from_the_first_missing_byte() {
+    for cut in [Reply::Truncate, Reply::Stall] {
+        let (url, count, asked) = recording_server(vec![cut, cut, Reply::Ok]).await;
+        let f = Fetcher::new(&url, fast()).unwrap();
+        let r = f.get_range("f", 10..30).await.unwrap();
+        assert_eq!(&r[..], &DATA[10..30], "{cut:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+        // 20 bytes asked, 10 came; then 10 asked, 5 came; then the last 5.
+        assert_eq!(*asked.lock().unwrap(), vec![(10, 29), (20, 29), (25, 29)], "{cut:?}");
+        assert_eq!(f.bytes_fetched(), 20, "{cut:?}: no byte fetched twice");
+    }
+    // Streamed: the bytes come out in order as they arrive, across the cut.
+    let (url, _, _) = recording_server(vec![Reply::Truncate, Reply::Ok]).await;
+    let f = Fetcher::new(&url, fast()).unwrap();
+    let mut s = f.range_stream("f", 0..16);
+    let mut got = Vec::new();
+    while let Some(b) = s.next().await.unwrap() {
+        got.extend_from_slice(&b);
+        assert_eq!(s.position(), got.len() as u64);
+    }
+    assert_eq!(got, &DATA[..16]);
 }
 
 #[tokio::test]

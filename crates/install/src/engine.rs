@@ -3,6 +3,7 @@
 use crate::journal::Journal;
 use crate::plan::{self, Plan};
 use crate::slotio::{AlignedBuf, BufPool, SlotIo};
+use bytes::{Bytes, BytesMut};
 use durable::replace_file;
 use fetch::{FetchError, Fetcher};
 use manifest::{Manifest, Sha256Digest};
@@ -75,7 +76,8 @@ pub struct Report {
     pub fetch_bytes: u64,
     /// Image bytes copied from the other slot.
     pub reused_bytes: u64,
-    /// Image bytes already there from an interrupted install.
+    /// Image bytes found already in place in the target (an interrupted or repeated install),
+    /// neither fetched nor written.
     pub resumed_bytes: u64,
     /// Whether the target was opened with O_DIRECT.
     pub direct_io: bool,
@@ -85,9 +87,12 @@ pub struct Report {
     pub verify_time: Duration,
     /// The slot installed.
     pub target: Option<Slot>,
+    /// The target already held this image, verified, and boots next: nothing was done.
+    pub already_next: bool,
 }
 
-/// Why an install stopped. The target is left unbootable in every case.
+/// Why an install stopped. The target is left unbootable if anything was written to it, and
+/// untouched (still bootable, if it was, with its record) otherwise.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     /// The disk or its slot bits.
@@ -229,7 +234,7 @@ pub async fn install(
 ) -> Result<Report, InstallError> {
     let m = req.manifest;
     let target = req.booted.other();
-    let mut disk = Disk::open(req.disk, true)?;
+    let disk = Disk::open(req.disk, true)?;
     let (base, len) = disk.slot_extent(target)?;
     let (trailer_at, trailer_bytes) = trailer::encode(req.manifest_bytes, req.manifest_sig, len);
     // Checked: the sizes come from a signed but not necessarily sane manifest.
@@ -245,41 +250,90 @@ pub async fn install(
     if let Some(why) = target_in_use(req.disk, disk.partition(target).number) {
         return Err(InstallError::TargetInUse { slot: target, why });
     }
+    // Refuse now what the first write would refuse (the booted slot not confirmed): nothing
+    // is fetched or changed for an install that cannot happen.
+    if !req.provision {
+        choice::prepare(&disk.slots(), req.booted)
+            .map_err(|source| DiskError::Transition { path: req.disk.to_owned(), source })?;
+    }
     std::fs::create_dir_all(req.state_dir).map_err(io("create", req.state_dir))?;
     let manifest_sha256 = Sha256Digest::of(req.manifest_bytes);
     let partuuid = disk.partition(target).unique_guid.to_string();
 
-    // Resume only the same image into the same, still unbootable, target.
-    let resumable = Journal::load(req.state_dir).filter(|j| {
+    // A repeated install: the target's trailer holds this very manifest, so the image was
+    // written and verified once (the trailer is written after the read-back).
+    let staged = slot_trailer(req.disk, target).is_ok_and(|(bytes, _)| bytes == req.manifest_bytes);
+    if staged && choice::choose(&disk.slots()) == Some(target) {
+        Journal::remove(req.state_dir).map_err(io("remove journal in", req.state_dir))?;
+        return Ok(Report {
+            image_bytes: m.image_size,
+            resumed_bytes: m.image_size,
+            target: Some(target),
+            already_next: true,
+            ..Report::default()
+        });
+    }
+
+    // The journal of an interrupted install of the same image into the same target. Its done
+    // bits are trusted only while the target stayed unbootable since (nothing booted or
+    // rewrote it); the chunks it does not vouch for are looked for on the disk below.
+    let same = Journal::load(req.state_dir).filter(|j| {
         j.manifest_sha256 == manifest_sha256
             && j.target_partuuid == partuuid
             && j.chunk_count == m.chunks.len()
-            && disk.slots().get(target).priority() == 0
     });
-    let mut journal = match resumable {
-        Some(j) => j,
-        None => {
-            // The old image's record goes first: from here on the slot's content is changing.
-            match std::fs::remove_file(record_path(req.state_dir, target)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io("remove", &record_path(req.state_dir, target))(e));
-                }
-                _ => {}
-            }
+    let look_in_target = staged || same.is_some();
+    let mut journal = match same {
+        Some(j) if disk.slots().get(target).priority() == 0 => j,
+        _ => {
             let j = Journal::new(manifest_sha256, partuuid, m.chunks.len());
             j.save(req.state_dir).map_err(io("write journal in", req.state_dir))?;
             j
         }
     };
-    // Unbootable before the first byte is written (a no-op when resuming).
-    if req.provision {
-        disk.update(|s| Ok(choice::give_up(s, target)))?;
-    } else {
-        disk.update(|s| choice::prepare(s, req.booted))?;
+    let target_io = Arc::new(SlotIo::open(req.disk, base, len, true).map_err(io("open", req.disk))?);
+    let mut done = journal.done();
+    if look_in_target {
+        // Chunks already in place: written by a run that was killed before it journaled them
+        // (kill -9 loses no written chunk), or all of them after a finished install.
+        target_io.drop_cache().map_err(io("drop cache of", req.disk))?;
+        let todo: Vec<usize> = (0..m.chunks.len()).filter(|&i| !done[i]).collect();
+        let bad = check_chunks(m, &target_io, todo.clone(), None).await.map_err(io("read", req.disk))?;
+        let mut bad = bad.into_iter().peekable();
+        for i in todo {
+            if bad.peek() == Some(&i) {
+                bad.next();
+            } else {
+                done[i] = true;
+            }
+        }
     }
+    let all_in_place = done.iter().all(|&d| d);
+
+    // The target is made unbootable (and its old record dropped) right before the first byte
+    // is written to it, not before: an install that fails before writing anything (the
+    // repository answers 404, the network is down) leaves the fallback as it was.
+    let disk = Arc::new(std::sync::Mutex::new(disk));
+    let mut before_first_write: Option<FirstWrite> = {
+        let (disk, record, provision, booted) =
+            (Arc::clone(&disk), record_path(req.state_dir, target), req.provision, req.booted);
+        Some(Box::new(move || {
+            match std::fs::remove_file(&record) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", &record)(e)),
+                _ => {}
+            }
+            let mut d = disk.lock().expect("disk lock poisoned");
+            if provision {
+                d.update(|s| Ok(choice::give_up(s, target)))?;
+            } else {
+                d.update(|s| choice::prepare(s, booted))?;
+            }
+            Ok(())
+        }))
+    };
 
     let local = recorded_manifest(req.state_dir, req.booted).map(|(lm, _)| lm);
-    let plan = plan::plan(m, &journal.done(), local.as_ref(), req.max_request);
+    let plan = plan::plan(m, &done, local.as_ref(), req.max_request);
     let chunk_len = |i: usize| {
         let r = m.chunk_range(i);
         r.end - r.start
@@ -295,11 +349,20 @@ pub async fn install(
         ..Report::default()
     };
 
-    let target_io = Arc::new(SlotIo::open(req.disk, base, len, true).map_err(io("open", req.disk))?);
     report.direct_io = target_io.is_direct();
     let started = Instant::now();
-    let failed_local =
-        write_all(req, fetcher, counters, &plan, &target_io, local.as_ref(), &mut journal).await?;
+    journal.set_done(&done);
+    let failed_local = write_all(
+        req,
+        fetcher,
+        counters,
+        &plan,
+        &target_io,
+        local.as_ref(),
+        &mut journal,
+        &mut before_first_write,
+    )
+    .await?;
     if !failed_local.is_empty() {
         // The other slot did not hold what its record says: fetch those chunks instead.
         let mut done = journal.done();
@@ -308,15 +371,23 @@ pub async fn install(
         }
         let retry = plan::plan(m, &done, None, req.max_request);
         report.fetch_bytes += retry.fetch_bytes();
-        write_all(req, fetcher, counters, &retry, &target_io, None, &mut journal).await?;
+        write_all(req, fetcher, counters, &retry, &target_io, None, &mut journal, &mut before_first_write)
+            .await?;
     }
     report.reused_bytes = counters.reused.load(Ordering::Relaxed);
     report.write_time = started.elapsed();
 
-    // Read back everything from the device and check it.
+    // Read back everything from the device and check it; done already when nothing was written
+    // and every chunk was just found in place on the device.
     let started = Instant::now();
-    target_io.drop_cache().map_err(io("drop cache of", req.disk))?;
-    let bad = read_back(m, &target_io, counters).await.map_err(io("read back", req.disk))?;
+    let bad = if all_in_place && before_first_write.is_some() {
+        counters.read_back.store(m.image_size, Ordering::Relaxed);
+        Vec::new()
+    } else {
+        target_io.drop_cache().map_err(io("drop cache of", req.disk))?;
+        let all = (0..m.chunks.len()).collect();
+        check_chunks(m, &target_io, all, Some(counters)).await.map_err(io("read back", req.disk))?
+    };
     report.verify_time = started.elapsed();
     if let Some(&first) = bad.first() {
         let mut done = journal.done();
@@ -328,15 +399,22 @@ pub async fn install(
         return Err(InstallError::ReadBack { slot: target, count: bad.len(), first });
     }
 
-    // The trailer (signed manifest for the boot path), durable before activation.
-    let mut buf = AlignedBuf::zeroed(trailer_bytes.len());
-    buf.as_mut_slice().copy_from_slice(&trailer_bytes);
-    target_io.write(trailer_at, &buf).map_err(io("write the slot trailer to", req.disk))?;
-    target_io.sync().map_err(io("sync", req.disk))?;
+    // The trailer (signed manifest for the boot path), durable before activation; already
+    // there when the image was staged before.
+    if !staged {
+        if let Some(first) = before_first_write.take() {
+            first()?;
+        }
+        let mut buf = AlignedBuf::zeroed(trailer_bytes.len());
+        buf.as_mut_slice().copy_from_slice(&trailer_bytes);
+        target_io.write(trailer_at, &buf).map_err(io("write the slot trailer to", req.disk))?;
+        target_io.sync().map_err(io("sync", req.disk))?;
+    }
 
     // Record, then activate, then forget the journal.
     let record = record_path(req.state_dir, target);
     replace_file(&record, req.manifest_bytes).map_err(io("write", &record))?;
+    let mut disk = disk.lock().expect("disk lock poisoned");
     if req.provision {
         disk.update(|s| Ok(choice::provisioned(s, target, req.tries)))?;
     } else {
@@ -346,8 +424,13 @@ pub async fn install(
     Ok(report)
 }
 
+/// Run once, right before the first byte is written to the target.
+type FirstWrite = Box<dyn FnOnce() -> Result<(), InstallError> + Send>;
+
 /// Fetches and copies the planned chunks into the target through one writer thread. Returns
-/// the local copies that failed verification.
+/// the local copies that failed verification. `first_write` runs before the first write, if
+/// there is one (it is left in place otherwise).
+#[allow(clippy::too_many_arguments)]
 async fn write_all(
     req: &InstallRequest<'_>,
     fetcher: &Fetcher,
@@ -356,6 +439,7 @@ async fn write_all(
     target_io: &Arc<SlotIo>,
     local: Option<&Manifest>,
     journal: &mut Journal,
+    first_write: &mut Option<FirstWrite>,
 ) -> Result<Vec<usize>, InstallError> {
     let m = Arc::new(req.manifest.clone());
     let (tx, rx) = std::sync::mpsc::sync_channel::<Verified>(WRITER_QUEUE);
@@ -367,7 +451,8 @@ async fn write_all(
         let (m, io_, counters, pool) =
             (Arc::clone(&m), Arc::clone(target_io), Arc::clone(counters), Arc::clone(&pool));
         let (mut journal, state_dir, disk) = (journal.clone(), req.state_dir.to_owned(), req.disk.to_owned());
-        std::thread::spawn(move || -> Result<Journal, InstallError> {
+        let mut first_write = first_write.take();
+        std::thread::spawn(move || -> (Result<Journal, InstallError>, Option<FirstWrite>) {
             let mut done = journal.done();
             let mut unsynced = 0u64;
             let mut synced_at = Instant::now();
@@ -376,38 +461,52 @@ async fn write_all(
                 journal.set_done(done);
                 journal.save(&state_dir).map_err(io("write journal in", &state_dir))
             };
-            for v in rx {
-                for &i in &v.indices {
-                    let at = m.chunk_range(i).start;
-                    io_.write(at, &v.data).map_err(io("write", &disk))?;
-                    let n = v.data.as_slice().len() as u64;
-                    done[i] = true;
-                    unsynced += n;
-                    counters.done.fetch_add(n, Ordering::Relaxed);
-                    if v.local {
-                        counters.reused.fetch_add(n, Ordering::Relaxed);
+            let write = || -> Result<Journal, InstallError> {
+                for v in rx {
+                    if let Some(first) = first_write.take() {
+                        first()?;
+                    }
+                    for &i in &v.indices {
+                        let at = m.chunk_range(i).start;
+                        io_.write(at, &v.data).map_err(io("write", &disk))?;
+                        let n = v.data.as_slice().len() as u64;
+                        done[i] = true;
+                        unsynced += n;
+                        counters.done.fetch_add(n, Ordering::Relaxed);
+                        if v.local {
+                            counters.reused.fetch_add(n, Ordering::Relaxed);
+                        }
+                    }
+                    pool.put(v.data);
+                    if unsynced >= SYNC_EVERY || (unsynced > 0 && synced_at.elapsed() >= SYNC_INTERVAL) {
+                        persist(&done, &mut journal)?;
+                        unsynced = 0;
+                        synced_at = Instant::now();
                     }
                 }
-                pool.put(v.data);
-                if unsynced >= SYNC_EVERY || (unsynced > 0 && synced_at.elapsed() >= SYNC_INTERVAL) {
-                    persist(&done, &mut journal)?;
-                    unsynced = 0;
-                    synced_at = Instant::now();
-                }
-            }
-            persist(&done, &mut journal)?;
-            Ok(journal)
+                persist(&done, &mut journal)?;
+                Ok(journal)
+            };
+            let result = write();
+            (result, first_write)
         })
     };
 
+    // Local copies wait until the repository has delivered a verified chunk (or there is
+    // nothing to fetch): a repository that fails at once must not cost the fallback slot.
+    let gate = Arc::new(Gate::default());
+    if plan.fetch.is_empty() {
+        gate.set(true);
+    }
     // Local copies, on a blocking thread.
     let local_task = {
         let (m, tx, copies, pool) = (Arc::clone(&m), tx.clone(), plan.local.clone(), Arc::clone(&pool));
+        let gate = Arc::clone(&gate);
         let disk = req.disk.to_owned();
         let booted = req.booted;
         let have_local = local.is_some();
         tokio::task::spawn_blocking(move || -> Result<Vec<usize>, InstallError> {
-            if copies.is_empty() || !have_local {
+            if copies.is_empty() || !have_local || !gate.wait() {
                 return Ok(Vec::new());
             }
             let d = Disk::open(&disk, false)?;
@@ -443,26 +542,55 @@ async fn write_all(
         let permit = Arc::clone(&sem).acquire_owned().await.expect("semaphore open");
         let (fetcher, path, m, tx, url) =
             (fetcher.clone(), req.payload_path.clone(), Arc::clone(&m), tx.clone(), url.clone());
-        let pool = Arc::clone(&pool);
+        let (pool, gate) = (Arc::clone(&pool), Arc::clone(&gate));
         tasks.spawn(async move {
             let _permit = permit;
-            let bytes = fetcher.get_range(&path, group.range.clone()).await?;
-            tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
+            // Frames are decoded, checked and queued for the writer as soon as their bytes are
+            // in, so a request cut part-way keeps every whole frame it brought (issue 12).
+            let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel::<(Bytes, Vec<usize>)>(2);
+            let decode = tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
                 let mut decoder = ChunkDecoder::new().map_err(io("zstd", Path::new(&url)))?;
-                for (frame, indices) in group.frames {
+                while let Some((frame, indices)) = frames_rx.blocking_recv() {
                     let mut data = pool.get(pool_capacity(&m));
                     let n = decoder
-                        .decode_to(&m, indices[0], &bytes[frame], data.as_mut_slice())
+                        .decode_to(&m, indices[0], &frame, data.as_mut_slice())
                         .map_err(|source| InstallError::BadChunk { url: url.clone(), source })?;
                     data.set_len(n);
                     if tx.send(Verified { indices, data, local: false }).is_err() {
                         break;
                     }
+                    gate.set(true);
                 }
                 Ok(())
-            })
-            .await
-            .expect("decode task panicked")
+            });
+            let fetched = async {
+                let mut stream = fetcher.range_stream(&path, group.range.clone());
+                let mut pending = BytesMut::new();
+                // Relative offset in the group of pending's first byte.
+                let mut at = 0usize;
+                let mut frames = group.frames.into_iter().peekable();
+                while let Some(bytes) = stream.next().await? {
+                    pending.extend_from_slice(&bytes);
+                    while let Some((r, _)) = frames.peek() {
+                        if at + pending.len() < r.end {
+                            break;
+                        }
+                        let (r, indices) = frames.next().expect("peeked");
+                        let _gap = pending.split_to(r.start.saturating_sub(at));
+                        let frame = pending.split_to(r.end - r.start).freeze();
+                        at = r.end;
+                        if frames_tx.send((frame, indices)).await.is_err() {
+                            return Ok(()); // the decoder stopped; its error says why
+                        }
+                    }
+                }
+                Ok::<(), InstallError>(())
+            }
+            .await;
+            drop(frames_tx);
+            let decoded = decode.await.expect("decode task panicked");
+            // A chunk that does not verify matters more than a fetch that gave up.
+            decoded.and(fetched)
         });
         // Notice a failure early rather than after every request was issued.
         while let Some(r) = tasks.try_join_next() {
@@ -472,6 +600,9 @@ async fn write_all(
         }
     }
     drop(tx);
+    if first_error.is_some() {
+        gate.set(false);
+    }
     // Requests already in flight finish (each is bounded by the stall timeout): what they
     // bring is written and journaled, so a resume has less to fetch.
     while let Some(r) = tasks.join_next().await {
@@ -483,10 +614,14 @@ async fn write_all(
             Err(j) => std::panic::resume_unwind(j.into_panic()),
         }
     }
+    // Nothing was fetched: the copies go ahead only if nothing failed either.
+    gate.set(first_error.is_none());
     let failed_local = local_task.await.expect("copy task panicked");
-    let written = tokio::task::spawn_blocking(move || writer.join().expect("writer thread panicked"))
-        .await
-        .expect("join task panicked");
+    let (written, unused) =
+        tokio::task::spawn_blocking(move || writer.join().expect("writer thread panicked"))
+            .await
+            .expect("join task panicked");
+    *first_write = unused;
     // The writer's journal is the truth about what is durable, even when something failed.
     match written {
         Ok(j) => *journal = j,
@@ -498,26 +633,62 @@ async fn write_all(
     failed_local
 }
 
+/// A one-time decision, waited for on a blocking thread: the first [`Gate::set`] wins.
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<Option<bool>>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn set(&self, open: bool) {
+        let mut o = self.open.lock().expect("gate poisoned");
+        if o.is_none() {
+            *o = Some(open);
+            self.changed.notify_all();
+        }
+    }
+
+    fn wait(&self) -> bool {
+        let mut o = self.open.lock().expect("gate poisoned");
+        loop {
+            match *o {
+                Some(open) => return open,
+                None => o = self.changed.wait(o).expect("gate poisoned"),
+            }
+        }
+    }
+}
+
 fn pool_capacity(m: &Manifest) -> usize {
     m.max_chunk_size as usize + crate::slotio::ALIGN
 }
 
-/// Reads every chunk from the target and returns the indices that do not match the manifest.
+/// Reads `chunks` (ascending indices) from the target and returns those that do not match the
+/// manifest; counts what it read in `counters.read_back` when given.
 ///
 /// Two threads take batches of consecutive chunks (about 4 MiB each) in turn and read each
 /// batch with one large read, so the device sees big sequential reads while the other thread
 /// hashes.
-async fn read_back(m: &Manifest, io_: &Arc<SlotIo>, counters: &Arc<Counters>) -> std::io::Result<Vec<usize>> {
+async fn check_chunks(
+    m: &Manifest,
+    io_: &Arc<SlotIo>,
+    chunks: Vec<usize>,
+    counters: Option<&Arc<Counters>>,
+) -> std::io::Result<Vec<usize>> {
     const BATCH_BYTES: u64 = 4 << 20;
-    let (m, io_, counters) = (Arc::new(m.clone()), Arc::clone(io_), Arc::clone(counters));
+    let (m, io_, counters) = (Arc::new(m.clone()), Arc::clone(io_), counters.cloned());
     tokio::task::spawn_blocking(move || {
-        // Batch boundaries: consecutive chunks until a batch reaches BATCH_BYTES.
-        let mut batches = Vec::new();
-        let mut first = 0;
-        for i in 0..m.chunks.len() {
-            if m.chunk_range(i).end - m.chunk_range(first).start >= BATCH_BYTES || i + 1 == m.chunks.len() {
-                batches.push(first..i + 1);
-                first = i + 1;
+        // Batches: runs of consecutive chunks, until a batch reaches BATCH_BYTES.
+        let mut batches: Vec<std::ops::Range<usize>> = Vec::new();
+        for i in chunks {
+            match batches.last_mut() {
+                Some(b)
+                    if b.end == i && m.chunk_range(i).end - m.chunk_range(b.start).start <= BATCH_BYTES =>
+                {
+                    b.end = i + 1
+                }
+                _ => batches.push(i..i + 1),
             }
         }
         let largest = batches
@@ -542,7 +713,9 @@ async fn read_back(m: &Manifest, io_: &Arc<SlotIo>, counters: &Arc<Counters>) ->
                     if Sha256Digest::of(bytes) != m.chunks[i].sha256 {
                         bad.push(i);
                     }
-                    counters.read_back.fetch_add(r.end - r.start, Ordering::Relaxed);
+                    if let Some(c) = &counters {
+                        c.read_back.fetch_add(r.end - r.start, Ordering::Relaxed);
+                    }
                 }
             }
         };
