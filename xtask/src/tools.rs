@@ -6,7 +6,11 @@ use anyhow::{Result, bail};
 pub(crate) type Tool = (&'static str, &'static str);
 
 /// Tools the test suite calls.
-pub(crate) const TEST_TOOLS: [Tool; 4] = [
+pub(crate) const TEST_TOOLS: [Tool; 8] = [
+    ("cgpt", "cgpt"),
+    ("nginx", "nginx"),
+    ("flock", "util-linux"),
+    ("systemd-analyze", "systemd"),
     ("veritysetup", "cryptsetup-bin"),
     ("mkfs.erofs", "erofs-utils"),
     ("sgdisk", "gdisk"),

@@ -120,8 +120,29 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
     let result = install::install(&req, &fetcher, &counters).await;
     ticker.abort();
     bar.finish_and_clear();
-    let r = result?;
     let target = booted.other();
+    let r = result.map_err(|e| {
+        let state = after_failure(disk, booted, counters.done.load(Ordering::Relaxed), m.image_size);
+        anyhow::Error::new(e).context(format!("installing {} into slot {target} failed; {state}", m.version))
+    })?;
+    if r.already_next {
+        if json {
+            let out = serde_json::json!({
+                "up_to_date": false,
+                "already_installed": true,
+                "version": m.version.to_string(),
+                "slot": target,
+                "fetched_bytes": fetcher.bytes_fetched(),
+            });
+            println!("{out:#}");
+        } else {
+            println!(
+                "slot {target} already holds {} (installed and verified before) and boots next: nothing to do; reboot to use it",
+                m.version
+            );
+        }
+        return Ok(());
+    }
     if json {
         let out = serde_json::json!({
             "up_to_date": false,
@@ -158,6 +179,26 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
         println!("  (no record of what slot {booted} holds, so nothing could be reused)");
     }
     Ok(())
+}
+
+/// What the disk holds after a failed install, in words: whether the target was touched, and
+/// whether a rerun resumes.
+fn after_failure(disk: &Path, booted: Slot, done: u64, image: u64) -> String {
+    let target = booted.other();
+    match slot::Disk::open(disk, false) {
+        Ok(d) if d.slots().get(target).priority() == 0 => format!(
+            "slot {target} is unbootable and holds {} of the {} image ({}); slot {booted} is untouched and boots \
+             next; run the same command again to resume",
+            mib(done),
+            mib(image),
+            if done > 0 { "written and verified so far" } else { "nothing usable yet" },
+        ),
+        Ok(d) => format!(
+            "nothing was written: slot {target} is as it was ({}), and slot {booted} is untouched",
+            d.slots().get(target)
+        ),
+        Err(e) => format!("the disk's state could not be read back: {e}"),
+    }
 }
 
 fn mib(b: u64) -> String {

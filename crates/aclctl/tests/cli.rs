@@ -251,8 +251,13 @@ fn issue_12_a_second_aclctl_is_refused_while_an_update_holds_the_disk() {
         assert!(err.contains("nothing was changed"), "{err}");
         assert!(std::fs::read(&img).unwrap() == before, "{args:?} wrote to the disk");
     }
-    // status never waits.
-    assert_eq!(json(&["status", "--disk", d, "--json"])["slots"][0]["priority"], 0, "A is being written");
+    // status never waits. The update has written nothing yet (its payload never came), so A
+    // is still the way back.
+    assert_eq!(
+        json(&["status", "--disk", d, "--json"])["slots"][0]["priority"],
+        1,
+        "A changed before a write"
+    );
     update.kill().unwrap();
     update.wait().unwrap();
     let s = json(&["mark-good", "--disk", d, "--booted", "B", "--json"]);

@@ -24,7 +24,7 @@ const SYNC_EVERY: u64 = 16 << 20;
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Chunks queued for the writer at most. Each holds a buffer of the largest chunk (1 MiB with
 /// the default chunking), so this bounds most of the installer's memory.
-const WRITER_QUEUE: usize = 8;
+const WRITER_QUEUE: usize = 4;
 
 /// What to install where.
 #[derive(Debug, Clone)]
@@ -547,7 +547,7 @@ async fn write_all(
             let _permit = permit;
             // Frames are decoded, checked and queued for the writer as soon as their bytes are
             // in, so a request cut part-way keeps every whole frame it brought (issue 12).
-            let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel::<(Bytes, Vec<usize>)>(2);
+            let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel::<(Bytes, Vec<usize>)>(1);
             let decode = tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
                 let mut decoder = ChunkDecoder::new().map_err(io("zstd", Path::new(&url)))?;
                 while let Some((frame, indices)) = frames_rx.blocking_recv() {
