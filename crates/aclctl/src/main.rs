@@ -35,8 +35,9 @@ installing, another aclctl) makes them fail at once, naming its pid and command,
 anything; a lock held by another program (udev probing the disk, a partitioning tool) is waited
 for up to 5 s. status and history never wait.
 
-Exit codes: 0 success; 1 failure; 2 usage error; 3 refused (the slots' state or the partition
-table's layout does not allow it)."
+Exit codes: 0 success; 1 failure (the message says what the disk holds afterwards); 2 usage
+error; 3 refused, nothing changed (the slots' state, the partition table's layout, another writer
+holding the disk, or the repository's signatures do not allow it)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -261,10 +262,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Whether `e` is a refusal (exit code 3): the slots' state, the table's layout or the
-/// repository's signatures do not allow the request.
+/// Whether `e` is a refusal (exit code 3): the slots' state, the table's layout, another writer
+/// holding the disk or the repository's signatures do not allow the request; nothing was
+/// changed.
 fn refused(e: &anyhow::Error) -> bool {
-    let disk_refused = |d: &DiskError| matches!(d, DiskError::Transition { .. } | DiskError::Layout { .. });
+    let disk_refused = |d: &DiskError| {
+        matches!(d, DiskError::Transition { .. } | DiskError::Layout { .. } | DiskError::Busy { .. })
+    };
     e.chain().any(|c| {
         c.downcast_ref::<DiskError>().is_some_and(disk_refused)
             || matches!(c.downcast_ref::<install::InstallError>(), Some(install::InstallError::Disk(d)) if disk_refused(d))

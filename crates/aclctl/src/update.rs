@@ -44,14 +44,14 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
 
     // The channel index: signed, fresh, not older than the last one accepted.
     let state_path = state_dir.join("accepted-index.json");
-    let mut state = AcceptedState::load(&state_path)?;
+    let state = AcceptedState::load(&state_path)?;
     let index_path = repo::layout::index_path(&a.channel);
     let index_bytes = fetcher.get(&index_path).await?;
     let index_sig = fetcher.get(&format!("{index_path}.sig")).await?;
     let (index, accepted) =
         policy.index(&a.channel, &index_bytes, &index_sig, jiff::Timestamp::now(), state.get(&a.channel))?;
-    state.record(accepted);
-    state.save(&state_path)?;
+    // Under the record's lock, against what it holds now (the agent may have checked meanwhile).
+    AcceptedState::commit(&state_path, accepted)?;
 
     // The release: the one asked for, or the newest; never a downgrade unless asked by version.
     let arch = std::env::consts::ARCH;

@@ -245,7 +245,7 @@ fn issue_12_a_second_aclctl_is_refused_while_an_update_holds_the_disk() {
         let started = Instant::now();
         let out = aclctl(args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
         assert!(started.elapsed() < std::time::Duration::from_secs(3), "{args:?} waited");
         assert!(err.contains(&format!("pid {} (", update.id())) && err.contains("aclctl update"), "{err}");
         assert!(err.contains("nothing was changed"), "{err}");

@@ -490,15 +490,15 @@ async fn check(
 ) -> Result<policy::Decision, String> {
     let s = &env.settings;
     let accepted_path = s.state_dir.join("accepted-index.json");
-    let mut accepted = AcceptedState::load(&accepted_path).map_err(|e| e.to_string())?;
+    let accepted = AcceptedState::load(&accepted_path).map_err(|e| e.to_string())?;
     let path = repo::layout::index_path(&s.channel);
     let bytes = fetcher.get(&path).await.map_err(|e| e.to_string())?;
     let sig = fetcher.get(&format!("{path}.sig")).await.map_err(|e| e.to_string())?;
     let (index, acc) = policy
         .index(&s.channel, &bytes, &sig, env.platform.now(), accepted.get(&s.channel))
         .map_err(|e| e.to_string())?;
-    accepted.record(acc);
-    accepted.save(&accepted_path).map_err(|e| e.to_string())?;
+    // Under the record's lock, against what it holds now (another check may have run meanwhile).
+    AcceptedState::commit(&accepted_path, acc).map_err(|e| e.to_string())?;
     let current = install::recorded_manifest(&s.state_dir, env.booted).map(|(m, _)| m.version);
     Ok(policy::decide(&policy::Inputs {
         index: &index,

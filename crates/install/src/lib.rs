@@ -3,15 +3,26 @@
 //!
 //! The order of one install ([`install`]), each step durable before the next:
 //!
-//! 1. refuse a target that is the booted slot, is in use, or is too small;
-//! 2. mark the target unbootable (`slot::choice::prepare`) and start a [`Journal`], unless a
-//!    journal for the same image and target shows an install to resume;
-//! 3. [`plan()`]: chunks already written, chunks to copy from the image in the other slot (its
+//! 1. refuse a target that is the booted slot, is in use or is too small, and an install the
+//!    slot bits refuse (the booted slot not confirmed good), before anything is fetched;
+//! 2. recognise a repeat: when the target's trailer holds this very manifest and the target
+//!    already boots next, there is nothing to do ([`Report::already_next`]);
+//! 3. start or continue the [`Journal`]; when it belongs to this image and target, or the
+//!    target was staged with it before, read the target and count every chunk already in
+//!    place (a killed install keeps every chunk it wrote, journaled or not);
+//! 4. [`plan()`]: chunks in place, chunks to copy from the image in the other slot (its
 //!    manifest is recorded in the state directory), chunks to fetch in coalesced range requests;
-//! 4. fetch (several requests in flight) and copy; every chunk is decompressed and its SHA-256
-//!    checked before any byte of it is written; a writer thread writes, syncs and journals;
-//! 5. read every chunk back from the device and check it again;
-//! 6. write the slot trailer (the signed manifest, for the boot path; crate `trailer`) and sync
+//! 5. fetch (several requests in flight) and copy. A range is decoded frame by frame as its
+//!    bytes arrive, and a range cut part-way is asked for again from its first missing byte
+//!    ([`fetch::RangeStream`]). Every chunk is decompressed and its SHA-256 checked before any
+//!    byte of it is written; a writer thread writes, syncs and journals. Right before the
+//!    first byte is written, and not earlier, the target is marked unbootable
+//!    (`slot::choice::prepare`) and its old record dropped: an install that fails before
+//!    that (a 404, a network that is down) leaves the fallback slot as it was. Local copies
+//!    wait for the repository's first verified chunk for the same reason;
+//! 6. read every chunk back from the device and check it again (done by step 3 already when
+//!    every chunk was found in place and nothing was written);
+//! 7. write the slot trailer (the signed manifest, for the boot path; crate `trailer`) and sync
 //!    it, record the manifest as the target's, then activate the target (`choice::activate`,
 //!    or `choice::provisioned` when provisioning a fresh disk).
 //!

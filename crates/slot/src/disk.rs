@@ -142,6 +142,24 @@ pub enum DiskError {
         /// What is wrong (boxed: it names two partitions, and errors travel by value).
         source: Box<LayoutError>,
     },
+    /// Writing the table failed part-way (an I/O error, a device that went away): what the
+    /// disk holds afterwards, read again, is in `state`, so that nobody retries a change that
+    /// took effect (a retried rollback would toggle back).
+    #[error("{source}; {state}")]
+    WriteFailed {
+        /// What failed.
+        source: Box<DiskError>,
+        /// The disk's state afterwards, in words.
+        state: String,
+    },
+    /// After a write, a table copy reads back damaged.
+    #[error("{path}: after the write, a table copy reads back damaged ({health})")]
+    CopyDamaged {
+        /// The disk.
+        path: PathBuf,
+        /// What the read found.
+        health: String,
+    },
     /// After a write, the table read back does not hold what was written.
     #[error(
         "{path}: after the write the table reads back A [{}] B [{}], not the A [{}] B [{}] written",
@@ -294,15 +312,57 @@ impl<D: BlockDevice> Disk<D> {
         };
         t.set_attributes(self.a.number, new.a).map_err(err(&self.path))?;
         t.set_attributes(self.b.number, new.b).map_err(err(&self.path))?;
-        t.write(&mut self.dev, &self.table).map_err(err(&self.path))?;
-        let fresh = Self::from_device_ref(&self.dev, &self.path)?;
-        if fresh.0 != new || !fresh.1.health().is_clean() {
-            return Err(DiskError::ReadBack { path: self.path.clone(), expected: new, found: fresh.0 });
+        let old = self.slots();
+        if let Err(source) = t.write(&mut self.dev, &self.table) {
+            return Err(self.write_failed(DiskError::Table { path: self.path.clone(), source }, old, new));
+        }
+        let fresh = match Self::from_device_ref(&self.dev, &self.path) {
+            Ok(f) => f,
+            Err(e) => return Err(self.write_failed(e, old, new)),
+        };
+        if fresh.0 != new {
+            let e = DiskError::ReadBack { path: self.path.clone(), expected: new, found: fresh.0 };
+            return Err(self.write_failed(e, old, new));
+        }
+        if !fresh.1.health().is_clean() {
+            let h = fresh.1.health();
+            let health = [("primary", &h.primary_error), ("backup", &h.backup_error)]
+                .iter()
+                .filter_map(|(which, e)| e.as_ref().map(|e| format!("{which}: {e}")))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let e = DiskError::CopyDamaged { path: self.path.clone(), health };
+            return Err(self.write_failed(e, old, new));
         }
         self.table = fresh.1;
         self.a.attributes = new.a;
         self.b.attributes = new.b;
         Ok(new)
+    }
+
+    /// The error for a table write that failed: reads the table again and says whether the
+    /// change took effect.
+    fn write_failed(&self, source: DiskError, old: Slots, new: Slots) -> DiskError {
+        let state = match Self::from_device_ref(&self.dev, &self.path) {
+            Ok((now, t)) => {
+                let copies = if t.health().is_clean() {
+                    "both table copies are valid"
+                } else {
+                    "one table copy is damaged (the next change repairs it)"
+                };
+                if now == new && old != new {
+                    format!("the change took effect nevertheless ({copies}): do not repeat it")
+                } else if now == old {
+                    format!("nothing was changed ({copies}): it is safe to try again")
+                } else {
+                    format!("the disk now holds A [{}] B [{}] ({copies})", now.a, now.b)
+                }
+            }
+            Err(e) => format!(
+                "the table cannot be read back ({e}): check the disk with `aclctl status` before trying again"
+            ),
+        };
+        DiskError::WriteFailed { source: Box::new(source), state }
     }
 
     /// Rewrites a damaged or out-of-date table copy from the valid one. Returns whether
