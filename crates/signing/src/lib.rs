@@ -8,11 +8,14 @@
 //! crate in turn refuses any document whose bytes are not the canonical serialisation of what
 //! they parse to.
 //!
-//! Verification ([`verify`]) is strict: it accepts a document only when at least `threshold`
-//! distinct trusted keys signed it, and it rejects outright a signature file that names a key
-//! twice or names a key that is not trusted. The last rule is the issue's requirement, and it
-//! has a cost for key rotation: ship a new key in the image first, sign with it only after every
-//! node trusts it (see ARCHITECTURE.md, "Key rotation").
+//! Verification ([`verify`]) follows TUF's rule: a document is accepted when valid signatures
+//! by at least `threshold` distinct trusted keys are among its signatures. Anything else in the
+//! signature file is ignored and named in the refusal when the threshold is not met: signatures
+//! by keys the node does not trust, signatures that do not match, a second signature by a key.
+//! Rejecting a document for an extra signature (what this crate did before, issue 13) broke key
+//! rotation, since a document signed by an old and a new key failed on every node that knew
+//! only one, and let anyone able to append a signature to a mirror's file block a valid
+//! release. Ignoring is safe because only the trusted signatures count.
 //!
 //! Principal types: [`SecretKey`], [`PublicKey`], [`KeyId`], [`TrustedKeys`],
 //! [`SignatureFile`].
@@ -82,22 +85,11 @@ pub enum SignatureError {
     /// The signature file is not valid JSON of the expected shape.
     #[error("signature file is malformed: {0}")]
     Malformed(String),
-    /// A signature names a key that is not in the trusted set.
-    #[error("signature by untrusted key {0}")]
-    UntrustedKey(KeyId),
-    /// Two signatures name the same key.
-    #[error("key {0} signed more than once")]
-    DuplicateKey(KeyId),
-    /// A signature by a trusted key does not match the document.
-    #[error("signature by key {keyid} does not match the {purpose} (document or signature altered)")]
-    BadSignature {
-        /// The key that supposedly signed.
-        keyid: KeyId,
-        /// What was being verified.
-        purpose: Purpose,
-    },
-    /// Fewer valid signatures than the threshold.
-    #[error("{purpose} has {valid} valid signature(s) from trusted keys, {threshold} required")]
+    /// Fewer valid signatures by distinct trusted keys than the threshold.
+    #[error(
+        "{purpose} has {valid} valid signature(s) from trusted keys, {threshold} required{}",
+        if ignored.is_empty() { String::new() } else { format!(" (ignored: {})", ignored.join("; ")) }
+    )]
     BelowThreshold {
         /// What was being verified.
         purpose: Purpose,
@@ -105,7 +97,13 @@ pub enum SignatureError {
         valid: usize,
         /// Required.
         threshold: usize,
+        /// The signatures that did not count, and why, in words.
+        ignored: Vec<String>,
     },
+    /// More signatures than any repository needs: refused before checking any (each check
+    /// costs time).
+    #[error("signature file has {0} signatures, more than the {MAX_SIGNATURES} allowed")]
+    TooMany(usize),
     /// A threshold of zero would accept unsigned documents.
     #[error("signature threshold must be at least 1")]
     ZeroThreshold,
@@ -151,10 +149,13 @@ pub struct Verified {
     pub signers: Vec<KeyId>,
 }
 
+/// The most signatures a signature file may hold.
+pub const MAX_SIGNATURES: usize = 64;
+
 /// Checks `signatures` of `document` against `trusted` keys, requiring `threshold` of them.
 ///
-/// Every signature must be by a distinct trusted key and must be valid; a document passes when
-/// the number of such signatures reaches `threshold`. Signatures are checked with
+/// A document passes when valid signatures by `threshold` distinct trusted keys are among its
+/// signatures; the others are ignored (see the crate docs). Signatures are checked with
 /// `verify_strict`, which also refuses malleable (non-canonical) signature encodings.
 pub fn verify(
     purpose: Purpose,
@@ -166,21 +167,33 @@ pub fn verify(
     if threshold == 0 {
         return Err(SignatureError::ZeroThreshold);
     }
+    if signatures.signatures.len() > MAX_SIGNATURES {
+        return Err(SignatureError::TooMany(signatures.signatures.len()));
+    }
     let message = purpose.message(document);
     let mut signers: Vec<KeyId> = Vec::new();
+    let mut ignored = Vec::new();
     for s in &signatures.signatures {
         if signers.contains(&s.keyid) {
-            return Err(SignatureError::DuplicateKey(s.keyid));
+            ignored.push(format!("a second signature by key {}", s.keyid));
+            continue;
         }
-        let key = trusted.get(&s.keyid).ok_or(SignatureError::UntrustedKey(s.keyid))?;
+        let Some(key) = trusted.get(&s.keyid) else {
+            ignored.push(format!("a signature by key {}, which this node does not trust", s.keyid));
+            continue;
+        };
         let sig = ed25519_dalek::Signature::from_bytes(&s.sig);
-        key.verifying_key()
-            .verify_strict(&message, &sig)
-            .map_err(|_| SignatureError::BadSignature { keyid: s.keyid, purpose })?;
+        if key.verifying_key().verify_strict(&message, &sig).is_err() {
+            ignored.push(format!(
+                "the signature by key {} does not match the {purpose} (document or signature altered)",
+                s.keyid
+            ));
+            continue;
+        }
         signers.push(s.keyid);
     }
     if signers.len() < threshold {
-        return Err(SignatureError::BelowThreshold { purpose, valid: signers.len(), threshold });
+        return Err(SignatureError::BelowThreshold { purpose, valid: signers.len(), threshold, ignored });
     }
     Ok(Verified { signers })
 }
