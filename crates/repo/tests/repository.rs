@@ -162,7 +162,9 @@ fn flipped_byte_in_a_signature() {
     std::fs::write(&sig, b).unwrap();
     let e = f.verify(f.later(), None).unwrap_err();
     assert!(
-        e.contains("channel index \"stable\"") && e.contains("signature by key") && e.contains("does not match"),
+        e.contains("channel index \"stable\"")
+            && e.contains("signature by key")
+            && e.contains("does not match"),
         "{e}"
     );
 }
