@@ -170,9 +170,9 @@ fn issue_12_status_names_an_unsafe_layout_and_changes_are_refused() {
 }
 
 /// Builds, signs and publishes a 2 MiB image as 2.0.0 into `dir/repo`, trusted by `dir/keys`;
-/// then replaces the payload with a FIFO, so that an install blocks on its first read, holding
-/// the disk's lock, until the test kills it.
-fn stalling_repository(dir: &Path) {
+/// served by a server that never answers for the payload, so that an install waits on its
+/// first request, holding the disk's lock, until the test kills it.
+fn stalling_repository(dir: &Path) -> testkit::http::Server {
     let key = signing::SecretKey::from_seed([4; 32]);
     std::fs::create_dir_all(dir.join("keys")).unwrap();
     key.public().write_new(&dir.join("keys/k.pub")).unwrap();
@@ -200,9 +200,8 @@ fn stalling_repository(dir: &Path) {
         threads: 1,
     };
     repo::local::publish(&req, std::slice::from_ref(&key), &policy, &|_, _| {}).unwrap();
-    let payload = dir.join(format!("repo/images/2.0.0/{}/payload", std::env::consts::ARCH));
-    std::fs::remove_file(&payload).unwrap();
-    run(Path::new("/usr/bin/mkfifo"), &[payload.to_str().unwrap()]);
+    let stall = testkit::http::Behaviour { stall_payload: true, ..Default::default() };
+    testkit::http::serve(dir.join("repo"), stall)
 }
 
 /// Issue 12, item 2, with two real processes: `aclctl update --repo` holds the disk's lock for
@@ -212,17 +211,14 @@ fn stalling_repository(dir: &Path) {
 #[test]
 fn issue_12_a_second_aclctl_is_refused_while_an_update_holds_the_disk() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
-    if !Path::new("/usr/bin/mkfifo").exists() {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    stalling_repository(dir.path());
+    let server = stalling_repository(dir.path());
     let img = dir.path().join("disk.img");
     std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
     updated_disk(&sgdisk, &img);
     let d = img.to_str().unwrap();
     let state = dir.path().join("state");
-    let repo_url = format!("file://{}", dir.path().join("repo").display());
+    let repo_url = server.url.clone();
     let keys = dir.path().join("keys");
     let mut update = Command::new(env!("CARGO_BIN_EXE_aclctl"))
         .args(["update", "--repo", &repo_url, "--trust", keys.to_str().unwrap(), "--disk", d])

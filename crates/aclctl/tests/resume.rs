@@ -10,107 +10,12 @@
 //! the image size (every chunk written before the kill is found in place by the next run). So
 //! the share depends on the image: 1.1 % of this 192 MiB image, 1.6 % of 128 MiB, 3 % of 64.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use testkit::http::{Behaviour, serve};
 use testkit::{flatcar_image, run, tool};
-
-/// Serves `root` over HTTP/1.1 with ranges and keep-alive, one thread per connection. Counts
-/// payload body bytes written; with `cut_every`, closes the connection in the middle of a
-/// body each time that count passes another multiple of it.
-struct Server {
-    url: String,
-    sent: Arc<AtomicU64>,
-}
-
-fn serve(root: PathBuf, cut_every: Option<u64>) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let sent = Arc::new(AtomicU64::new(0));
-    let counter = Arc::clone(&sent);
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { return };
-            let (root, sent) = (root.clone(), Arc::clone(&counter));
-            std::thread::spawn(move || {
-                let _ = connection(conn, &root, &sent, cut_every);
-            });
-        }
-    });
-    Server { url, sent }
-}
-
-fn connection(conn: TcpStream, root: &Path, sent: &AtomicU64, cut_every: Option<u64>) -> std::io::Result<()> {
-    // A small send buffer, so that a byte counted as sent has left the server (the kernel
-    // would otherwise take up to 4 MiB per connection that the client may never read).
-    socket2::SockRef::from(&conn).set_send_buffer_size(32 << 10)?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut out = conn;
-    loop {
-        let mut head = Vec::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            if line == "\r\n" {
-                break;
-            }
-            head.push(line.trim_end().to_owned());
-        }
-        let path = head.first().and_then(|l| l.split(' ').nth(1)).unwrap_or("/").trim_start_matches('/');
-        let Ok(mut file) = std::fs::File::open(root.join(path)) else {
-            out.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")?;
-            continue;
-        };
-        let len = file.metadata()?.len();
-        let range =
-            head.iter().find_map(|l| l.to_lowercase().strip_prefix("range: bytes=").map(str::to_owned));
-        let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
-            Some((s, e)) => (s.parse::<u64>().unwrap(), e.parse::<u64>().unwrap().min(len - 1) + 1),
-            None => (0, len),
-        };
-        if range.is_some() {
-            write!(
-                out,
-                "HTTP/1.1 206 Partial Content\r\ncontent-length: {}\r\ncontent-range: bytes {start}-{}/{len}\r\n\r\n",
-                end - start,
-                end - 1
-            )?;
-        } else {
-            write!(out, "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n")?;
-        }
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start))?;
-        let payload = path.ends_with("/payload");
-        let mut left = end - start;
-        let mut buf = vec![0u8; 64 << 10];
-        while left > 0 {
-            let mut n = left.min(buf.len() as u64) as usize;
-            let before = sent.load(Ordering::SeqCst);
-            let mut cut = false;
-            if let (true, Some(every)) = (payload, cut_every) {
-                let boundary = (before / every + 1) * every;
-                if before + n as u64 >= boundary {
-                    n = (boundary - before) as usize;
-                    cut = true;
-                }
-            }
-            file.read_exact(&mut buf[..n])?;
-            out.write_all(&buf[..n])?;
-            if payload {
-                sent.fetch_add(n as u64, Ordering::SeqCst);
-            }
-            left -= n as u64;
-            if cut && left > 0 {
-                return Ok(()); // closed in the middle of the body
-            }
-        }
-    }
-}
 
 /// A 192 MiB image that compresses about as well as an OS image (text, zeros, noise),
 /// published as 2.0.0 into `dir/repo` with its key in `dir/keys`. Returns (payload size,
@@ -200,7 +105,7 @@ fn issue_12_killed_and_cut_downloads_fetch_little_twice() {
     let work = dir.path().join("kill");
     std::fs::create_dir_all(&work).unwrap();
     let disk = flatcar_image(&sgdisk, &work, 448, 208);
-    let server = serve(dir.path().join("repo"), None);
+    let server = serve(dir.path().join("repo"), Behaviour::default());
     let mut kills = Vec::new();
     for step in 1..=9u64 {
         let at = payload * step / 10;
@@ -242,7 +147,8 @@ fn issue_12_killed_and_cut_downloads_fetch_little_twice() {
     std::fs::create_dir_all(&work).unwrap();
     let disk = flatcar_image(&sgdisk, &work, 448, 208);
     std::fs::remove_dir_all(dir.path().join("state")).unwrap();
-    let server = serve(dir.path().join("repo"), Some(1 << 20));
+    let server =
+        serve(dir.path().join("repo"), Behaviour { cut_every: Some(1 << 20), ..Behaviour::default() });
     let out = update(dir.path(), &server.url, &disk).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(slot_b_digest(&disk, image), sha);

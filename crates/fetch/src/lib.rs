@@ -2,8 +2,10 @@
 //! ranges of payloads, over HTTP or from a `file://` directory (air-gapped sites).
 //!
 //! Failure policy, in one place so every caller gets it:
-//! - a stall (no byte for `stall_timeout`) fails the attempt; total time is not limited, so a
-//!   slow but moving download is never cut;
+//! - a stall (no byte for `stall_timeout`) fails the attempt, and so does a transfer slower
+//!   than `min_rate` over a `rate_window` (a server that dribbles a byte every 20 s never
+//!   stalls, issue 13); total time is not limited otherwise, so a slow but moving download is
+//!   never cut;
 //! - connection errors, stalls, 5xx answers and short bodies are retried, with exponential
 //!   backoff, up to `attempts` times; 4xx answers are not (the file is not there);
 //! - every error names the URL and what went wrong, and says how many attempts were made.
@@ -33,6 +35,11 @@ pub struct FetchOptions {
     pub stall_timeout: Duration,
     /// Wait before the first retry; doubles for each further one.
     pub first_backoff: Duration,
+    /// Fail an attempt that brings fewer than `min_rate` bytes per second, measured over each
+    /// `rate_window` of it.
+    pub min_rate: u64,
+    /// See `min_rate`.
+    pub rate_window: Duration,
     /// The largest whole file [`Fetcher::get`] accepts (documents are small; a bigger answer is
     /// an attack or a mistake).
     pub max_document: u64,
@@ -67,6 +74,8 @@ impl Default for FetchOptions {
             attempts: 5,
             stall_timeout: Duration::from_secs(30),
             first_backoff: Duration::from_millis(500),
+            min_rate: 4 << 10,
+            rate_window: Duration::from_secs(60),
             max_document: 64 << 20,
             ca_file: None,
             system_roots: true,
@@ -271,6 +280,8 @@ impl Fetcher {
             end: range.end,
             body: None,
             failures: 0,
+            slow: 0,
+            rate: Rate::new(),
             backoff: self.opts.first_backoff,
         }
     }
@@ -320,14 +331,28 @@ impl Fetcher {
     ) -> Result<Bytes, Attempt> {
         let (file, url_owned, limit) = (file.to_owned(), url.to_owned(), self.opts.max_document);
         tokio::task::spawn_blocking(move || -> Result<Bytes, Attempt> {
-            use std::os::unix::fs::FileExt as _;
-            let f = std::fs::File::open(&file).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    Attempt::Fatal(FetchError::NotFound { url: url_owned.clone() })
-                }
-                _ => Attempt::Retry(e.to_string()),
-            })?;
-            let len = f.metadata().map_err(|e| Attempt::Retry(e.to_string()))?.len();
+            use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+            // O_NONBLOCK: opening a FIFO must not wait for a writer (issue 13: a FIFO named
+            // index.json hung the agent for good). It does nothing to a regular file's reads.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(&file)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        Attempt::Fatal(FetchError::NotFound { url: url_owned.clone() })
+                    }
+                    _ => Attempt::Retry(e.to_string()),
+                })?;
+            let meta = f.metadata().map_err(|e| Attempt::Retry(e.to_string()))?;
+            if !meta.is_file() {
+                return Err(Attempt::Fatal(FetchError::BadUrl {
+                    url: url_owned,
+                    reason: "not a regular file (a FIFO, a device or a directory is never a repository file)"
+                        .into(),
+                }));
+            }
+            let len = meta.len();
             let range = match range {
                 Some(r) => r,
                 None if len > limit => {
@@ -419,6 +444,7 @@ impl Fetcher {
         let (mut body, _) = self.open_http(client, url, None).await?;
         let (stall, limit) = (self.opts.stall_timeout, self.opts.max_document);
         let mut buf = BytesMut::with_capacity(64 << 10);
+        let mut rate = Rate::new();
         loop {
             let frame = match tokio::time::timeout(stall, body.frame()).await {
                 Err(_) => {
@@ -430,6 +456,7 @@ impl Fetcher {
             };
             if let Ok(data) = frame.into_data() {
                 self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+                rate.add(data.len() as u64, &self.opts).map_err(Attempt::Retry)?;
                 buf.extend_from_slice(&data);
                 if buf.len() as u64 > limit {
                     return Err(Attempt::Fatal(FetchError::TooLarge {
@@ -444,13 +471,47 @@ impl Fetcher {
     }
 }
 
+/// The minimum-rate rule for one attempt.
+#[derive(Debug)]
+struct Rate {
+    since: tokio::time::Instant,
+    bytes: u64,
+}
+
+impl Rate {
+    fn new() -> Self {
+        Self { since: tokio::time::Instant::now(), bytes: 0 }
+    }
+
+    /// Counts `n` bytes; an error once a whole window brought less than the minimum.
+    fn add(&mut self, n: u64, opts: &FetchOptions) -> Result<(), String> {
+        self.bytes += n;
+        let elapsed = self.since.elapsed();
+        if elapsed < opts.rate_window {
+            return Ok(());
+        }
+        let rate = self.bytes as f64 / elapsed.as_secs_f64();
+        if rate < opts.min_rate as f64 {
+            return Err(format!(
+                "too slow: {} bytes in {:.0} s, less than the {} bytes/s required",
+                self.bytes,
+                elapsed.as_secs_f64(),
+                opts.min_rate
+            ));
+        }
+        *self = Self::new();
+        Ok(())
+    }
+}
+
 /// Bytes of a range as they arrive, from [`Fetcher::range_stream`].
 ///
 /// A connection that resets, stalls or ends early is not a lost request: the next attempt asks
 /// only for the bytes not yet delivered (issue 12: against a server that reset every few MiB,
 /// whole 4 MiB requests were fetched again and again, and three reruns made no progress). An
 /// attempt that delivered anything counts as progress: `attempts` limits the attempts in a row
-/// that deliver nothing, so a slow, flaky but moving download is never cut.
+/// that deliver nothing, so a flaky but moving download is never cut; attempts that fail the
+/// minimum rate count on their own, whatever they delivered, so a dribbling server is given up.
 #[derive(Debug)]
 pub struct RangeStream<'a> {
     fetcher: &'a Fetcher,
@@ -461,6 +522,8 @@ pub struct RangeStream<'a> {
     end: u64,
     body: Option<hyper::body::Incoming>,
     failures: u32,
+    slow: u32,
+    rate: Rate,
     backoff: Duration,
 }
 
@@ -484,6 +547,7 @@ impl RangeStream<'_> {
                     self.backoff = self.backoff.saturating_mul(2);
                 }
                 self.fetcher.requests.fetch_add(1, Ordering::Relaxed);
+                self.rate = Rate::new();
                 match self.open().await {
                     Ok(Opened::Body(b)) => self.body = Some(b),
                     Ok(Opened::Whole(bytes)) => return Ok(Some(self.deliver(bytes))),
@@ -506,6 +570,13 @@ impl RangeStream<'_> {
                     {
                         self.failures = 0;
                         self.backoff = self.fetcher.opts.first_backoff;
+                        if let Err(why) = self.rate.add(data.len() as u64, &self.fetcher.opts) {
+                            // What came is kept; the attempt ends and counts as slow.
+                            let data = self.deliver(data);
+                            self.slow += 1;
+                            self.failed(why)?;
+                            return Ok(Some(data));
+                        }
                         return Ok(Some(self.deliver(data)));
                     }
                 }
@@ -525,7 +596,7 @@ impl RangeStream<'_> {
     fn failed(&mut self, why: String) -> Result<(), FetchError> {
         self.body = None;
         self.failures += 1;
-        if self.failures >= self.fetcher.opts.attempts {
+        if self.failures.max(self.slow) >= self.fetcher.opts.attempts {
             let (s, e) = (self.start, self.end);
             let at = if self.pos > s {
                 format!(" at byte {} of the range {s}..{e}", self.pos)
@@ -534,7 +605,7 @@ impl RangeStream<'_> {
             };
             return Err(FetchError::GaveUp {
                 url: self.url.clone(),
-                attempts: self.failures,
+                attempts: self.failures.max(self.slow),
                 last: format!("{why}{at}"),
             });
         }

@@ -17,6 +17,8 @@ enum Reply {
     Truncate,
     WrongLength,
     IgnoreRange,
+    /// One byte every 100 ms: never a stall.
+    Dribble,
 }
 
 const DATA: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
@@ -96,6 +98,15 @@ async fn recording_server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>, Arc<
                             let _ = sock.write_all(head("206 Partial Content", body.len()).as_bytes()).await;
                             let _ = sock.write_all(&body[..body.len() / 2]).await;
                             return;
+                        }
+                        Reply::Dribble => {
+                            let _ = sock.write_all(head("206 Partial Content", body.len()).as_bytes()).await;
+                            for b in body {
+                                if sock.write_all(std::slice::from_ref(b)).await.is_err() {
+                                    return;
+                                }
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
                         }
                         Reply::WrongLength => {
                             let _ =
@@ -207,6 +218,45 @@ async fn an_interrupted_range_resumes_from_the_first_missing_byte() {
         assert_eq!(s.position(), got.len() as u64);
     }
     assert_eq!(got, &DATA[..16]);
+}
+
+/// Issue 13: a server sending a byte every 20 s never hit the 30 s stall timeout, and an
+/// update ran on for ever. Each attempt must now bring `min_rate` bytes/s over a window; a
+/// dribbling server fails every attempt and is given up.
+#[tokio::test]
+async fn a_dribbling_server_is_given_up() {
+    let (url, count) = server(vec![Reply::Dribble]).await;
+    let opts = FetchOptions { min_rate: 100, rate_window: Duration::from_millis(350), ..fast() };
+    let f = Fetcher::new(&url, opts).unwrap();
+    let started = std::time::Instant::now();
+    let e = f.get_range("f", 0..60).await.unwrap_err().to_string();
+    assert!(e.contains("too slow") && e.contains("bytes/s required") && e.contains("gave up after 3"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+    // What each slow attempt brought was kept: the next asked for the rest.
+    assert!(f.bytes_fetched() >= 9, "{}", f.bytes_fetched());
+    // Fast enough passes, however long it takes.
+    let (url, _) = server(vec![Reply::Dribble]).await;
+    let opts = FetchOptions { min_rate: 5, rate_window: Duration::from_millis(350), ..fast() };
+    let f = Fetcher::new(&url, opts).unwrap();
+    assert_eq!(&f.get_range("f", 0..12).await.unwrap()[..], &DATA[..12]);
+}
+
+/// Issue 13: a FIFO named index.json in a directory repository hung the reader for good
+/// (opening a FIFO waits for a writer). It is now refused at once, like a device or a
+/// directory.
+#[tokio::test]
+async fn a_fifo_is_not_a_repository_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("index.json");
+    let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let f = Fetcher::new(&format!("file://{}", dir.path().display()), fast()).unwrap();
+    for r in [f.get("index.json").await, f.get_range("index.json", 0..4).await, f.get("sub").await] {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
 }
 
 #[tokio::test]

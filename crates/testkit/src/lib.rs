@@ -125,6 +125,8 @@ pub fn sgdisk_attributes(sgdisk: &Path, target: &Path, n: u32) -> u64 {
     u64::from_str_radix(hex.trim(), 16).expect("hex attribute flags")
 }
 
+pub mod http;
+
 /// Hostile GPTs for the tests: edits the table of an image file in place, byte by byte, and
 /// recomputes every CRC, so that the result is valid by checksum and wrong in its layout (as a
 /// bug in another tool, a bad image or an attacker would leave it).
