@@ -54,11 +54,14 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
     AcceptedState::commit(&state_path, accepted)?;
 
     // The release: the one asked for, or the newest; never a downgrade unless asked by version.
+    // The floor is what the booted slot's signed trailer says it runs.
     let arch = std::env::consts::ARCH;
     let current = if a.provision {
         None
     } else {
-        install::recorded_manifest(state_dir, booted).map(|(m, _)| m.version)
+        let what = format!("slot {booted} trailer");
+        let verify = |m: &[u8], s: &[u8]| policy.manifest(&what, m, s).map_err(|e| e.to_string());
+        install::running_manifest(disk, state_dir, booted, verify).ok().map(|(m, _)| m.version)
     };
     let release = match &a.version {
         Some(v) => index

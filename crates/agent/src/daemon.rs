@@ -499,7 +499,11 @@ async fn check(
         .map_err(|e| e.to_string())?;
     // Under the record's lock, against what it holds now (another check may have run meanwhile).
     AcceptedState::commit(&accepted_path, acc).map_err(|e| e.to_string())?;
-    let current = install::recorded_manifest(&s.state_dir, env.booted).map(|(m, _)| m.version);
+    // The downgrade floor: what the booted slot's signed trailer says it runs.
+    let what = format!("slot {} trailer", env.booted);
+    let verify = |m: &[u8], sig: &[u8]| policy.manifest(&what, m, sig).map_err(|e| e.to_string());
+    let current =
+        install::running_manifest(&env.disk, &s.state_dir, env.booted, verify).ok().map(|(m, _)| m.version);
     Ok(policy::decide(&policy::Inputs {
         index: &index,
         arch: &env.arch,
@@ -596,20 +600,21 @@ fn health_checks(s: &Settings) -> health::Checks {
     }
 }
 
-/// A provisioned disk (or a lost state directory) has no record of what the booted slot holds:
-/// take it from the slot's signed trailer, so the agent knows its version and the next install
-/// can reuse the booted slot's chunks.
+/// At start: learn what the booted slot runs from its signed trailer, refreshing the state
+/// directory's record when it is missing (a provisioned disk, a lost state directory) or
+/// differs, so the agent knows its version and the next install can reuse its chunks.
 fn recover_record(env: &Env, policy: &TrustPolicy) {
-    let dir = &env.settings.state_dir;
-    if install::recorded_manifest(dir, env.booted).is_some() {
-        return;
-    }
     let what = format!("slot {} trailer", env.booted);
-    let recovered = install::slot_trailer(&env.disk, env.booted)
-        .and_then(|(m, sig)| policy.manifest(&what, &m, &sig).map(|_| m).map_err(|e| e.to_string()))
-        .and_then(|m| install::record_manifest(dir, env.booted, &m).map_err(|e| e.to_string()));
-    match recovered {
-        Ok(()) => tracing::info!("recorded slot {}'s manifest from its trailer", env.booted),
-        Err(e) => tracing::warn!("no record of what slot {} holds ({what}: {e})", env.booted),
+    let verify = |m: &[u8], sig: &[u8]| policy.manifest(&what, m, sig).map_err(|e| e.to_string());
+    match install::running_manifest(&env.disk, &env.settings.state_dir, env.booted, verify) {
+        Ok((m, install::RunningSource::Trailer)) => {
+            tracing::info!("slot {} runs {} (its signed trailer)", env.booted, m.version)
+        }
+        Ok((m, install::RunningSource::Record)) => tracing::warn!(
+            "slot {} runs {} by the state directory's record only: its trailer is missing or does not verify",
+            env.booted,
+            m.version
+        ),
+        Err(e) => tracing::warn!("no record of what slot {} holds: {e}", env.booted),
     }
 }

@@ -184,6 +184,42 @@ pub fn slot_trailer(disk: &Path, slot: Slot) -> Result<(Vec<u8>, Vec<u8>), Strin
     .map_err(|e| e.to_string())
 }
 
+/// Where [`running_manifest`] found what the booted slot runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunningSource {
+    /// The slot's own signed trailer, verified.
+    Trailer,
+    /// Only the state directory's record (the trailer is missing or does not verify).
+    Record,
+}
+
+/// What `slot` (the booted one) runs: from its signed trailer, verified by `verify` (bytes and
+/// signatures to a manifest), which is the downgrade floor; the state directory's record is a
+/// cache of it, rewritten when it differs, and used alone only when the slot has no trailer
+/// that verifies (issue 13: with the record lost, garbage or a fresh state directory, a
+/// repository listing only an older release installed it).
+pub fn running_manifest(
+    disk: &Path,
+    state_dir: &Path,
+    slot: Slot,
+    verify: impl Fn(&[u8], &[u8]) -> Result<Manifest, String>,
+) -> Result<(Manifest, RunningSource), String> {
+    let from_trailer = slot_trailer(disk, slot).and_then(|(m, sig)| verify(&m, &sig).map(|man| (man, m)));
+    match from_trailer {
+        Ok((m, bytes)) => {
+            if recorded_manifest(state_dir, slot).is_none_or(|(_, recorded)| recorded != bytes) {
+                // A cache: failing to write it changes nothing of the answer.
+                let _ = record_manifest(state_dir, slot, &bytes);
+            }
+            Ok((m, RunningSource::Trailer))
+        }
+        Err(trailer) => match recorded_manifest(state_dir, slot) {
+            Some((m, _)) => Ok((m, RunningSource::Record)),
+            None => Err(format!("slot {slot}: {trailer}, and the state directory has no record of it")),
+        },
+    }
+}
+
 fn record_path(state_dir: &Path, slot: Slot) -> PathBuf {
     state_dir.join(format!("slot-{slot}.manifest.json"))
 }

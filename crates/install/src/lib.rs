@@ -35,8 +35,8 @@ pub mod plan;
 mod slotio;
 
 pub use engine::{
-    Counters, InstallError, InstallRequest, Report, install, record_manifest, recorded_manifest,
-    slot_trailer, target_in_use,
+    Counters, InstallError, InstallRequest, Report, RunningSource, install, record_manifest,
+    recorded_manifest, running_manifest, slot_trailer, target_in_use,
 };
 pub use journal::{JOURNAL_FILE, Journal};
 pub use plan::plan;

@@ -20,6 +20,11 @@
 
 use sha2::Digest as _;
 
+/// The most manifest and signature bytes a trailer may hold: what a repository may serve as a
+/// document (`fetch::FetchOptions::max_document`), so a hostile footer cannot make a reader
+/// allocate more (issue 13: it could ask for 1 GiB).
+pub const MAX_BYTES: u64 = 64 << 20;
+
 /// The footer's size, and the alignment of everything.
 pub const BLOCK: u64 = 4096;
 const MAGIC: &[u8; 8] = b"ACLTRLR1";
@@ -100,7 +105,7 @@ pub fn read(
         return Err(TrailerError::Version(u32_at(8)));
     }
     let (mlen, slen) = (u64_at(12), u64_at(20));
-    let fits = mlen.checked_add(slen).is_some_and(|n| n <= (1 << 30) && size(n as usize, 0) <= partition_len);
+    let fits = mlen.checked_add(slen).is_some_and(|n| n <= MAX_BYTES && size(n as usize, 0) <= partition_len);
     if !fits {
         return Err(TrailerError::Lengths { manifest: mlen, signature: slen, partition: partition_len });
     }
