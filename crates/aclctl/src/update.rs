@@ -46,10 +46,11 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
     let state_path = state_dir.join("accepted-index.json");
     let state = AcceptedState::load(&state_path)?;
     let index_path = repo::layout::index_path(&a.channel);
-    let index_bytes = fetcher.get(&index_path).await?;
-    let index_sig = fetcher.get(&format!("{index_path}.sig")).await?;
-    let (index, accepted) =
-        policy.index(&a.channel, &index_bytes, &index_sig, jiff::Timestamp::now(), state.get(&a.channel))?;
+    let (index, accepted) = fetcher
+        .get_signed(&index_path, |b, sig| {
+            policy.index(&a.channel, b, sig, jiff::Timestamp::now(), state.get(&a.channel))
+        })
+        .await??;
     // Under the record's lock, against what it holds now (the agent may have checked meanwhile).
     AcceptedState::commit(&state_path, accepted)?;
 

@@ -492,10 +492,12 @@ async fn check(
     let accepted_path = s.state_dir.join("accepted-index.json");
     let accepted = AcceptedState::load(&accepted_path).map_err(|e| e.to_string())?;
     let path = repo::layout::index_path(&s.channel);
-    let bytes = fetcher.get(&path).await.map_err(|e| e.to_string())?;
-    let sig = fetcher.get(&format!("{path}.sig")).await.map_err(|e| e.to_string())?;
-    let (index, acc) = policy
-        .index(&s.channel, &bytes, &sig, env.platform.now(), accepted.get(&s.channel))
+    let (index, acc) = fetcher
+        .get_signed(&path, |b, sig| {
+            policy.index(&s.channel, b, sig, env.platform.now(), accepted.get(&s.channel))
+        })
+        .await
+        .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     // Under the record's lock, against what it holds now (another check may have run meanwhile).
     AcceptedState::commit(&accepted_path, acc).map_err(|e| e.to_string())?;
@@ -525,10 +527,20 @@ async fn install_version(
     progress: &InstallProgress,
 ) -> Result<(), String> {
     let s = &env.settings;
+    // The index again, held to the same rules as at the check: signed, not expired, not older
+    // than (nor different from) the one accepted (issue 13: it was read ignoring expiry and
+    // replay, so a restart much later, or a replayed index, installed whatever it named).
+    let accepted_path = s.state_dir.join("accepted-index.json");
+    let accepted = AcceptedState::load(&accepted_path).map_err(|e| e.to_string())?;
     let path = repo::layout::index_path(&s.channel);
-    let bytes = fetcher.get(&path).await.map_err(|e| e.to_string())?;
-    let sig = fetcher.get(&format!("{path}.sig")).await.map_err(|e| e.to_string())?;
-    let index = policy.index_ignoring_freshness(&s.channel, &bytes, &sig).map_err(|e| e.to_string())?;
+    let (index, acc) = fetcher
+        .get_signed(&path, |b, sig| {
+            policy.index(&s.channel, b, sig, env.platform.now(), accepted.get(&s.channel))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    AcceptedState::commit(&accepted_path, acc).map_err(|e| e.to_string())?;
     let release = index
         .releases
         .iter()

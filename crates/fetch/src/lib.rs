@@ -258,6 +258,32 @@ impl Fetcher {
         self.with_retries(path).await
     }
 
+    /// A document and its detached signature file (`<path>.sig`), accepted by `check`.
+    ///
+    /// A publisher replaces the two files one after the other, so a reader can get one old
+    /// and one new (issue 13). When `check` refuses the pair, both are fetched again, up to
+    /// twice, before its refusal is returned: a pair that stays refused is refused for what it
+    /// is. The outer error is the fetch's, the inner one the check's.
+    pub async fn get_signed<T, E>(
+        &self,
+        path: &str,
+        check: impl Fn(&[u8], &[u8]) -> Result<T, E>,
+    ) -> Result<Result<T, E>, FetchError> {
+        let sig_path = format!("{path}.sig");
+        let mut tries = 0;
+        loop {
+            let doc = self.get(path).await?;
+            let sig = self.get(&sig_path).await?;
+            match check(&doc, &sig) {
+                Err(_) if tries < 2 => {
+                    tries += 1;
+                    tokio::time::sleep(self.opts.first_backoff).await;
+                }
+                result => return Ok(result),
+            }
+        }
+    }
+
     /// Bytes `range` of a file; the answer has exactly that length or it is an error. An
     /// interrupted answer is resumed where it stopped (see [`RangeStream`]).
     pub async fn get_range(&self, path: &str, range: Range<u64>) -> Result<Bytes, FetchError> {

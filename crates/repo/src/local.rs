@@ -262,9 +262,30 @@ pub fn publish(
 
     let channel_dir = index_path.parent().expect("index path has a parent");
     std::fs::create_dir_all(channel_dir).map_err(io("create directory", channel_dir))?;
-    replace_file(&index_sig_path, &sig_bytes).map_err(io("write", &index_sig_path))?;
+    // The new index becomes visible without a moment where the two files disagree (issue 13:
+    // the signature file was replaced first, so a reader in between, or after a crash between
+    // the two, got the old index with the new signatures and refused it). Readers count only
+    // signatures that match their document (signing's TUF rule), so: 1. the signature file
+    // holds the old index's signatures and the new one's; 2. the new index replaces the old;
+    // 3. the signature file keeps the new signatures only. Each step is one atomic rename, and
+    // after a crash at any point every reader accepts the pair it reads.
+    if let Some(mut both) = old_sigs(&index_path, &index_sig_path) {
+        let room = signing::MAX_SIGNATURES.saturating_sub(sigs.signatures.len());
+        both.signatures.truncate(room);
+        both.signatures.extend(sigs.signatures.iter().cloned());
+        replace_file(&index_sig_path, &both.to_bytes()).map_err(io("write", &index_sig_path))?;
+    }
     replace_file(&index_path, &bytes).map_err(io("write", &index_path))?;
+    replace_file(&index_sig_path, &sig_bytes).map_err(io("write", &index_sig_path))?;
     Ok(Published { release, index_version: index.index_version, copied })
+}
+
+/// The signatures of the index in place, if there is one with a readable signature file.
+fn old_sigs(index: &Path, sig: &Path) -> Option<SignatureFile> {
+    if !index.exists() {
+        return None;
+    }
+    SignatureFile::from_bytes(&std::fs::read(sig).ok()?).ok()
 }
 
 fn copy_image(src: &Path, dest: &Path, m: &Manifest) -> Result<(), RepoError> {
