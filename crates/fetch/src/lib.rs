@@ -411,23 +411,49 @@ impl Fetcher {
         hyper_rustls::HttpsConnector<C>:
             hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
     {
-        let mut req = hyper::Request::get(url);
-        if let Some(r) = &range {
-            req = req.header(hyper::header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
-        }
-        let req = req
-            .body(http_body_util::Empty::new())
-            .map_err(|e| Attempt::Fatal(FetchError::BadUrl { url: url.to_owned(), reason: e.to_string() }))?;
-        let stall = self.opts.stall_timeout;
-        let resp = match tokio::time::timeout(stall, client.request(req)).await {
-            Err(_) => return Err(Attempt::Retry(format!("no response for {:.1} s", stall.as_secs_f64()))),
-            Ok(Err(e)) => {
-                if let Some(tls) = tls_error(&e) {
-                    return Err(Attempt::Fatal(FetchError::Tls { url: url.to_owned(), reason: tls }));
-                }
-                return Err(Attempt::Retry(error_text(&e)));
+        // Redirects are followed (mirrors and CDNs send them, issue 13), a few hops at most and
+        // never from https to http; errors keep naming the URL asked for.
+        let mut at = url.to_owned();
+        let mut hops = 0;
+        let resp = loop {
+            let mut req = hyper::Request::get(at.as_str());
+            if let Some(r) = &range {
+                req = req.header(hyper::header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
             }
-            Ok(Ok(r)) => r,
+            let req = req.body(http_body_util::Empty::new()).map_err(|e| {
+                Attempt::Fatal(FetchError::BadUrl { url: url.to_owned(), reason: format!("{at}: {e}") })
+            })?;
+            let stall = self.opts.stall_timeout;
+            let resp = match tokio::time::timeout(stall, client.request(req)).await {
+                Err(_) => {
+                    return Err(Attempt::Retry(format!("no response for {:.1} s", stall.as_secs_f64())));
+                }
+                Ok(Err(e)) => {
+                    if let Some(tls) = tls_error(&e) {
+                        return Err(Attempt::Fatal(FetchError::Tls { url: url.to_owned(), reason: tls }));
+                    }
+                    return Err(Attempt::Retry(error_text(&e)));
+                }
+                Ok(Ok(r)) => r,
+            };
+            if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+                break resp;
+            }
+            let bad = |reason: String| Attempt::Fatal(FetchError::BadUrl { url: url.to_owned(), reason });
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(bad(format!("more than {MAX_REDIRECTS} redirects")));
+            }
+            let location = resp
+                .headers()
+                .get(hyper::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| bad(format!("HTTP {} without a Location", resp.status().as_u16())))?;
+            let next = redirect_target(&at, location);
+            if at.starts_with("https://") && !next.starts_with("https://") {
+                return Err(bad(format!("redirected from https to {next}: refused")));
+            }
+            at = next;
         };
         let status = resp.status().as_u16();
         let expected = match (&range, status) {
@@ -663,6 +689,28 @@ enum Opened {
     Whole(Bytes),
 }
 
+/// Redirects followed per request at most.
+const MAX_REDIRECTS: u32 = 5;
+
+/// Where a `Location` answer to a request for `from` points: absolute, absolute-path or
+/// relative to `from`'s directory.
+fn redirect_target(from: &str, location: &str) -> String {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return location.to_owned();
+    }
+    let scheme_end = from.find("://").map_or(0, |i| i + 3);
+    let authority_end = from[scheme_end..].find('/').map_or(from.len(), |i| scheme_end + i);
+    if location.starts_with('/') {
+        return format!("{}{location}", &from[..authority_end]);
+    }
+    let dir_end = from.rfind('/').filter(|&i| i >= authority_end).map_or(from.len(), |i| i + 1);
+    let base = &from[..dir_end];
+    if dir_end == from.len() && !base.ends_with('/') {
+        return format!("{base}/{location}");
+    }
+    format!("{base}{location}")
+}
+
 fn check_content_range(headers: &hyper::HeaderMap, r: &Range<u64>) -> Result<(), Attempt> {
     let want = format!("bytes {}-{}/", r.start, r.end - 1);
     match headers.get(hyper::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()) {
@@ -742,4 +790,19 @@ fn error_text(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redirect_target;
+
+    #[test]
+    fn redirect_targets() {
+        let from = "https://repo.example/channels/stable/index.json";
+        assert_eq!(redirect_target(from, "https://cdn.example/x"), "https://cdn.example/x");
+        assert_eq!(redirect_target(from, "/mirror/index.json"), "https://repo.example/mirror/index.json");
+        assert_eq!(redirect_target(from, "v2.json"), "https://repo.example/channels/stable/v2.json");
+        assert_eq!(redirect_target("http://h:8080", "a"), "http://h:8080/a");
+        assert_eq!(redirect_target("http://h:8080", "/a"), "http://h:8080/a");
+    }
 }

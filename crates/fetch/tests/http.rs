@@ -19,6 +19,8 @@ enum Reply {
     IgnoreRange,
     /// One byte every 100 ms: never a stall.
     Dribble,
+    /// 302 to another path on the same server.
+    Redirect,
 }
 
 const DATA: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
@@ -98,6 +100,10 @@ async fn recording_server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>, Arc<
                             let _ = sock.write_all(head("206 Partial Content", body.len()).as_bytes()).await;
                             let _ = sock.write_all(&body[..body.len() / 2]).await;
                             return;
+                        }
+                        Reply::Redirect => {
+                            let h = "HTTP/1.1 302 Found\r\nlocation: /mirror/f\r\ncontent-length: 0\r\n\r\n";
+                            let _ = sock.write_all(h.as_bytes()).await;
                         }
                         Reply::Dribble => {
                             let _ = sock.write_all(head("206 Partial Content", body.len()).as_bytes()).await;
@@ -257,6 +263,20 @@ async fn a_fifo_is_not_a_repository_file() {
         let e = r.unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
     }
+}
+
+/// Issue 13: any redirect was refused, although mirrors and CDNs redirect. Redirects are now
+/// followed, five hops at most.
+#[tokio::test]
+async fn redirects_are_followed_a_few_times() {
+    let (url, count, asked) = recording_server(vec![Reply::Redirect, Reply::Redirect, Reply::Ok]).await;
+    let f = Fetcher::new(&url, fast()).unwrap();
+    assert_eq!(&f.get_range("f", 10..20).await.unwrap()[..], &DATA[10..20]);
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+    assert_eq!(*asked.lock().unwrap(), vec![(10, 19); 3], "the range goes with every hop");
+    let (r, _) = range(vec![Reply::Redirect]).await;
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("more than 5 redirects") && e.contains("/f"), "{e}");
 }
 
 #[tokio::test]
