@@ -510,6 +510,7 @@ async fn check(
         index: &index,
         arch: &env.arch,
         current: current.as_ref(),
+        retry_backoff: SignedDuration::try_from(s.retry_backoff).unwrap_or(policy::FIRST_BACKOFF),
         pinned: s.pinned_version.as_ref(),
         failures: &state.failures,
         machine_id: &env.machine_id,

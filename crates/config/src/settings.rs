@@ -57,6 +57,8 @@ pub struct Settings {
     pub repository: String,
     pub channel: String,
     pub check_interval: Duration,
+    /// Wait before a failed release is tried again (doubling after each failure).
+    pub retry_backoff: Duration,
     pub pinned_version: Option<semver::Version>,
     pub tries: u8,
     pub paused: bool,
@@ -280,6 +282,11 @@ impl Settings {
             check_interval: duration(
                 "updates.check-interval",
                 &c.updates.check_interval,
+                Duration::from_secs(60),
+            )?,
+            retry_backoff: duration(
+                "updates.retry-backoff",
+                &c.updates.retry_backoff,
                 Duration::from_secs(60),
             )?,
             pinned_version,

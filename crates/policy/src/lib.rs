@@ -45,13 +45,20 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// When it may be tried again, or `None` if it is skipped for good.
+    /// When it may be tried again with the default backoff, or `None` if it is skipped for good.
     pub fn retry_at(&self) -> Option<Timestamp> {
+        self.retry_after(FIRST_BACKOFF)
+    }
+
+    /// When it may be tried again, `backoff` after the first failure and twice as long after
+    /// each further one, or `None` if it is skipped for good.
+    pub fn retry_after(&self, backoff: SignedDuration) -> Option<Timestamp> {
         if self.count >= MAX_FAILURES {
             return None;
         }
         let factor = 1i32 << self.count.saturating_sub(1).min(20);
-        Some(self.last.saturating_add(FIRST_BACKOFF * factor).unwrap_or(Timestamp::MAX))
+        let wait = backoff.checked_mul(factor).unwrap_or(SignedDuration::MAX);
+        Some(self.last.saturating_add(wait).unwrap_or(Timestamp::MAX))
     }
 }
 
@@ -64,6 +71,8 @@ pub struct Inputs<'a> {
     pub arch: &'a str,
     /// The version that runs now, if known.
     pub current: Option<&'a Version>,
+    /// Wait before a failed version is tried again (doubling after each failure).
+    pub retry_backoff: SignedDuration,
     /// A version the operator pinned.
     pub pinned: Option<&'a Version>,
     /// Versions that failed here.
@@ -169,7 +178,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             return Decision::UpToDate;
         }
         if let Some(f) = failure_of(&r.version) {
-            match f.retry_at() {
+            match f.retry_after(i.retry_backoff) {
                 None => {
                     skipped.push(format!("{} (failed {} times: {})", r.version, f.count, f.reason));
                     continue;

@@ -40,6 +40,7 @@ fn decide_at(
         index: idx,
         arch: "x86_64",
         current: Some(&current),
+        retry_backoff: FIRST_BACKOFF,
         pinned: pinned.as_ref(),
         failures,
         machine_id: "4f1c2b0e9a7d4e2f8c6b5a3d2e1f0a9b",
@@ -116,6 +117,7 @@ fn waves_admit_machines_by_their_place() {
                     index: &idx,
                     arch: "x86_64",
                     current: Some(&"1.0.0".parse().unwrap()),
+                    retry_backoff: FIRST_BACKOFF,
                     pinned: None,
                     failures: &[],
                     machine_id: id,
@@ -149,6 +151,7 @@ fn a_rollout_halted_below_this_machine_blocks_with_the_reason() {
             index: &idx,
             arch: "x86_64",
             current: Some(&current),
+            retry_backoff: FIRST_BACKOFF,
             pinned: None,
             failures: &[],
             machine_id: id,
@@ -183,6 +186,7 @@ fn an_operator_request_overrides_waves_backoff_and_for_a_version_everything() {
             index: &idx,
             arch: "x86_64",
             current: Some(&current),
+            retry_backoff: FIRST_BACKOFF,
             pinned,
             failures,
             machine_id: "m",
@@ -212,6 +216,7 @@ fn an_operator_request_overrides_waves_backoff_and_for_a_version_everything() {
         index: &idx2,
         arch: "x86_64",
         current: Some(&current),
+        retry_backoff: FIRST_BACKOFF,
         pinned: None,
         failures: &[],
         machine_id: "m",
@@ -220,4 +225,21 @@ fn an_operator_request_overrides_waves_backoff_and_for_a_version_everything() {
     };
     assert!(matches!(decide(&i), Decision::Wait { .. }));
     assert_eq!(version_of(&decide(&Inputs { requested: Some(&Wanted::Latest), ..i })), "4.0.0");
+}
+
+/// The backoff is configurable (`updates.retry-backoff`) and doubles after each failure.
+#[test]
+fn retry_after_a_configured_backoff() {
+    let f = |count| Failure {
+        version: "1.0.0".parse().unwrap(),
+        count,
+        last: ts("2026-11-01T00:00:00Z"),
+        reason: "x".into(),
+    };
+    let hour = SignedDuration::from_hours(1);
+    assert_eq!(f(1).retry_after(hour), Some(ts("2026-11-01T01:00:00Z")));
+    assert_eq!(f(2).retry_after(hour), Some(ts("2026-11-01T02:00:00Z")));
+    assert_eq!(f(3).retry_after(hour), Some(ts("2026-11-01T04:00:00Z")));
+    assert_eq!(f(MAX_FAILURES).retry_after(hour), None);
+    assert_eq!(f(1).retry_at(), Some(ts("2026-11-01T00:10:00Z")));
 }
