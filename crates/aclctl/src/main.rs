@@ -15,6 +15,7 @@ mod status;
 mod update;
 
 use anyhow::{Context as _, Result};
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use slot::choice::{self, Slot};
 use slot::{Disk, DiskError, system};
@@ -78,11 +79,11 @@ enum Command {
         /// Install exactly this version (the only way to go to an older one).
         #[arg(long)]
         version: Option<semver::Version>,
-        /// Boot attempts the new slot gets before the boot path falls back.
-        #[arg(long, default_value_t = 3)]
+        /// Boot attempts the new slot gets before the boot path falls back (1-15).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=15))]
         tries: u8,
-        /// Range requests in flight at once.
-        #[arg(long, default_value_t = 4)]
+        /// Range requests in flight at once (1-64).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64).map(usize::from))]
         parallel: usize,
         /// A PEM file of CA certificates to trust for an https:// repository, besides the
         /// system's.
@@ -110,8 +111,8 @@ enum Command {
         /// This version (default: the newest).
         #[arg(long)]
         version: Option<semver::Version>,
-        /// Boot attempts before the boot path gives the slot up.
-        #[arg(long, default_value_t = 3)]
+        /// Boot attempts before the boot path gives the slot up (1-15).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=15))]
         tries: u8,
         /// Where to keep the install journal while writing.
         #[arg(long, default_value = "/var/lib/acl-update")]
@@ -203,8 +204,8 @@ struct Source {
     /// repository).
     #[arg(long = "trust")]
     trust: Vec<PathBuf>,
-    /// How many distinct trusted keys must have signed each document.
-    #[arg(long, default_value_t = 1)]
+    /// How many distinct trusted keys must have signed each document (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
     threshold: usize,
 }
 
@@ -272,6 +273,8 @@ fn refused(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<DiskError>().is_some_and(disk_refused)
             || matches!(c.downcast_ref::<install::InstallError>(), Some(install::InstallError::Disk(d)) if disk_refused(d))
+            // A payload that does not match its signed manifest is refused like a bad signature.
+            || matches!(c.downcast_ref::<install::InstallError>(), Some(install::InstallError::BadChunk { .. }))
             || c.downcast_ref::<repo::TrustError>().is_some()
     })
 }

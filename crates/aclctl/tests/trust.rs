@@ -112,3 +112,47 @@ fn issue_13_the_downgrade_floor_survives_a_lost_state_directory() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("installed 2.0.0 into slot A"), "{out}");
 }
+
+/// Issue 13: exit codes as documented. 2 for a usage error (`--tries 0`, `--threshold 0` used
+/// to exit 1), 3 for anything the trust rules refuse: a payload that does not match its
+/// signed manifest exited 1 while a manifest mismatch exited 3.
+#[test]
+fn issue_13_exit_codes_follow_one_rule() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for args in [
+        &["update", "--repo", "file:///x", "--tries", "0"][..],
+        &["update", "--repo", "file:///x", "--threshold", "0"],
+    ] {
+        let out = aclctl(args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let repo = d.join("repo");
+    publish(d, &repo, "3.0.0");
+    let payload = repo.join(format!("images/3.0.0/{}/payload", std::env::consts::ARCH));
+    let mut bytes = std::fs::read(&payload).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&payload, bytes).unwrap();
+    let img = d.join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(48 << 20).unwrap();
+    flatcar_layout(&sgdisk, &img, 8);
+    let url = format!("file://{}", repo.display());
+    let args = [
+        "update",
+        "--booted",
+        "A",
+        "--socket",
+        "/nonexistent/agent.sock",
+        "--repo",
+        &url,
+        "--disk",
+        img.to_str().unwrap(),
+    ];
+    let out =
+        aclctl(&args, &[Path::new("--trust"), &d.join("keys"), Path::new("--state-dir"), &d.join("state")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("payload") && err.contains("chunk"), "{err}");
+}
