@@ -1,5 +1,7 @@
 //! `aclctl` on disk-image files and loop devices partitioned by Debian's sgdisk.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
@@ -173,33 +175,8 @@ fn issue_12_status_names_an_unsafe_layout_and_changes_are_refused() {
 /// served by a server that never answers for the payload, so that an install waits on its
 /// first request, holding the disk's lock, until the test kills it.
 fn stalling_repository(dir: &Path) -> testkit::http::Server {
-    let key = signing::SecretKey::from_seed([4; 32]);
-    std::fs::create_dir_all(dir.join("keys")).unwrap();
-    key.public().write_new(&dir.join("keys/k.pub")).unwrap();
-    let fs = dir.join("fs.img");
-    std::fs::write(&fs, (0..2u32 << 20).map(|i| (i / 4096) as u8 ^ i as u8).collect::<Vec<u8>>()).unwrap();
-    let opts = payload::BuildOptions {
-        version: "2.0.0".parse().unwrap(),
-        arch: std::env::consts::ARCH.into(),
-        kernel_cmdline: String::new(),
-        chunk_size: 256 << 10,
-        level: 1,
-        threads: 1,
-        salt: None,
-    };
-    payload::build(&fs, &dir.join("build"), &opts, &|_| {}).unwrap();
-    repo::local::sign_document(&dir.join("build/manifest.json"), std::slice::from_ref(&key)).unwrap();
-    let policy = repo::TrustPolicy::new(signing::TrustedKeys::new([key.public()]).unwrap(), 1).unwrap();
-    let req = repo::local::PublishRequest {
-        repo: &dir.join("repo"),
-        image_dir: &dir.join("build"),
-        channel: "stable",
-        expires_in: jiff::SignedDuration::from_hours(24),
-        waves: vec![],
-        now: jiff::Timestamp::now(),
-        threads: 1,
-    };
-    repo::local::publish(&req, std::slice::from_ref(&key), &policy, &|_, _| {}).unwrap();
+    let image: Vec<u8> = (0..2u32 << 20).map(|i| (i / 4096) as u8 ^ i as u8).collect();
+    common::publish(dir, &dir.join("repo"), "2.0.0", &image, 4);
     let stall = testkit::http::Behaviour { stall_payload: true, ..Default::default() };
     testkit::http::serve(dir.join("repo"), stall)
 }

@@ -10,6 +10,8 @@
 //! the image size (every chunk written before the kill is found in place by the next run). So
 //! the share depends on the image: 1.1 % of this 192 MiB image, 1.6 % of 128 MiB, 3 % of 64.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -21,9 +23,6 @@ use testkit::{flatcar_image, run, tool};
 /// published as 2.0.0 into `dir/repo` with its key in `dir/keys`. Returns (payload size,
 /// image size, image SHA-256).
 fn repository(dir: &Path) -> (u64, u64, manifest::Sha256Digest) {
-    let key = signing::SecretKey::from_seed([6; 32]);
-    std::fs::create_dir_all(dir.join("keys")).unwrap();
-    key.public().write_new(&dir.join("keys/k.pub")).unwrap();
     let size = 192usize << 20;
     let mut v = Vec::with_capacity(size);
     let mut x: u32 = 7;
@@ -44,31 +43,7 @@ fn repository(dir: &Path) -> (u64, u64, manifest::Sha256Digest) {
         }
     }
     v.truncate(size);
-    let fs = dir.join("fs.img");
-    std::fs::write(&fs, &v).unwrap();
-    let opts = payload::BuildOptions {
-        version: "2.0.0".parse().unwrap(),
-        arch: std::env::consts::ARCH.into(),
-        kernel_cmdline: String::new(),
-        chunk_size: 256 << 10,
-        level: 3,
-        threads: 2,
-        salt: None,
-    };
-    payload::build(&fs, &dir.join("build"), &opts, &|_| {}).unwrap();
-    repo::local::sign_document(&dir.join("build/manifest.json"), std::slice::from_ref(&key)).unwrap();
-    let policy = repo::TrustPolicy::new(signing::TrustedKeys::new([key.public()]).unwrap(), 1).unwrap();
-    let req = repo::local::PublishRequest {
-        repo: &dir.join("repo"),
-        image_dir: &dir.join("build"),
-        channel: "stable",
-        expires_in: jiff::SignedDuration::from_hours(24),
-        waves: vec![],
-        now: jiff::Timestamp::now(),
-        threads: 2,
-    };
-    repo::local::publish(&req, std::slice::from_ref(&key), &policy, &|_, _| {}).unwrap();
-    let m = manifest::Manifest::from_bytes(&std::fs::read(dir.join("build/manifest.json")).unwrap()).unwrap();
+    let m = common::publish(dir, &dir.join("repo"), "2.0.0", &v, 6);
     (m.payload.size, m.image_size, m.image_sha256)
 }
 

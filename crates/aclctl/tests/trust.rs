@@ -1,6 +1,8 @@
 //! Issue 13 with the binary: what the booted slot runs comes from its signed trailer, so a lost
 //! or damaged state directory does not lower the downgrade floor.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use testkit::{flatcar_layout, tool};
@@ -12,37 +14,9 @@ fn aclctl(args: &[&str], extra: &[&Path]) -> Output {
 /// Publishes a 2 MiB image as `version` into `repo`, signed by the key of seed 8 (trusted by
 /// `dir/keys`).
 fn publish(dir: &Path, repo: &Path, version: &str) {
-    let key = signing::SecretKey::from_seed([8; 32]);
-    if !dir.join("keys/k.pub").exists() {
-        std::fs::create_dir_all(dir.join("keys")).unwrap();
-        key.public().write_new(&dir.join("keys/k.pub")).unwrap();
-    }
-    let fs = dir.join(format!("fs-{version}.img"));
     let seed = version.bytes().fold(0u8, |a, b| a.wrapping_add(b));
-    std::fs::write(&fs, (0..2u32 << 20).map(|i| (i / 4096) as u8 ^ seed).collect::<Vec<u8>>()).unwrap();
-    let out = dir.join(format!("build-{version}"));
-    let opts = payload::BuildOptions {
-        version: version.parse().unwrap(),
-        arch: std::env::consts::ARCH.into(),
-        kernel_cmdline: String::new(),
-        chunk_size: 256 << 10,
-        level: 1,
-        threads: 1,
-        salt: None,
-    };
-    payload::build(&fs, &out, &opts, &|_| {}).unwrap();
-    repo::local::sign_document(&out.join("manifest.json"), std::slice::from_ref(&key)).unwrap();
-    let policy = repo::TrustPolicy::new(signing::TrustedKeys::new([key.public()]).unwrap(), 1).unwrap();
-    let req = repo::local::PublishRequest {
-        repo,
-        image_dir: &out,
-        channel: "stable",
-        expires_in: jiff::SignedDuration::from_hours(24),
-        waves: vec![],
-        now: jiff::Timestamp::now(),
-        threads: 1,
-    };
-    repo::local::publish(&req, std::slice::from_ref(&key), &policy, &|_, _| {}).unwrap();
+    let image: Vec<u8> = (0..2u32 << 20).map(|i| (i / 4096) as u8 ^ seed).collect();
+    common::publish(dir, repo, version, &image, 8);
 }
 
 /// Before: with `slot-B.manifest.json` missing, garbage or a fresh `--state-dir`, a repository

@@ -489,18 +489,7 @@ async fn check(
     requested: Option<&policy::Wanted>,
 ) -> Result<policy::Decision, String> {
     let s = &env.settings;
-    let accepted_path = s.state_dir.join("accepted-index.json");
-    let accepted = AcceptedState::load(&accepted_path).map_err(|e| e.to_string())?;
-    let path = repo::layout::index_path(&s.channel);
-    let (index, acc) = fetcher
-        .get_signed(&path, |b, sig| {
-            policy.index(&s.channel, b, sig, env.platform.now(), accepted.get(&s.channel))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    // Under the record's lock, against what it holds now (another check may have run meanwhile).
-    AcceptedState::commit(&accepted_path, acc).map_err(|e| e.to_string())?;
+    let index = accepted_index(env, fetcher, policy).await?;
     // The downgrade floor: what the booted slot's signed trailer says it runs.
     let what = format!("slot {} trailer", env.booted);
     let verify = |m: &[u8], sig: &[u8]| policy.manifest(&what, m, sig).map_err(|e| e.to_string());
@@ -519,6 +508,29 @@ async fn check(
     }))
 }
 
+/// The channel index, accepted by the trust policy (signed, fresh, not older than nor different
+/// from the one accepted before) and recorded as accepted under the record's lock, against
+/// what it holds now (another check may have run meanwhile).
+async fn accepted_index(
+    env: &Env,
+    fetcher: &Fetcher,
+    policy: &TrustPolicy,
+) -> Result<manifest::ChannelIndex, String> {
+    let s = &env.settings;
+    let accepted_path = s.state_dir.join("accepted-index.json");
+    let accepted = AcceptedState::load(&accepted_path).map_err(|e| e.to_string())?;
+    let path = repo::layout::index_path(&s.channel);
+    let (index, acc) = fetcher
+        .get_signed(&path, |b, sig| {
+            policy.index(&s.channel, b, sig, env.platform.now(), accepted.get(&s.channel))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    AcceptedState::commit(&accepted_path, acc).map_err(|e| e.to_string())?;
+    Ok(index)
+}
+
 /// Fetches the release's manifest again (signed, named by the accepted index) and installs it.
 async fn install_version(
     env: &Env,
@@ -531,17 +543,7 @@ async fn install_version(
     // The index again, held to the same rules as at the check: signed, not expired, not older
     // than (nor different from) the one accepted (issue 13: it was read ignoring expiry and
     // replay, so a restart much later, or a replayed index, installed whatever it named).
-    let accepted_path = s.state_dir.join("accepted-index.json");
-    let accepted = AcceptedState::load(&accepted_path).map_err(|e| e.to_string())?;
-    let path = repo::layout::index_path(&s.channel);
-    let (index, acc) = fetcher
-        .get_signed(&path, |b, sig| {
-            policy.index(&s.channel, b, sig, env.platform.now(), accepted.get(&s.channel))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    AcceptedState::commit(&accepted_path, acc).map_err(|e| e.to_string())?;
+    let index = accepted_index(env, fetcher, policy).await?;
     let release = index
         .releases
         .iter()

@@ -12,15 +12,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-fn boot_and_confirm(disk: &Path, expect: Slot) {
-    let mut d = Disk::open(disk, true).unwrap();
-    let s = d.slots();
-    let (chosen, _) = choice::boot_attempt(&s).unwrap();
-    assert_eq!(chosen, expect);
-    d.update(|s| Ok(choice::boot_attempt(s).unwrap().1)).unwrap();
-    d.update(|s| choice::mark_good(s, chosen)).unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_then_adaptive_install_from_file_repository() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };

@@ -8,15 +8,6 @@ use common::*;
 use install::Journal;
 use slot::Disk;
 use slot::choice::{self, Slot};
-use std::path::Path;
-
-fn boot_and_confirm(disk: &Path, expect: Slot) {
-    let mut d = Disk::open(disk, true).unwrap();
-    let (chosen, _) = choice::boot_attempt(&d.slots()).unwrap();
-    assert_eq!(chosen, expect);
-    d.update(|s| Ok(choice::boot_attempt(s).unwrap().1)).unwrap();
-    d.update(|s| choice::mark_good(s, chosen)).unwrap();
-}
 
 /// Before: a payload answering 404 before any byte was written still made the good fallback
 /// slot unbootable and deleted its record; so did a refused update (booted slot not

@@ -123,6 +123,15 @@ impl Fixture {
     }
 }
 
+/// Boots the disk as the boot path would (it must choose `expect`) and confirms that slot.
+pub fn boot_and_confirm(disk: &Path, expect: Slot) {
+    let mut d = Disk::open(disk, true).unwrap();
+    let (chosen, _) = slot::choice::boot_attempt(&d.slots()).unwrap();
+    assert_eq!(chosen, expect);
+    d.update(|s| Ok(slot::choice::boot_attempt(s).unwrap().1)).unwrap();
+    d.update(|s| slot::choice::mark_good(s, chosen)).unwrap();
+}
+
 /// SHA-256 of the first `len` bytes of `slot`, read independently of the installer.
 pub fn slot_digest(disk: &Path, slot: Slot, len: u64) -> Sha256Digest {
     use std::os::unix::fs::FileExt as _;
