@@ -170,6 +170,8 @@ enum Kind {
 pub struct Fetcher {
     kind: Kind,
     opts: FetchOptions,
+    /// `Authorization` for the repository's own host, from credentials in its URL.
+    auth: Option<(String, hyper::header::HeaderValue)>,
     fetched: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
 }
@@ -183,7 +185,12 @@ enum Attempt {
 impl Fetcher {
     /// A fetcher for the repository at `url`: `http://host[:port]/path` or `file:///path`
     /// (a bare path is taken as a directory).
+    ///
+    /// Credentials in the URL (`https://user:password@host/`) are sent as HTTP basic
+    /// authentication to that host only, and never appear in a URL this fetcher reports.
     pub fn new(url: &str, opts: FetchOptions) -> Result<Self, FetchError> {
+        let (url, auth) = split_credentials(url);
+        let url = url.as_str();
         let bad = |reason: &str| FetchError::BadUrl { url: url.to_owned(), reason: reason.to_owned() };
         if opts.attempts == 0 {
             return Err(bad("attempts must be at least 1"));
@@ -224,7 +231,14 @@ impl Fetcher {
         } else {
             Kind::File(PathBuf::from(url))
         };
-        Ok(Self { kind, opts, fetched: Arc::default(), requests: Arc::default() })
+        let auth = match (auth, &kind) {
+            (Some(a), Kind::Http { base, .. } | Kind::Proxied { base, .. }) => {
+                let value = hyper::header::HeaderValue::from_str(&a).map_err(|e| bad(&e.to_string()))?;
+                Some((origin(base).to_owned(), value))
+            }
+            _ => None,
+        };
+        Ok(Self { kind, opts, auth, fetched: Arc::default(), requests: Arc::default() })
     }
 
     /// The full URL of `path` in the repository.
@@ -417,6 +431,11 @@ impl Fetcher {
         let mut hops = 0;
         let resp = loop {
             let mut req = hyper::Request::get(at.as_str());
+            if let Some((host, value)) = &self.auth
+                && origin(&at) == host
+            {
+                req = req.header(hyper::header::AUTHORIZATION, value.clone());
+            }
             if let Some(r) = &range {
                 req = req.header(hyper::header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
             }
@@ -689,6 +708,25 @@ enum Opened {
     Whole(Bytes),
 }
 
+/// `url` without credentials, and the basic-authentication header value they make, if any.
+fn split_credentials(url: &str) -> (String, Option<String>) {
+    use base64::Engine as _;
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return (url.to_owned(), None) };
+    let authority_end = url[scheme_end..].find('/').map_or(url.len(), |i| scheme_end + i);
+    let Some(at) = url[scheme_end..authority_end].rfind('@').map(|i| scheme_end + i) else {
+        return (url.to_owned(), None);
+    };
+    let userinfo = &url[scheme_end..at];
+    let header = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(userinfo));
+    (format!("{}{}", &url[..scheme_end], &url[at + 1..]), Some(header))
+}
+
+/// `scheme://authority` of an http(s) URL.
+fn origin(url: &str) -> &str {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    &url[..url[scheme_end..].find('/').map_or(url.len(), |i| scheme_end + i)]
+}
+
 /// Redirects followed per request at most.
 const MAX_REDIRECTS: u32 = 5;
 
@@ -795,6 +833,21 @@ fn error_text(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::redirect_target;
+
+    #[test]
+    fn credentials_leave_the_url() {
+        use super::{origin, split_credentials};
+        let (url, auth) = split_credentials("https://me:s3cret@repo.example:8443/os/");
+        assert_eq!(url, "https://repo.example:8443/os/");
+        assert_eq!(auth.as_deref(), Some("Basic bWU6czNjcmV0"));
+        assert_eq!(split_credentials("http://h/a@b").1, None, "an @ in the path is not userinfo");
+        assert_eq!(origin("https://repo.example:8443/os/x"), "https://repo.example:8443");
+        // Errors name the URL without the password.
+        let e = super::Fetcher::new("ftp://me:s3cret@h/", super::FetchOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
 
     #[test]
     fn redirect_targets() {

@@ -301,3 +301,39 @@ async fn file_repositories() {
     let e = Fetcher::new("ftp://example.invalid", fast()).unwrap_err().to_string();
     assert!(e.contains("only http://, https:// and file://"), "{e}");
 }
+
+/// Issue 13: a password in a `--repo` URL was echoed in errors. Credentials now leave the URL:
+/// they go as basic authentication to the repository's host, and errors name the URL without
+/// them.
+#[tokio::test]
+async fn credentials_are_sent_but_never_shown() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut b = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&b[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&req).to_lowercase();
+                let reply = if text.contains("authorization: basic bwu6cznjcmv0\r\n") {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+                } else {
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
+                };
+                let _ = sock.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    let f = Fetcher::new(&format!("http://me:s3cret@127.0.0.1:{port}/repo"), fast()).unwrap();
+    let e = f.get("index.json").await.unwrap_err().to_string();
+    // 404, not 401: the credentials were sent; and they are not in the message.
+    assert!(e.contains("HTTP 404") && !e.contains("s3cret") && !e.contains("me:"), "{e}");
+    assert_eq!(f.url("x"), format!("http://127.0.0.1:{port}/repo/x"));
+}
