@@ -252,9 +252,37 @@ pub enum ManifestError {
     /// The architecture is empty or not a plain word.
     #[error("architecture {0:?} is not a plain name like x86_64")]
     BadArch(String),
-    /// The command line has a character that cannot be passed to a kernel.
-    #[error("kernel command line contains a newline or NUL")]
-    BadCmdline,
+    /// The command line cannot be passed on safely: the boot path appends its own
+    /// parameters after it (issue 13: a `"` swallowed them).
+    #[error("kernel command line {cmdline:?}: {why}")]
+    BadCmdline {
+        /// The command line.
+        cmdline: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// The rules for a signed kernel command line: printable ASCII without quotes (a `"` opens a
+/// quoted value that swallows what the boot path appends), and none of the parameters the boot
+/// path sets itself (`acl.*`, `root=`, `rootfstype=`), which the image must not override.
+fn check_cmdline(c: &str) -> Result<(), &'static str> {
+    if c.len() > 4096 {
+        return Err("longer than 4096 bytes");
+    }
+    if !c.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err("only printable ASCII is allowed (no newline, NUL or other control character)");
+    }
+    if c.contains('"') {
+        return Err("a double quote would swallow the parameters the boot path appends");
+    }
+    for p in c.split(' ') {
+        let key = p.split('=').next().unwrap_or("");
+        if key.starts_with("acl.") || key == "root" || key == "rootfstype" {
+            return Err("acl.*, root= and rootfstype= are set by the boot path, not by the image");
+        }
+    }
+    Ok(())
 }
 
 impl Manifest {
@@ -313,9 +341,8 @@ impl Manifest {
         if !arch_ok {
             return Err(ManifestError::BadArch(self.arch.clone()));
         }
-        if self.kernel_cmdline.contains(['\n', '\0']) {
-            return Err(ManifestError::BadCmdline);
-        }
+        check_cmdline(&self.kernel_cmdline)
+            .map_err(|why| ManifestError::BadCmdline { cmdline: self.kernel_cmdline.clone(), why })?;
         let max = self.max_chunk_size;
         if max == 0 || !max.is_multiple_of(MIN_CHUNK_SIZE) || max > MAX_CHUNK_SIZE {
             return Err(ManifestError::BadChunkSize(max));
@@ -486,6 +513,29 @@ mod tests {
             String::new(),
             chunks,
         )
+    }
+
+    #[test]
+    fn issue_13_kernel_command_lines_are_checked() {
+        for ok in ["", "console=ttyS0 quiet", "panic=3 loglevel=4 systemd.unit=multi-user.target"] {
+            assert_eq!(check_cmdline(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("quiet \"", "double quote"),
+            ("console=\"ttyS0 x\"", "double quote"),
+            ("a\nb", "printable ASCII"),
+            ("a\0b", "printable ASCII"),
+            ("acl.roothash=00", "set by the boot path"),
+            ("quiet root=/dev/sda1", "set by the boot path"),
+            ("rootfstype=ext4", "set by the boot path"),
+        ] {
+            let e = check_cmdline(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let mut m = manifest(&[(0, 10, 1)]);
+        m.kernel_cmdline = "quiet \"".into();
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.starts_with("kernel command line \"quiet \\\"\": a double quote"), "{e}");
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl Fixture {
         let opts = payload::BuildOptions {
             version: v.parse().unwrap(),
             arch: "x86_64".into(),
-            kernel_cmdline: "console=ttyS0 root=/dev/dm-0".into(),
+            kernel_cmdline: "console=ttyS0 quiet".into(),
             chunk_size: 1 << 20,
             level: 3,
             threads: 2,
