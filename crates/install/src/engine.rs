@@ -329,6 +329,9 @@ pub async fn install(
     };
     let target_io = Arc::new(SlotIo::open(req.disk, base, len, true).map_err(io("open", req.disk))?);
     let mut done = journal.done();
+    // Whether this run hashed every chunk on the device (then nothing needs reading back when
+    // nothing is written); chunks the journal vouches for were not hashed here.
+    let scanned_all = look_in_target && !done.iter().any(|&d| d);
     if look_in_target {
         // Chunks already in place: written by a run that was killed before it journaled them
         // (kill -9 loses no written chunk), or all of them after a finished install.
@@ -344,7 +347,7 @@ pub async fn install(
             }
         }
     }
-    let all_in_place = done.iter().all(|&d| d);
+    let verified_in_place = scanned_all && done.iter().all(|&d| d);
 
     // The target is made unbootable (and its old record dropped) right before the first byte
     // is written to it, not before: an install that fails before writing anything (the
@@ -414,9 +417,10 @@ pub async fn install(
     report.write_time = started.elapsed();
 
     // Read back everything from the device and check it; done already when nothing was written
-    // and every chunk was just found in place on the device.
+    // and this run hashed every chunk in place on the device. A journal alone never spares the
+    // read-back: it may claim chunks a disk lost.
     let started = Instant::now();
-    let bad = if all_in_place && before_first_write.is_some() {
+    let bad = if verified_in_place && before_first_write.is_some() {
         counters.read_back.store(m.image_size, Ordering::Relaxed);
         Vec::new()
     } else {

@@ -123,3 +123,38 @@ async fn a_killed_install_keeps_every_chunk_it_wrote() {
     assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256);
     assert_eq!(choice::choose(&Disk::open(&disk, false).unwrap().slots()), Some(Slot::B));
 }
+
+/// A journal that claims every chunk of a slot the disk lost half of (a disk that dropped
+/// writes) must not spare the read-back: the install refuses to activate, says which chunks
+/// differ, and the slot stays unbootable. (A first version of the in-place scan skipped the
+/// read-back whenever nothing was left to write, trusting the journal's claims.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_that_lies_does_not_spare_the_read_back() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let disk = disk(&sgdisk, f.dir.path());
+    let v1 = f.release("1.0.0", 0);
+    let fetcher = f.file_fetcher();
+    f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
+    let mut d = Disk::open(&disk, true).unwrap();
+    d.update(|s| choice::prepare(s, Slot::A)).unwrap();
+    let (base, len) = d.slot_extent(Slot::B).unwrap();
+    let partuuid = d.partition(Slot::B).unique_guid.to_string();
+    drop(d);
+    let half = v1.0.chunk_range(v1.0.chunks.len() / 2).start;
+    {
+        use std::os::unix::fs::FileExt as _;
+        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        file.write_all_at(&vec![0u8; (len - half) as usize], base + half).unwrap();
+    }
+    let mut j = Journal::new(manifest::Sha256Digest::of(&v1.1), partuuid, v1.0.chunks.len());
+    j.set_done(&vec![true; v1.0.chunks.len()]);
+    j.save(&f.path("state")).unwrap();
+
+    let e = f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap_err().to_string();
+    assert!(e.contains("read-back of slot B found"), "{e}");
+    assert_eq!(Disk::open(&disk, false).unwrap().slots().b.priority(), 0, "activated a damaged slot");
+    // The read-back unmarked the bad chunks: the next run fetches them and succeeds.
+    f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
+    assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256);
+}
