@@ -46,15 +46,7 @@ async fn recording_server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>, Arc<
             let (c, a) = (Arc::clone(&c), Arc::clone(&a));
             tokio::spawn(async move {
                 loop {
-                    let mut req = Vec::new();
-                    let mut b = [0u8; 1024];
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut b).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => req.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&req).to_lowercase();
+                    let Some(text) = read_head(&mut sock).await else { return };
                     let (s, e) = text
                         .lines()
                         .find_map(|l| l.strip_prefix("range: bytes="))
@@ -125,6 +117,19 @@ async fn recording_server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>, Arc<
         }
     });
     (format!("http://{addr}"), count, asked)
+}
+
+/// Reads one request's head, lower-cased; `None` when the client closed.
+async fn read_head(sock: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut req = Vec::new();
+    let mut b = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut b).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => req.extend_from_slice(&b[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&req).to_lowercase())
 }
 
 fn fast() -> FetchOptions {
@@ -313,15 +318,7 @@ async fn credentials_are_sent_but_never_shown() {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { return };
             tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut b = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&b[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&req).to_lowercase();
+                let Some(text) = read_head(&mut sock).await else { return };
                 let reply = if text.contains("authorization: basic bwu6cznjcmv0\r\n") {
                     "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
                 } else {
