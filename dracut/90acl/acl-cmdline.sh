@@ -5,7 +5,7 @@
 # settled hook runs until it hands over with kexec.
 type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
 
-if [ -n "$(getarg acl.roothash=)" ]; then
+if [ "$(getarg acl.stage=)" = 2 ]; then
     # root=/dev/mapper/acl-root comes with the command line that stage 1 built.
     wait_for_dev -n /dev/mapper/acl-root
 else

@@ -5,14 +5,26 @@ type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
 . /lib/acl-lib.sh
 
 acl_stage2() {
-    # The parameters come from stage 1, which verified the slot's signed manifest; the root
-    # hash binds every byte of the image.
-    part="$(getarg acl.part=)"
-    [ -b "$part" ] || return 0
-    acl_open_verity acl-root "$part" "$(getarg acl.roothash=)" "$(getarg acl.hashoffset=)" \
-        "$(getarg acl.datablocks=)" "$(getarg acl.datablocksize=)" "$(getarg acl.hashblocksize=)" \
-        "$(getarg acl.hash=)" "$(getarg acl.salt=)" \
-        || die "acl: cannot open slot $(getarg acl.slot=) through dm-verity"
+    # The command line names only the disk and the slot. acl-boot checks that the slot is the
+    # one the gptprio rule chose and reads its signed manifest with the keys and threshold of
+    # this initramfs; every dm-verity parameter comes from that manifest, so an edited boot
+    # entry cannot open an unsigned image.
+    [ -b /dev/mapper/acl-root ] && return 0
+    disk="$(getarg acl.disk=)"
+    disk="${disk:-/dev/vda}"
+    [ -b "$disk" ] || return 0
+    slot="$(getarg acl.slot=)"
+    mkdir -p /run/acl
+    if ! acl-boot verify --disk "$disk" --slot "$slot" > /run/acl/root.env; then
+        acl_log "stage 2: slot $slot is not verified for this boot"
+        die "acl: slot $slot is not verified for this boot"
+    fi
+    . /run/acl/root.env
+    [ -b "$ACL_PART" ] || return 0
+    acl_log "stage 2: slot $ACL_SLOT ($ACL_VERSION), root hash from its signed manifest"
+    acl_open_verity acl-root "$ACL_PART" "$ACL_ROOTHASH" "$ACL_HASH_OFFSET" "$ACL_DATA_BLOCKS" \
+        "$ACL_DATA_BLOCK_SIZE" "$ACL_HASH_BLOCK_SIZE" "$ACL_HASH" "$ACL_SALT" \
+        || die "acl: cannot open slot $ACL_SLOT through dm-verity"
 }
 
 acl_stage1() {
@@ -33,10 +45,8 @@ acl_stage1() {
         || die "acl: cannot open slot $ACL_SLOT through dm-verity"
     mkdir -p /run/acl/slot
     mount -t erofs -o ro /dev/mapper/acl-slot /run/acl/slot || die "acl: cannot mount slot $ACL_SLOT"
-    cmdline="$ACL_CMDLINE acl.slot=$ACL_SLOT acl.version=$ACL_VERSION acl.part=$ACL_PART"
-    cmdline="$cmdline acl.roothash=$ACL_ROOTHASH acl.hashoffset=$ACL_HASH_OFFSET"
-    cmdline="$cmdline acl.datablocks=$ACL_DATA_BLOCKS acl.datablocksize=$ACL_DATA_BLOCK_SIZE"
-    cmdline="$cmdline acl.hashblocksize=$ACL_HASH_BLOCK_SIZE acl.hash=$ACL_HASH acl.salt=$ACL_SALT"
+    # Stage 2 is told only which disk and slot; it verifies the slot again itself.
+    cmdline="$ACL_CMDLINE acl.stage=2 acl.disk=$disk acl.slot=$ACL_SLOT"
     cmdline="$cmdline root=/dev/mapper/acl-root rootfstype=erofs ro"
     kexec -l /run/acl/slot/boot/vmlinuz --initrd=/run/acl/slot/boot/initrd.img \
         --command-line="$cmdline" || die "acl: cannot load the kernel of slot $ACL_SLOT"
@@ -48,7 +58,7 @@ acl_stage1() {
     die "acl: kexec into slot $ACL_SLOT failed"
 }
 
-if [ -n "$(getarg acl.roothash=)" ]; then
+if [ "$(getarg acl.stage=)" = 2 ]; then
     acl_stage2
 else
     acl_stage1

@@ -291,7 +291,7 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
         let _cwd = sh.push_dir(&a.work);
         let _e1 = sh.push_env("dracutbasedir", &dracut_base);
         let _e2 = sh.push_env("ACL_BOOT_BIN", root.join("target/release/acl-boot"));
-        let _e3 = sh.push_env("ACL_TRUST_DIR", &a.trust);
+        let _e3 = sh.push_env("ACL_IMAGE_ROOT", &tree);
         let _e4 = sh.push_env("SOURCE_DATE_EPOCH", epoch.to_string());
         let confdir = "dracut.conf.d";
         std::fs::create_dir_all(a.work.join(confdir))?;

@@ -45,6 +45,24 @@ pub enum BootError {
     /// No slot is bootable (any more).
     #[error("no bootable slot{}", skipped(.0))]
     NothingBootable(Vec<(Slot, String)>),
+    /// The second stage was told to open a slot the boot rule did not choose.
+    #[error(
+        "slot {slot} is not the slot the boot rule chose ({bits}); the kernel command line names another"
+    )]
+    NotChosen {
+        /// The slot named.
+        slot: Slot,
+        /// Its bits.
+        bits: String,
+    },
+    /// The second stage's slot has no valid signed manifest.
+    #[error("slot {slot}: {why}")]
+    Unverified {
+        /// The slot.
+        slot: Slot,
+        /// Why.
+        why: String,
+    },
 }
 
 fn skipped(s: &[(Slot, String)]) -> String {
@@ -110,6 +128,33 @@ pub fn select(path: &Path, policy: &TrustPolicy) -> Result<Selection, BootError>
             }
         }
     }
+}
+
+/// The second stage's check: `slot` is the one the gptprio rule chose (the bits show a boot
+/// attempt that chose it, [`choice::chosen_by_rule`]) and its signed manifest verifies. The
+/// disk is only read. Everything the second stage uses to open its root comes from the returned
+/// manifest, never from the kernel command line: an edited boot entry can name a slot, but it
+/// can neither supply a root hash nor pick a slot the rule would not boot.
+pub fn verify_chosen(path: &Path, slot: Slot, policy: &TrustPolicy) -> Result<Selection, BootError> {
+    let disk = Disk::open(path, false)?;
+    disk.check_layout().map_err(|e| disk.layout_error(e))?;
+    let slots = disk.slots();
+    let bits = slots.get(slot);
+    if !choice::chosen_by_rule(&slots, slot) {
+        return Err(BootError::NotChosen { slot, bits: bits.to_string() });
+    }
+    let m = slot_manifest(&disk, path, slot, policy).map_err(|why| BootError::Unverified { slot, why })?;
+    let e = disk.partition(slot);
+    Ok(Selection {
+        slot,
+        partition: e.number,
+        partuuid: e.unique_guid.to_string(),
+        version: m.version.to_string(),
+        cmdline: m.kernel_cmdline.clone(),
+        verity: m.verity,
+        tries_left: (!bits.successful()).then(|| bits.tries()),
+        skipped: Vec::new(),
+    })
 }
 
 impl Selection {

@@ -148,3 +148,126 @@ fn issue_12_an_overlapping_table_is_refused_without_a_write() {
     assert!(e.contains("overlaps partition 4 USR-B") && e.contains("the disk was not changed"), "{e}");
     assert!(std::fs::read(&f.disk).unwrap() == before, "acl-boot wrote to an unsafe table");
 }
+
+/// Stage 2 (`verify_chosen`): the slot stage 1 chose verifies, with the parameters of its own
+/// signed manifest; a slot the rule did not choose is refused whatever the command line says;
+/// a slot whose trailer no longer verifies is refused; the disk is never written.
+#[test]
+fn stage_two_opens_only_the_chosen_slot_with_its_signed_parameters() {
+    let Some(f) = fixture() else { return };
+    f.install_trailer(Slot::A, "1.0.0", None);
+    f.install_trailer(Slot::B, "2.0.0", None);
+    // Both confirmed, A on top (B was confirmed earlier and rolled back from, say).
+    {
+        let mut d = Disk::open(&f.disk, true).unwrap();
+        d.update(|_| {
+            Ok(slot::Slots {
+                a: slot::GptPrio::from_parts(2, 0, true).unwrap(),
+                b: slot::GptPrio::from_parts(1, 0, true).unwrap(),
+            })
+        })
+        .unwrap();
+    }
+    let before = std::fs::read(&f.disk).unwrap();
+    let s = boot::verify_chosen(&f.disk, Slot::A, &f.policy).unwrap();
+    assert_eq!((s.slot, s.version.as_str()), (Slot::A, "1.0.0"));
+    let chosen = f.select().unwrap();
+    assert_eq!(s.to_env("/dev/vda"), chosen.to_env("/dev/vda"), "stage 2 opens what stage 1 chose");
+    // An edited command line naming the older confirmed slot B is refused.
+    let e = boot::verify_chosen(&f.disk, Slot::B, &f.policy).unwrap_err();
+    assert!(matches!(e, boot::BootError::NotChosen { slot: Slot::B, .. }), "{e}");
+    assert!(e.to_string().contains("not the slot the boot rule chose"), "{e}");
+    assert_eq!(std::fs::read(&f.disk).unwrap(), before, "stage 2 wrote to the disk");
+
+    // B on trial: after stage 1 spent a try on it, stage 2 accepts B, and no longer A.
+    f.activate(Slot::B, 2);
+    let s = f.select().unwrap();
+    assert_eq!(s.slot, Slot::B);
+    assert_eq!(boot::verify_chosen(&f.disk, Slot::B, &f.policy).unwrap().version, "2.0.0");
+    assert!(matches!(
+        boot::verify_chosen(&f.disk, Slot::A, &f.policy),
+        Err(boot::BootError::NotChosen { .. })
+    ));
+
+    // B's trailer replaced by one signed with a key this initramfs does not trust: refused.
+    let stranger = signing::SecretKey::from_seed([7; 32]);
+    f.install_trailer(Slot::B, "2.0.1", Some(&stranger));
+    let e = boot::verify_chosen(&f.disk, Slot::B, &f.policy).unwrap_err();
+    assert!(matches!(e, boot::BootError::Unverified { slot: Slot::B, .. }), "{e}");
+    assert!(e.to_string().contains("key"), "{e}");
+}
+
+/// `acl-boot verify` takes its keys and threshold from the agent's configuration files: a
+/// manifest with one signature fails a configured threshold of 2, and passes with 2 signers.
+#[test]
+fn the_boot_path_threshold_comes_from_the_agent_configuration() {
+    let Some(f) = fixture() else { return };
+    let second = signing::SecretKey::from_seed([5; 32]);
+    let root = f.dir.path().join("root");
+    let keys = root.join("etc/acl-update/keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    f.key.public().write_new(&keys.join("one.pub")).unwrap();
+    second.public().write_new(&keys.join("two.pub")).unwrap();
+    std::fs::write(
+        root.join("etc/acl-update/config.toml"),
+        "[trust]\nkeys = [\"/etc/acl-update/keys\"]\nthreshold = 2\n",
+    )
+    .unwrap();
+    f.install_trailer(Slot::A, "1.0.0", None);
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_acl-boot"))
+            .args(["verify", "--disk", path(&f.disk), "--slot", "A", "--config-root", path(&root)])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = run();
+    assert!(!ok && err.contains("1 valid signature(s) from trusted keys, 2 required"), "{err}");
+
+    // Signed by both keys: accepted, and the assignments come from the manifest.
+    let both = [f.key.clone(), second.clone()];
+    let fs = f.dir.path().join("fs-two");
+    std::fs::write(&fs, vec![3u8; 1 << 20]).unwrap();
+    let out = f.dir.path().join("build-two");
+    let opts = payload::BuildOptions {
+        version: "1.0.1".parse().unwrap(),
+        arch: "x86_64".into(),
+        kernel_cmdline: "console=ttyS0 quiet".into(),
+        chunk_size: 256 << 10,
+        level: 1,
+        threads: 1,
+        salt: None,
+    };
+    payload::build(&fs, &out, &opts, &|_| {}).unwrap();
+    repo::local::sign_document(&out.join("manifest.json"), &both).unwrap();
+    let m = std::fs::read(out.join("manifest.json")).unwrap();
+    let sig = std::fs::read(out.join("manifest.json.sig")).unwrap();
+    let (base, len) = Disk::open(&f.disk, false).unwrap().slot_extent(Slot::A).unwrap();
+    let (at, bytes) = trailer::encode(&m, &sig, len);
+    std::fs::OpenOptions::new().write(true).open(&f.disk).unwrap().write_all_at(&bytes, base + at).unwrap();
+    let (ok, env, err) = run();
+    assert!(ok, "{err}");
+    assert!(env.contains("ACL_VERSION='1.0.1'") && env.contains("ACL_SLOT='A'"), "{env}");
+
+    // The build-time list for the initramfs: the configuration file and both keys.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_acl-boot"))
+        .args(["trust-files", "--root", path(&root)])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/etc/acl-update/config.toml\n/etc/acl-update/keys/one.pub\n/etc/acl-update/keys/two.pub\n"
+    );
+    // A threshold above the number of keys cannot verify anything: refused at build time.
+    std::fs::remove_file(keys.join("two.pub")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_acl-boot"))
+        .args(["trust-files", "--root", path(&root)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trusts 1 key(s) but trust.threshold is 2"));
+}

@@ -13,7 +13,7 @@
 
 mod settings;
 
-pub use settings::{KubeSettings, Kubelet, Mode, Settings, Window};
+pub use settings::{KubeSettings, Kubelet, Mode, Settings, TrustSettings, Window};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

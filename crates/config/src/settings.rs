@@ -114,6 +114,36 @@ pub enum Kubelet {
     Off,
 }
 
+/// The `[trust]` section alone, checked: what signed documents must carry. The agent reads it
+/// as part of [`Settings`]; the boot path's initramfs reads it from the same files (installed
+/// into the initramfs with the keys they name), so a node and its boot path never disagree about
+/// how many signatures a release needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustSettings {
+    /// Key files and directories of `*.pub` files.
+    pub keys: Vec<PathBuf>,
+    /// How many distinct trusted keys must have signed.
+    pub threshold: NonZeroUsize,
+}
+
+impl TrustSettings {
+    /// Validates the `[trust]` keys of a loaded configuration.
+    pub fn from_loaded(l: &Loaded) -> Result<Self, ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
+            origin: l.origin(key),
+            key: key.into(),
+            reason,
+        };
+        let t = &l.config.trust;
+        let threshold = NonZeroUsize::new(t.threshold)
+            .ok_or_else(|| bad("trust.threshold", "must be at least 1".into()))?;
+        if t.keys.is_empty() {
+            return Err(bad("trust.keys", "at least one key file or directory is required".into()));
+        }
+        Ok(Self { keys: t.keys.clone(), threshold })
+    }
+}
+
 impl Settings {
     /// Validates a loaded configuration; the first problem found is the error.
     pub fn from_loaded(l: &Loaded) -> Result<Self, ConfigError> {
@@ -179,11 +209,7 @@ impl Settings {
         let parallel = NonZeroUsize::new(c.updates.parallel)
             .filter(|n| n.get() <= 64)
             .ok_or_else(|| bad("updates.parallel", format!("{} is not in 1..=64", c.updates.parallel)))?;
-        let threshold = NonZeroUsize::new(c.trust.threshold)
-            .ok_or_else(|| bad("trust.threshold", "must be at least 1".into()))?;
-        if c.trust.keys.is_empty() {
-            return Err(bad("trust.keys", "at least one key file or directory is required".into()));
-        }
+        let TrustSettings { keys: trust_keys, threshold } = TrustSettings::from_loaded(l)?;
         let mut windows = Vec::new();
         for (i, w) in c.reboot.windows.iter().enumerate() {
             let key = "reboot.windows";
@@ -293,7 +319,7 @@ impl Settings {
             tries: c.updates.tries,
             paused: c.updates.paused,
             parallel,
-            trust_keys: c.trust.keys.clone(),
+            trust_keys,
             threshold,
             ca_file: opt_path(&c.trust.ca_file),
             windows,

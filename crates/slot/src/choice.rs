@@ -178,6 +178,23 @@ pub fn boot_attempt(s: &Slots) -> Option<(Slot, Slots)> {
     Some((chosen, s.with(chosen, p.with_tries(spent))))
 }
 
+/// Whether `slot` is what a boot attempt could just have chosen, given the bits after it: the
+/// second stage's check that it runs the slot the rule chose rather than one named by an edited
+/// kernel command line. Exactly the slots `c` for which some `before` has
+/// `boot_attempt(before) == Some((c, s))` (checked exhaustively by `tests/model.rs`).
+pub fn chosen_by_rule(s: &Slots, slot: Slot) -> bool {
+    if choose(s) == Some(slot) && s.get(slot).successful() {
+        return true;
+    }
+    // An unconfirmed slot spent a try to get here: undo it and ask the rule again.
+    let p = s.get(slot);
+    if p.successful() || p.priority() == 0 {
+        return false;
+    }
+    let Some(before) = Nibble::new(p.tries() + 1) else { return false };
+    choose(&s.with(slot, p.with_tries(before))) == Some(slot)
+}
+
 fn booted_bootable(s: &Slots, booted: Slot) -> Result<(), TransitionError> {
     // The running slot may have spent its last try to get here; what matters is that it has a
     // priority (it was not marked bad).

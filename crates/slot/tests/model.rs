@@ -246,3 +246,35 @@ fn every_sequence_keeps_a_good_slot_bootable() {
     eprintln!("model: all {} reachable states and {transitions} transitions checked", reached.len());
     assert_eq!(reached.len(), seen.len(), "the bounded search should have reached every state");
 }
+
+/// `chosen_by_rule` (the second stage's check) accepts exactly the slots a boot attempt can
+/// have chosen, over every pair of gptprio values.
+#[test]
+fn chosen_by_rule_is_exactly_what_boot_attempt_chooses() {
+    let all: Vec<GptPrio> = (0..16u8)
+        .flat_map(|p| {
+            (0..16u8).flat_map(move |t| [false, true].map(|ok| GptPrio::from_parts(p, t, ok).unwrap()))
+        })
+        .collect();
+    let mut possible = HashSet::new();
+    for &a in &all {
+        for &b in &all {
+            if let Some((chosen, after)) = choice::boot_attempt(&Slots { a, b }) {
+                possible.insert((after, chosen));
+            }
+        }
+    }
+    let mut accepted = 0usize;
+    for &a in &all {
+        for &b in &all {
+            let s = Slots { a, b };
+            for x in Slot::BOTH {
+                let want = possible.contains(&(s, x));
+                assert_eq!(choice::chosen_by_rule(&s, x), want, "slot {x} with A {a:?}, B {b:?}");
+                accepted += usize::from(want);
+            }
+        }
+    }
+    // Neither everything nor nothing: the check can refuse.
+    assert!(accepted > 1000 && accepted < all.len() * all.len(), "{accepted}");
+}
