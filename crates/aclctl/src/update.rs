@@ -158,6 +158,7 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
             "reused_bytes": r.reused_bytes,
             "resumed_bytes": r.resumed_bytes,
             "direct_io": r.direct_io,
+            "one_pass": r.one_pass,
             "write_seconds": r.write_time.as_secs_f64(),
             "verify_seconds": r.verify_time.as_secs_f64(),
         });
@@ -179,6 +180,11 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
         r.verify_time.as_secs_f64(),
         if r.direct_io { "O_DIRECT" } else { "buffered, cache dropped" }
     );
+    if r.one_pass {
+        println!(
+            "  the repository's server ignores Range requests: the payload was read in one pass (configure it to answer ranges to fetch only what changed)"
+        );
+    }
     if current.is_none() && r.reused_bytes == 0 && !a.provision {
         println!("  (no record of what slot {booted} holds, so nothing could be reused)");
     }

@@ -135,4 +135,26 @@ fn issue_12_killed_and_cut_downloads_fetch_little_twice() {
         100.0 * twice as f64 / image as f64
     );
     assert!(twice as f64 <= image as f64 * 0.02, "{:.2} MiB sent twice", mib(twice));
+
+    // 3. A server that ignores Range (answers every request with the whole file): the install
+    //    reads the payload in one pass, verifying every chunk, and says so.
+    let work = dir.path().join("norange");
+    std::fs::create_dir_all(&work).unwrap();
+    let disk = flatcar_image(&sgdisk, &work, 448, 208);
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let server = serve(dir.path().join("repo"), Behaviour { ignore_range: true, ..Behaviour::default() });
+    let out = update(dir.path(), &server.url, &disk).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ignores Range requests: the payload was read in one pass"), "{stdout}");
+    assert_eq!(slot_b_digest(&disk, image), sha);
+    let sent = server.sent.load(Ordering::SeqCst);
+    eprintln!(
+        "server ignoring Range: sent {:.2} MiB for a {:.2} MiB payload ({:.2}x)",
+        mib(sent),
+        mib(payload),
+        sent as f64 / payload as f64
+    );
+    // One pass, plus what the refused first answers pushed before they were closed.
+    assert!(sent >= payload && (sent as f64) < payload as f64 * 1.1, "{} MiB sent", mib(sent));
 }

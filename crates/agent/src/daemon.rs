@@ -581,6 +581,7 @@ async fn install_version(
         resumed = report.resumed_bytes,
         write_ms = report.write_time.as_millis() as u64,
         verify_ms = report.verify_time.as_millis() as u64,
+        one_pass = report.one_pass,
         // The fields again in the text: `journalctl` and the console show only the message.
         "installed version={version} fetched={} reused={} resumed={} write_ms={} verify_ms={}",
         report.fetch_bytes,

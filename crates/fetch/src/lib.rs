@@ -127,6 +127,14 @@ pub enum FetchError {
         /// What rustls said.
         reason: String,
     },
+    /// The server answered a range request with the whole file (HTTP 200 instead of 206). Not
+    /// retried as such: a caller that can read the file in one pass asks again with
+    /// [`RangeStream::whole_file_ok`].
+    #[error("{url}: the server ignored the Range header (HTTP 200 instead of 206)")]
+    RangeIgnored {
+        /// The URL.
+        url: String,
+    },
     /// A document larger than allowed.
     #[error("{url}: {size} bytes is more than the {limit} allowed for a document")]
     TooLarge {
@@ -148,6 +156,7 @@ impl FetchError {
             | FetchError::NotFound { url }
             | FetchError::GaveUp { url, .. }
             | FetchError::Tls { url, .. }
+            | FetchError::RangeIgnored { url }
             | FetchError::TooLarge { url, .. } => url,
         }
     }
@@ -323,6 +332,8 @@ impl Fetcher {
             slow: 0,
             rate: Rate::new(),
             backoff: self.opts.first_backoff,
+            whole_ok: false,
+            skip: 0,
         }
     }
 
@@ -414,13 +425,15 @@ impl Fetcher {
     }
 
     /// Sends one GET (for `range`, when given) and checks the answer's status and headers; the
-    /// body is left to the caller. Returns the body and its expected length.
+    /// body is left to the caller. Returns the body and how many of its first bytes come before
+    /// the range: 0, unless the server sent the whole file and `whole_ok` accepts that.
     async fn open_http<C>(
         &self,
         client: &Client<C>,
         url: &str,
         range: Option<Range<u64>>,
-    ) -> Result<(hyper::body::Incoming, Option<u64>), Attempt>
+        whole_ok: bool,
+    ) -> Result<(hyper::body::Incoming, u64), Attempt>
     where
         hyper_rustls::HttpsConnector<C>:
             hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
@@ -475,22 +488,24 @@ impl Fetcher {
             at = next;
         };
         let status = resp.status().as_u16();
-        let expected = match (&range, status) {
+        let (expected, skip) = match (&range, status) {
             (Some(r), 206) => {
                 check_content_range(resp.headers(), r)?;
-                Some(r.end - r.start)
+                (Some(r.end - r.start), 0)
             }
-            (Some(_), 200) => {
-                return Err(Attempt::Fatal(FetchError::BadUrl {
-                    url: url.to_owned(),
-                    reason: "the server ignored the Range header (HTTP 200 instead of 206)".into(),
-                }));
-            }
-            (None, 200) => None,
+            // The whole file: the caller reads past what comes before the range.
+            (Some(r), 200) if whole_ok => (None, r.start),
+            (Some(_), 200) => return Err(Attempt::Fatal(FetchError::RangeIgnored { url: url.to_owned() })),
+            (None, 200) => (None, 0),
             (_, 500..=599) => return Err(Attempt::Retry(format!("HTTP {status}"))),
             _ => return Err(Attempt::Fatal(FetchError::Rejected { url: url.to_owned(), status })),
         };
-        let limit = expected.unwrap_or(self.opts.max_document);
+        let limit = match (expected, &range) {
+            (Some(e), _) => e,
+            // A whole file read for a range: it must at least reach the range's end.
+            (None, Some(_)) => u64::MAX,
+            (None, None) => self.opts.max_document,
+        };
         if let Some(len) = resp
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
@@ -502,8 +517,15 @@ impl Fetcher {
             if len > limit {
                 return Err(Attempt::Fatal(FetchError::TooLarge { url: url.to_owned(), size: len, limit }));
             }
+            if let Some(r) = range.as_ref().filter(|_| expected.is_none())
+                && len < r.end
+            {
+                return Err(Attempt::Retry(format!(
+                    "the whole file is {len} bytes, shorter than the range {r:?}"
+                )));
+            }
         }
-        Ok((resp.into_body(), expected))
+        Ok((resp.into_body(), skip))
     }
 
     /// One attempt at a whole document over HTTP.
@@ -512,7 +534,7 @@ impl Fetcher {
         hyper_rustls::HttpsConnector<C>:
             hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
     {
-        let (mut body, _) = self.open_http(client, url, None).await?;
+        let (mut body, _) = self.open_http(client, url, None, false).await?;
         let (stall, limit) = (self.opts.stall_timeout, self.opts.max_document);
         let mut buf = BytesMut::with_capacity(64 << 10);
         let mut rate = Rate::new();
@@ -596,9 +618,21 @@ pub struct RangeStream<'a> {
     slow: u32,
     rate: Rate,
     backoff: Duration,
+    whole_ok: bool,
+    /// Bytes of the current body still to be read past (a whole-file answer).
+    skip: u64,
 }
 
 impl RangeStream<'_> {
+    /// Accepts a server that ignores `Range` and sends the whole file: the bytes before the
+    /// range are read and dropped (after a cut, again from the file's start). For a caller that
+    /// reads the file in one pass; without it such an answer is [`FetchError::RangeIgnored`].
+    #[must_use]
+    pub fn whole_file_ok(mut self) -> Self {
+        self.whole_ok = true;
+        self
+    }
+
     /// Offset of the next byte to deliver.
     pub fn position(&self) -> u64 {
         self.pos
@@ -620,7 +654,10 @@ impl RangeStream<'_> {
                 self.fetcher.requests.fetch_add(1, Ordering::Relaxed);
                 self.rate = Rate::new();
                 match self.open().await {
-                    Ok(Opened::Body(b)) => self.body = Some(b),
+                    Ok(Opened::Body(b, skip)) => {
+                        self.body = Some(b);
+                        self.skip = skip;
+                    }
                     Ok(Opened::Whole(bytes)) => return Ok(Some(self.deliver(bytes))),
                     Err(Attempt::Fatal(e)) => return Err(e),
                     Err(Attempt::Retry(why)) => self.failed(why)?,
@@ -636,9 +673,24 @@ impl RangeStream<'_> {
                 ))?,
                 Ok(Some(Err(e))) => self.failed(error_text(&e))?,
                 Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data()
+                    if let Ok(mut data) = frame.into_data()
                         && !data.is_empty()
                     {
+                        if self.skip > 0 {
+                            // Before the range, in a whole-file answer: read past it. It
+                            // counts towards the rate, not as delivered.
+                            let n = self.skip.min(data.len() as u64);
+                            self.skip -= n;
+                            bytes::Buf::advance(&mut data, n as usize);
+                            if let Err(why) = self.rate.add(n, &self.fetcher.opts) {
+                                self.slow += 1;
+                                self.failed(why)?;
+                                continue;
+                            }
+                            if data.is_empty() {
+                                continue;
+                            }
+                        }
                         self.failures = 0;
                         self.backoff = self.fetcher.opts.first_backoff;
                         if let Err(why) = self.rate.add(data.len() as u64, &self.fetcher.opts) {
@@ -692,19 +744,23 @@ impl RangeStream<'_> {
                 Ok(Opened::Whole(bytes))
             }
             Kind::Http { client, .. } => {
-                Ok(Opened::Body(f.open_http(client, &self.url, Some(rest)).await?.0))
+                let (b, skip) = f.open_http(client, &self.url, Some(rest), self.whole_ok).await?;
+                Ok(Opened::Body(b, skip))
             }
-            Kind::Proxied { client, proxy, .. } => match f.open_http(client, &self.url, Some(rest)).await {
-                Ok((b, _)) => Ok(Opened::Body(b)),
-                Err(Attempt::Retry(why)) => Err(Attempt::Retry(format!("{why} (via proxy {proxy})"))),
-                Err(fatal) => Err(fatal),
-            },
+            Kind::Proxied { client, proxy, .. } => {
+                match f.open_http(client, &self.url, Some(rest), self.whole_ok).await {
+                    Ok((b, skip)) => Ok(Opened::Body(b, skip)),
+                    Err(Attempt::Retry(why)) => Err(Attempt::Retry(format!("{why} (via proxy {proxy})"))),
+                    Err(fatal) => Err(fatal),
+                }
+            }
         }
     }
 }
 
 enum Opened {
-    Body(hyper::body::Incoming),
+    /// A body, and how many of its first bytes come before the range.
+    Body(hyper::body::Incoming, u64),
     Whole(Bytes),
 }
 
@@ -811,11 +867,42 @@ fn tls_config(opts: &FetchOptions) -> Result<rustls::ClientConfig, String> {
 /// whose `source()` skips the wrapped error, so look inside with `get_ref` too.
 fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     if let Some(t) = e.downcast_ref::<rustls::Error>() {
-        return Some(t.to_string());
+        return Some(tls_words(t));
     }
     let wrapped =
         e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|inner| tls_error(inner));
     wrapped.or_else(|| e.source().and_then(tls_error))
+}
+
+/// What a TLS refusal means, in words, after rustls's own terse text.
+fn tls_words(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(c) = e else { return e.to_string() };
+    let words = match c {
+        C::UnknownIssuer => {
+            "the server's certificate is not signed by a CA this node trusts (trust.ca-file, or the system's CAs)"
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "the server's certificate is for another host name"
+        }
+        C::Expired | C::ExpiredContext { .. } => "the server's certificate has expired",
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            "the server's certificate is not valid yet (or this node's clock is behind)"
+        }
+        C::Revoked => "the server's certificate was revoked",
+        C::BadSignature => "the server's certificate has a bad signature",
+        C::Other(o) if format!("{o:?}").contains("CaUsedAsEndEntity") => {
+            "the server presents a CA certificate as its own (a self-signed certificate with CA:TRUE, as \
+             `openssl req -x509` makes by default); serve a certificate issued by that CA, and give the \
+             CA to trust.ca-file"
+        }
+        _ => return format!("invalid peer certificate: {c:?}"),
+    };
+    let code = match c {
+        C::Other(_) => "CaUsedAsEndEntity".to_owned(),
+        other => format!("{other:?}").split(['(', ' ', '{']).next().unwrap_or_default().to_owned(),
+    };
+    format!("invalid peer certificate: {code}: {words}")
 }
 
 /// An error and its causes on one line (hyper's own messages are terse).

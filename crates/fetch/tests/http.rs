@@ -284,12 +284,38 @@ async fn redirects_are_followed_a_few_times() {
     assert!(e.contains("more than 5 redirects") && e.contains("/f"), "{e}");
 }
 
+/// A whole-file answer to a range request is a typed refusal (the installer then reads the
+/// payload in one pass), unless the stream accepts whole files: then the bytes before the range
+/// are read past, also after a cut (the next answer starts from the file's start again).
 #[tokio::test]
-async fn a_server_that_ignores_ranges_is_refused() {
+async fn a_server_that_ignores_ranges() {
     let (r, n) = range(vec![Reply::IgnoreRange]).await;
-    let e = r.unwrap_err().to_string();
-    assert!(e.contains("ignored the Range header"), "{e}");
+    let e = r.unwrap_err();
+    assert!(matches!(e, FetchError::RangeIgnored { .. }), "{e:?}");
+    assert!(e.to_string().contains("ignored the Range header"), "{e}");
     assert_eq!(n, 1);
+
+    let (url, count) = server(vec![Reply::IgnoreRange]).await;
+    let f = Fetcher::new(&url, fast()).unwrap();
+    let mut s = f.range_stream("f", 10..40).whole_file_ok();
+    let mut got = Vec::new();
+    while let Some(b) = s.next().await.unwrap() {
+        got.extend_from_slice(&b);
+    }
+    assert_eq!(got, &DATA[10..40]);
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    assert_eq!(f.bytes_fetched(), 30, "the bytes read past are not counted as fetched");
+
+    // Cut mid-body, then whole files: the resumed attempt skips to where the cut left off.
+    let (url, count) = server(vec![Reply::Truncate, Reply::IgnoreRange]).await;
+    let f = Fetcher::new(&url, fast()).unwrap();
+    let mut s = f.range_stream("f", 10..40).whole_file_ok();
+    let mut got = Vec::new();
+    while let Some(b) = s.next().await.unwrap() {
+        got.extend_from_slice(&b);
+    }
+    assert_eq!(got, &DATA[10..40]);
+    assert_eq!(count.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

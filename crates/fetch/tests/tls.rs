@@ -15,13 +15,18 @@ struct Pki {
 /// a 206 of the bytes asked for from a fixed body.
 async fn server(names: &[&str]) -> (Pki, u16) {
     let (ca_pem, config) = testkit::tls_server(names);
+    serve(ca_pem, config, None).await
+}
+
+/// Serves with `config`; with `redirect`, every answer is a 302 to it.
+async fn serve(ca_pem: String, config: rustls::ServerConfig, redirect: Option<String>) -> (Pki, u16) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else { return };
-            let acceptor = acceptor.clone();
+            let (acceptor, redirect) = (acceptor.clone(), redirect.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(sock).await else { return };
                 let mut req = Vec::new();
@@ -31,6 +36,12 @@ async fn server(names: &[&str]) -> (Pki, u16) {
                         Ok(0) | Err(_) => return,
                         Ok(n) => req.extend_from_slice(&b[..n]),
                     }
+                }
+                if let Some(to) = redirect {
+                    let head = format!("HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\n\r\n");
+                    let _ = tls.write_all(head.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                    return;
                 }
                 let body = b"0123456789";
                 let head = "HTTP/1.1 206 Partial Content\r\ncontent-length: 4\r\ncontent-range: bytes 2-5/10\r\n\r\n";
@@ -95,4 +106,35 @@ async fn a_bad_ca_file_is_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing.pem"), "{e}");
+}
+
+/// A self-signed certificate marked CA:TRUE, given as the trusted CA: refused, in words that say
+/// what to do (rustls alone says `Other(OtherError(CaUsedAsEndEntity))`).
+#[tokio::test]
+async fn a_self_signed_ca_certificate_is_refused_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let (pem, config) = testkit::tls_server_self_signed(&["localhost"]);
+    std::fs::write(&ca, &pem).unwrap();
+    let (_pki, port) = serve(pem, config, None).await;
+    let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
+    let e = f.get_range("f", 2..6).await.unwrap_err().to_string();
+    assert!(e.contains("presents a CA certificate as its own") && e.contains("trust.ca-file"), "{e}");
+    assert!(!e.contains("OtherError"), "{e}");
+}
+
+/// An https repository that redirects to http is refused: the transport's protection must not
+/// be dropped by a redirect (the bytes are signed, but a downgrade would expose the credentials
+/// and the node's requests).
+#[tokio::test]
+async fn a_redirect_from_https_to_http_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let (ca_pem, config) = testkit::tls_server(&["localhost"]);
+    std::fs::write(&ca, &ca_pem).unwrap();
+    let (_pki, port) = serve(ca_pem, config, Some("http://127.0.0.1:9/repo/f".into())).await;
+    let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
+    let e = f.get_range("f", 2..6).await.unwrap_err().to_string();
+    assert!(e.contains("redirected from https to http://127.0.0.1:9/repo/f: refused"), "{e}");
+    assert_eq!(f.requests(), 1, "not retried");
 }

@@ -89,6 +89,8 @@ pub struct Report {
     pub target: Option<Slot>,
     /// The target already held this image, verified, and boots next: nothing was done.
     pub already_next: bool,
+    /// The server ignored Range requests: the payload was read in one pass.
+    pub one_pass: bool,
 }
 
 /// Why an install stopped. The target is left unbootable if anything was written to it, and
@@ -391,7 +393,8 @@ pub async fn install(
     report.direct_io = target_io.is_direct();
     let started = Instant::now();
     journal.set_done(&done);
-    let failed_local = write_all(
+    let mut sequential = false;
+    let failed_local = match write_all(
         req,
         fetcher,
         counters,
@@ -400,8 +403,30 @@ pub async fn install(
         local.as_ref(),
         &mut journal,
         &mut before_first_write,
+        false,
     )
-    .await?;
+    .await
+    {
+        // Every request was refused at its first answer, before anything was written: read the
+        // payload in one pass instead.
+        Err(InstallError::Fetch(FetchError::RangeIgnored { .. })) => {
+            sequential = true;
+            report.one_pass = true;
+            write_all(
+                req,
+                fetcher,
+                counters,
+                &plan,
+                &target_io,
+                local.as_ref(),
+                &mut journal,
+                &mut before_first_write,
+                true,
+            )
+            .await?
+        }
+        r => r?,
+    };
     if !failed_local.is_empty() {
         // The other slot did not hold what its record says: fetch those chunks instead.
         let mut done = journal.done();
@@ -410,8 +435,18 @@ pub async fn install(
         }
         let retry = plan::plan(m, &done, None, req.max_request);
         report.fetch_bytes += retry.fetch_bytes();
-        write_all(req, fetcher, counters, &retry, &target_io, None, &mut journal, &mut before_first_write)
-            .await?;
+        write_all(
+            req,
+            fetcher,
+            counters,
+            &retry,
+            &target_io,
+            None,
+            &mut journal,
+            &mut before_first_write,
+            sequential,
+        )
+        .await?;
     }
     report.reused_bytes = counters.reused.load(Ordering::Relaxed);
     report.write_time = started.elapsed();
@@ -480,6 +515,7 @@ async fn write_all(
     local: Option<&Manifest>,
     journal: &mut Journal,
     first_write: &mut Option<FirstWrite>,
+    sequential: bool,
 ) -> Result<Vec<usize>, InstallError> {
     let m = Arc::new(req.manifest.clone());
     let (tx, rx) = std::sync::mpsc::sync_channel::<Verified>(WRITER_QUEUE);
@@ -575,7 +611,11 @@ async fn write_all(
     let sem = Arc::new(tokio::sync::Semaphore::new(req.parallel.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut first_error = None;
-    for group in plan.fetch.clone() {
+    // A server that ignores Range is read in one pass: one request for everything to fetch,
+    // the bytes between the wanted frames read past, every frame still verified.
+    let groups =
+        if sequential { plan::one_pass(&plan.fetch).into_iter().collect() } else { plan.fetch.clone() };
+    for group in groups {
         if first_error.is_some() {
             break;
         }
@@ -605,6 +645,9 @@ async fn write_all(
             });
             let fetched = async {
                 let mut stream = fetcher.range_stream(&path, group.range.clone());
+                if sequential {
+                    stream = stream.whole_file_ok();
+                }
                 let mut pending = BytesMut::new();
                 // Relative offset in the group of pending's first byte.
                 let mut at = 0usize;

@@ -40,6 +40,21 @@ pub struct Plan {
     pub fetch: Vec<FetchGroup>,
 }
 
+/// All of `groups` as one request: from the first group's start to the last one's end, frames
+/// relative to that start (the bytes between groups are read past). `None` when empty.
+pub fn one_pass(groups: &[FetchGroup]) -> Option<FetchGroup> {
+    let start = groups.first()?.range.start;
+    let end = groups.last()?.range.end;
+    let frames = groups
+        .iter()
+        .flat_map(|g| {
+            let off = (g.range.start - start) as usize;
+            g.frames.iter().map(move |(r, i)| (r.start + off..r.end + off, i.clone()))
+        })
+        .collect();
+    Some(FetchGroup { range: start..end, frames })
+}
+
 impl Plan {
     /// Compressed bytes the fetches will download.
     pub fn fetch_bytes(&self) -> u64 {

@@ -16,6 +16,8 @@ pub struct Behaviour {
     pub cut_every: Option<u64>,
     /// Never answer a payload request (hold the connection open).
     pub stall_payload: bool,
+    /// Answer every request with the whole file (HTTP 200), whatever its Range header says.
+    pub ignore_range: bool,
 }
 
 /// A running server (it runs until the process ends).
@@ -74,8 +76,10 @@ fn connection(conn: TcpStream, root: &Path, sent: &AtomicU64, b: Behaviour) -> s
             continue;
         };
         let len = file.metadata()?.len();
-        let range =
-            head.iter().find_map(|l| l.to_lowercase().strip_prefix("range: bytes=").map(str::to_owned));
+        let range = head
+            .iter()
+            .find_map(|l| l.to_lowercase().strip_prefix("range: bytes=").map(str::to_owned))
+            .filter(|_| !b.ignore_range);
         let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
             Some((s, e)) => {
                 (s.parse::<u64>().unwrap_or(0), e.parse::<u64>().unwrap_or(0).min(len.saturating_sub(1)) + 1)

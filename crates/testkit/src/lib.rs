@@ -255,6 +255,27 @@ impl Drop for Loop {
     }
 }
 
+/// A server configuration with one self-signed certificate for `names` marked CA:TRUE (what
+/// `openssl req -x509` makes by default). Returns that certificate as PEM and the configuration.
+pub fn tls_server_self_signed(names: &[&str]) -> (String, rustls::ServerConfig) {
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("self-signed certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server certificate");
+    (cert.pem(), config)
+}
+
 /// A test CA and a server configuration whose certificate, for `names`, it signed.
 /// Returns the CA certificate as PEM and the rustls server configuration (ring provider).
 pub fn tls_server(names: &[&str]) -> (String, rustls::ServerConfig) {

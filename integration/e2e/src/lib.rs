@@ -118,6 +118,7 @@ pub fn run<L: Lab>(run: &mut Run<'_, L>) -> Result<()> {
     let b = scenarios::g_failed_unit(run, b)?;
     let b = scenarios::h_frozen_agent(run, b)?;
     scenarios::j_agent_cannot_run(run, b)?;
+    scenarios::k_edited_boot_entry(run)?;
     println!("\n| scenario | phase | seconds |\n|---|---|---|");
     for (name, phases) in &run.timings {
         for (phase, d) in phases {

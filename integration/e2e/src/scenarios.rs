@@ -14,6 +14,7 @@
 //! | g | 6.0.0 in which a systemd unit fails at boot | the systemd check names the unit, the slot is rolled back, the unit is in `aclctl history` |
 //! | h | the agent is frozen (SIGSTOP) mid-install of 7.0.0 | the watchdog kills it, systemd restarts it, the install resumes and completes |
 //! | j | 8.0.0 whose agent cannot start | `acl-boot-deadline.service` gives the slot up at its deadline, without the agent; 7.0.0 boots |
+//! | k | a boot entry edited to jump to stage 2 with the given-up slot and a made-up root hash | stage 2 refuses the slot, nothing is mounted or written |
 
 use crate::vm::Booted;
 use crate::{Lab, Run, ensure};
@@ -392,6 +393,33 @@ pub fn j_agent_cannot_run<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result
             ("fallback boot: agent ready", u.ready),
         ],
     );
+    Ok(())
+}
+
+/// (k) An edited boot entry: the first stage's kernel is told it is stage 2, for the slot the
+/// rule gave up, with a root hash of the editor's choosing. Stage 2 takes only the slot's name
+/// from the command line, finds that the rule did not choose it, and stops; the disk is not
+/// written.
+pub fn k_edited_boot_entry<L: Lab>(run: &mut Run<'_, L>) -> Result<()> {
+    println!("\n== (k) an edited boot entry names the given-up slot and its own root hash: refused");
+    let before = run.bits()?;
+    let slot = slot::choice::Slot::BOTH
+        .into_iter()
+        .find(|&x| slot::choice::choose(&before) != Some(x))
+        .context("a slot the rule does not choose")?;
+    let fake = "ab".repeat(32);
+    let mut b = run.vm.boot_with("k1", &format!("acl.stage=2 acl.slot={slot} acl.roothash={fake}"))?;
+    let refused = b.wait_for(&format!("acl: stage 2: slot {slot} is not verified for this boot"))?;
+    let text = b.text();
+    b.power_off();
+    run.check(!text.contains("acl: up:"), "no userspace of ours after a refused stage 2");
+    run.check(
+        text.contains("is not the slot the boot rule chose"),
+        "acl-boot's reason (not the slot the boot rule chose) on the console",
+    );
+    let after = run.bits()?;
+    ensure(after == before, format!("the table unchanged: {before:?} then {after:?}"))?;
+    run.time("k", vec![("to the refusal", refused)]);
     Ok(())
 }
 

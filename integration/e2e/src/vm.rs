@@ -31,6 +31,13 @@ pub struct Vm {
 impl Vm {
     /// Powers on; the serial console goes to `logs/<name>.log`.
     pub fn boot(&self, name: &str) -> Result<Booted> {
+        self.boot_with(name, "")
+    }
+
+    /// Powers on with `extra` added to the first stage's kernel command line (an edited boot
+    /// entry).
+    pub fn boot_with(&self, name: &str, extra: &str) -> Result<Booted> {
+        let append = format!("console=ttyS0 panic=3 acl.disk=/dev/vda {extra}");
         let log = self.logs.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
         let drive = format!("file={},format=raw,if=virtio", self.disk.display());
@@ -41,7 +48,7 @@ impl Vm {
             .arg(&self.vmlinuz)
             .arg("-initrd")
             .arg(&self.initrd)
-            .args(["-append", "console=ttyS0 panic=3 acl.disk=/dev/vda", "-drive", &drive])
+            .args(["-append", append.trim_end(), "-drive", &drive])
             .args(["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"])
             .stdin(Stdio::piped())
             .stdout(Stdio::from(out.try_clone()?))
