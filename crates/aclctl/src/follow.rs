@@ -69,7 +69,7 @@ pub(crate) fn update(
         let state = a.state.context("the agent sent no state")?;
         match &state.phase {
             Phase::Idle if a.checking => {}
-            Phase::Installing { version } => {
+            Phase::Installing { version, .. } => {
                 let p = a.progress.unwrap_or(agent::daemon::Progress {
                     total: 0,
                     done: 0,

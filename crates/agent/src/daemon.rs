@@ -384,12 +384,12 @@ impl Daemon {
                     let _ = tx.send(Event::Checked { decision, requested, now: env.platform.now() });
                 });
             }
-            Action::Install(version) => {
+            Action::Install(version, manifest) => {
                 let (fetcher, policy) = (self.fetcher.clone(), Arc::clone(&self.policy));
                 let progress = Arc::new(InstallProgress::default());
                 *self.install_slot() = Some(Arc::clone(&progress));
                 tokio::spawn(async move {
-                    let result = install_version(&env, &fetcher, &policy, &version, &progress).await;
+                    let result = install_version(&env, &fetcher, &policy, &version, manifest, &progress).await;
                     let _ = tx.send(Event::Installed { result, now: env.platform.now() });
                 });
             }
@@ -537,6 +537,7 @@ async fn install_version(
     fetcher: &Fetcher,
     policy: &TrustPolicy,
     version: &semver::Version,
+    checked: Option<manifest::Sha256Digest>,
     progress: &InstallProgress,
 ) -> Result<(), String> {
     let s = &env.settings;
@@ -549,6 +550,16 @@ async fn install_version(
         .iter()
         .find(|r| &r.version == version && r.arch == env.arch)
         .ok_or_else(|| format!("release {version} is no longer in channel {:?}", s.channel))?;
+    // Exactly the release the check accepted: a later index naming another manifest for the
+    // same version is not followed (the next check decides again).
+    if let Some(want) = checked
+        && release.manifest_sha256 != want
+    {
+        return Err(format!(
+            "release {version} changed since it was checked (manifest SHA-256 {want} then, {} now): not installed",
+            release.manifest_sha256
+        ));
+    }
     let mbytes = fetcher.get(&release.manifest).await.map_err(|e| e.to_string())?;
     let msig = fetcher.get(&format!("{}.sig", release.manifest)).await.map_err(|e| e.to_string())?;
     let m = policy.release_manifest(release, &mbytes, &msig).map_err(|e| e.to_string())?;

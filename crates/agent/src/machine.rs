@@ -53,6 +53,11 @@ pub enum Phase {
     Installing {
         /// The release.
         version: Version,
+        /// The SHA-256 of its manifest, as named by the index the check accepted: the install
+        /// takes exactly that manifest, whatever the repository says by then (absent in state
+        /// files written before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<manifest::Sha256Digest>,
     },
     /// Installed and set to boot next; waiting for the reboot to be allowed.
     Staged {
@@ -89,7 +94,7 @@ impl Phase {
     pub fn version(&self) -> Option<&Version> {
         match self {
             Phase::Idle => None,
-            Phase::Installing { version }
+            Phase::Installing { version, .. }
             | Phase::Staged { version }
             | Phase::Rebooting { version }
             | Phase::Verifying { version, .. } => Some(version),
@@ -231,8 +236,9 @@ pub enum Request {
 pub enum Action {
     /// Check the repository and decide (policy), for the operator's request if any.
     Check(Option<Wanted>),
-    /// Install this version into the other slot.
-    Install(Version),
+    /// Install this version into the other slot: the release whose manifest has this digest,
+    /// when known.
+    Install(Version, Option<manifest::Sha256Digest>),
     /// Ask for permission to reboot (window, lock, operator); answered by `RebootAllowed`.
     RequestReboot,
     /// Reboot now.
@@ -353,7 +359,9 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
                     }
                     s.phase = Phase::Idle;
                 }
-                (Phase::Installing { version }, None) => actions.push(Action::Install(version.clone())),
+                (Phase::Installing { version, manifest }, None) => {
+                    actions.push(Action::Install(version.clone(), *manifest));
+                }
                 (Phase::Staged { .. }, None) => actions.push(Action::RequestReboot),
                 (Phase::Verifying { .. }, None) => s.phase = Phase::Idle,
                 (Phase::Idle, None) => {}
@@ -386,9 +394,10 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
             let paused = state.paused || cfg.paused;
             match decision {
                 Ok(Decision::Update(r)) if !paused && (cfg.installs || requested.is_some()) => {
-                    s.phase = Phase::Installing { version: r.version.clone() };
+                    s.phase =
+                        Phase::Installing { version: r.version.clone(), manifest: Some(r.manifest_sha256) };
                     s.note = format!("installing {}", r.version);
-                    actions.push(Action::Install(r.version.clone()));
+                    actions.push(Action::Install(r.version.clone(), Some(r.manifest_sha256)));
                 }
                 Ok(Decision::Update(r)) if paused => s.note = format!("{} available; paused", r.version),
                 Ok(Decision::Update(r)) => s.note = format!("{} available (check-only mode)", r.version),
@@ -398,7 +407,7 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
                 Err(e) => s.note = format!("check failed: {e}"),
             }
         }
-        (Event::Installed { result, now }, Phase::Installing { version }) => match result {
+        (Event::Installed { result, now }, Phase::Installing { version, .. }) => match result {
             Ok(()) => {
                 s.phase = Phase::Staged { version: version.clone() };
                 s.note = format!("{version} installed; waiting to reboot");

@@ -272,8 +272,10 @@ mod tests {
     fn transitions_move_the_gauges_histograms_and_failure_counters() {
         let m = Metrics::new();
         let idle = State::default();
-        let installing =
-            State { phase: Phase::Installing { version: "2.0.0".parse().unwrap() }, ..idle.clone() };
+        let installing = State {
+            phase: Phase::Installing { version: "2.0.0".parse().unwrap(), manifest: None },
+            ..idle.clone()
+        };
         m.transition(&idle, &installing, at("2026-11-10T00:00:00Z"), at("2026-11-10T00:00:30Z"));
         let mut failed = idle.clone();
         failed.failures.push(policy::Failure {

@@ -360,3 +360,60 @@ fn kill_9_while_staged_keeps_waiting_for_the_window() {
     assert!(marker.exists(), "no reboot inside the window: {:?}", f.state());
     assert_eq!(f.state().phase, Phase::Rebooting { version: "2.0.0".parse().unwrap() });
 }
+
+/// Issue 13 item 4: the install binds to what the check accepted. A restart in the installing
+/// phase installs only the manifest whose digest the check recorded, and only from an index
+/// that passes the check's rules (a replayed older index is refused); slot B is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_13_the_install_takes_only_what_the_check_accepted() {
+    use agent::machine::State;
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new(&sgdisk, true, &["2.0.0"]);
+    let p = platform();
+    let m2 = std::fs::read(f.path("repo/images/2.0.0/x86_64/manifest.json")).unwrap();
+    let digest = manifest::Sha256Digest::of(&m2);
+    let installing = |manifest| State {
+        phase: Phase::Installing { version: "2.0.0".parse().unwrap(), manifest },
+        ..State::default()
+    };
+    let untouched = || {
+        let s = f.slots();
+        (s.b.priority(), s.b.successful()) == (0, false) && f.state().phase == Phase::Idle
+    };
+
+    // 1. The repository now names another manifest for 2.0.0 than the one checked.
+    agent::persist::save(&f.path("state"), &installing(Some(manifest::Sha256Digest([9; 32])))).unwrap();
+    f.run_until(Slot::A, &p, || f.state().note.contains("changed since it was checked")).await;
+    assert!(untouched(), "{:?} {:?}", f.slots(), f.state());
+    assert!(f.state().note.contains("not installed"), "{}", f.state().note);
+
+    // 2. A replayed index: the node accepted a newer one (3.0.0 published), then the mirror
+    //    serves the older index again. The install refuses it like the check would.
+    let index = f.path("repo/channels/stable/index.json");
+    let old = (
+        std::fs::read(&index).unwrap(),
+        std::fs::read(f.path("repo/channels/stable/index.json.sig")).unwrap(),
+    );
+    f.publish("3.0.0", common::everyone(), "2026-11-02T00:00:00Z");
+    let policy = repo::TrustPolicy::new(signing::TrustedKeys::load(&[f.path("keys")]).unwrap(), 1).unwrap();
+    let (new, new_sig) = (
+        std::fs::read(&index).unwrap(),
+        std::fs::read(f.path("repo/channels/stable/index.json.sig")).unwrap(),
+    );
+    let (_, acc) = policy.index("stable", &new, &new_sig, *p.now.lock().unwrap(), None).unwrap();
+    repo::state::AcceptedState::commit(&f.path("state/accepted-index.json"), acc).unwrap();
+    std::fs::write(&index, &old.0).unwrap();
+    std::fs::write(f.path("repo/channels/stable/index.json.sig"), &old.1).unwrap();
+    agent::persist::save(&f.path("state"), &installing(Some(digest))).unwrap();
+    f.run_until(Slot::A, &p, || f.state().note.starts_with("install of 2.0.0 failed")).await;
+    assert!(untouched(), "{:?} {:?}", f.slots(), f.state());
+    let note = f.state().note;
+    assert!(note.contains("older") || note.contains("replay"), "{note}");
+
+    // 3. The index the check accepted, and the manifest it named: installed.
+    std::fs::write(&index, &new).unwrap();
+    std::fs::write(f.path("repo/channels/stable/index.json.sig"), &new_sig).unwrap();
+    agent::persist::save(&f.path("state"), &installing(Some(digest))).unwrap();
+    f.run_until(Slot::A, &p, || p.reboots() == 1).await;
+    assert_eq!(f.slots().b.priority(), 2);
+}

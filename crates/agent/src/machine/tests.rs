@@ -70,7 +70,7 @@ fn a_full_update_cycle() {
         actions,
         vec![
             Action::Check(None),
-            Action::Install(v("2.0.0")),
+            Action::Install(v("2.0.0"), Some(Sha256Digest([0; 32]))),
             Action::RequestReboot,
             Action::Reboot,
             Action::RunHealth,
@@ -93,7 +93,11 @@ fn killed_in_every_phase_the_restart_resumes() {
         let (after, actions) = step(&s, &boot, &cfg());
         let expect = match &s.phase {
             Phase::Idle => vec![],
-            Phase::Installing { version } => vec![Action::Install(version.clone())],
+            // The restart installs exactly the manifest the check accepted.
+            Phase::Installing { version, manifest } => {
+                assert_eq!(*manifest, Some(Sha256Digest([0; 32])));
+                vec![Action::Install(version.clone(), *manifest)]
+            }
             Phase::Staged { .. } => vec![Action::RequestReboot],
             Phase::Rebooting { .. } | Phase::Verifying { .. } => vec![Action::RunHealth],
         };
@@ -292,8 +296,8 @@ fn an_operator_update_installs_even_in_check_only_mode_but_not_while_paused() {
     let answer =
         |requested| Event::Checked { decision: Ok(Decision::Update(release("2.0.0"))), requested, now: t(1) };
     let (s2, a) = step(&s, &answer(Some(Wanted::Version(v("2.0.0")))), &check_only);
-    assert_eq!(a, vec![Action::Install(v("2.0.0"))]);
-    assert_eq!(s2.phase, Phase::Installing { version: v("2.0.0") });
+    assert_eq!(a, vec![Action::Install(v("2.0.0"), Some(Sha256Digest([0; 32])))]);
+    assert_eq!(s2.phase, Phase::Installing { version: v("2.0.0"), manifest: Some(Sha256Digest([0; 32])) });
     // The periodic check's answer alone would not install in check-only mode.
     let (s3, a) = step(&s, &answer(None), &check_only);
     assert!(a.is_empty() && s3.phase == Phase::Idle);
@@ -306,7 +310,8 @@ fn an_operator_update_installs_even_in_check_only_mode_but_not_while_paused() {
     let (_, a) = step(&State::default(), &Event::Tick { now: t(0) }, &Config { paused: true, ..cfg() });
     assert!(a.is_empty(), "configured pause: no periodic check");
     // Busy: said so.
-    let installing = State { phase: Phase::Installing { version: v("3.0.0") }, ..State::default() };
+    let installing =
+        State { phase: Phase::Installing { version: v("3.0.0"), manifest: None }, ..State::default() };
     let (s, a) = step(&installing, &ask, &cfg());
     assert!(a.is_empty() && s.note == "update not started: busy (installing)", "{s:?}");
 }
@@ -328,4 +333,16 @@ fn an_operator_rollback_sticks() {
     assert_eq!(s.failures[0].count, policy::MAX_FAILURES);
     let (s, _) = run(&s, &[booted("1.0.0", true, t(32))]);
     assert_eq!(s.failures[0].reason, "rolled back by the operator");
+}
+
+/// A state file written before the manifest digest was recorded still loads (the install then
+/// takes the accepted index's manifest); one written now carries the digest.
+#[test]
+fn the_installing_phase_carries_the_checked_manifest() {
+    let old: Phase = serde_json::from_str(r#"{"phase":"installing","version":"2.0.0"}"#).unwrap();
+    assert_eq!(old, Phase::Installing { version: v("2.0.0"), manifest: None });
+    let now = Phase::Installing { version: v("2.0.0"), manifest: Some(Sha256Digest([7; 32])) };
+    let text = serde_json::to_string(&now).unwrap();
+    assert!(text.contains(&"07".repeat(32)), "{text}");
+    assert_eq!(serde_json::from_str::<Phase>(&text).unwrap(), now);
 }
