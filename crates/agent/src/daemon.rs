@@ -389,7 +389,8 @@ impl Daemon {
                 let progress = Arc::new(InstallProgress::default());
                 *self.install_slot() = Some(Arc::clone(&progress));
                 tokio::spawn(async move {
-                    let result = install_version(&env, &fetcher, &policy, &version, manifest, &progress).await;
+                    let result =
+                        install_version(&env, &fetcher, &policy, &version, manifest, &progress).await;
                     let _ = tx.send(Event::Installed { result, now: env.platform.now() });
                 });
             }

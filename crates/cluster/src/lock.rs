@@ -12,14 +12,23 @@
 //! Node object no longer exists (a node removed from the cluster while rebooting). A holder
 //! about to reboot writes a longer duration first ([`RebootLock::extend`]): a reboot and its
 //! health checks take minutes, with nobody renewing.
+//!
+//! "Stopped renewing" is judged as client-go's leader election judges it: by the observer's own
+//! monotonic clock, from when it last saw the Lease's record change, never by comparing the
+//! holder's `renewTime` with the observer's wall clock. Node clocks disagree (issue 14: a node
+//! whose clock ran 90 s ahead took a live lock, and two nodes went down where one was allowed).
+//! The price is the one client-go pays: an observer that just started waits a whole duration
+//! before it may recover a slot. The times written into the Lease are for people.
 
 use crate::{ClusterError, api};
+use jiff::SignedDuration;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// The Lease name of slot `i`.
 pub fn lease_name(i: u32) -> String {
@@ -45,20 +54,22 @@ pub enum Availability {
     },
 }
 
-/// Judges a Lease at `now` (pure; whether the holder's Node exists is the caller's question).
-pub fn availability(lease: &Lease, me: &str, now: Timestamp) -> Availability {
+/// Judges a Lease whose record this observer has seen unchanged for `unchanged_for` (pure;
+/// whether the holder's Node exists is the caller's question). A record first seen now has
+/// been unchanged for zero: held.
+pub fn availability(lease: &Lease, me: &str, unchanged_for: Duration) -> Availability {
     let spec = lease.spec.clone().unwrap_or_default();
     let Some(holder) = spec.holder_identity.filter(|h| !h.is_empty()) else { return Availability::Free };
     if holder == me {
         return Availability::Ours;
     }
-    let renewed = spec.renew_time.or(spec.acquire_time).map(|t| t.0);
-    let duration = jiff::SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(0).into());
-    match renewed {
-        Some(t) if t.saturating_add(duration).is_ok_and(|end| end > now) => Availability::Held { holder },
-        _ => Availability::Expired { holder },
-    }
+    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0).unsigned_abs().into());
+    if unchanged_for > duration { Availability::Expired { holder } } else { Availability::Held { holder } }
 }
+
+/// Each Lease's record as last seen, and when (this process's monotonic clock) it was first
+/// seen so.
+type Observed = std::sync::Arc<std::sync::Mutex<HashMap<String, (Option<LeaseSpec>, Instant)>>>;
 
 /// The lock, as one node sees it.
 #[derive(Debug, Clone)]
@@ -67,6 +78,10 @@ pub struct RebootLock {
     nodes: Api<Node>,
     me: String,
     duration: Duration,
+    observed: Observed,
+    /// How far this node's wall clock is off (tests of skewed clocks); used only for the
+    /// times written into Leases.
+    clock_offset: SignedDuration,
 }
 
 fn secs(d: Duration) -> i32 {
@@ -81,6 +96,31 @@ impl RebootLock {
             nodes: Api::all(client),
             me: me.to_owned(),
             duration,
+            observed: Observed::default(),
+            clock_offset: SignedDuration::ZERO,
+        }
+    }
+
+    /// This lock as seen by a node whose wall clock is `offset` off (tests of skewed clocks).
+    #[must_use]
+    pub fn with_clock_offset(mut self, offset: SignedDuration) -> Self {
+        self.clock_offset = offset;
+        self
+    }
+
+    fn now(&self) -> Timestamp {
+        Timestamp::now().saturating_add(self.clock_offset).unwrap_or_else(|_| Timestamp::now())
+    }
+
+    /// How long `name`'s record has looked exactly like `spec` to this observer.
+    fn unchanged_for(&self, name: &str, spec: &Option<LeaseSpec>) -> Duration {
+        let mut seen = self.observed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match seen.get(name) {
+            Some((s, since)) if s == spec => since.elapsed(),
+            _ => {
+                seen.insert(name.to_owned(), (spec.clone(), Instant::now()));
+                Duration::ZERO
+            }
         }
     }
 
@@ -105,7 +145,7 @@ impl RebootLock {
         if let Some(name) = self.held().await? {
             return Ok(Some(Acquired { name, taken_over: None }));
         }
-        let now = Timestamp::now();
+        let now = self.now();
         for i in 0..slots {
             let name = lease_name(i);
             let existing = self.leases.get_opt(&name).await.map_err(api(format!("read lease {name}")))?;
@@ -120,7 +160,8 @@ impl RebootLock {
                     Err(e) => return Err(api(format!("create lease {name}"))(e)),
                 }
             };
-            let taken_over = match availability(&lease, &self.me, now) {
+            let unchanged_for = self.unchanged_for(&name, &lease.spec);
+            let taken_over = match availability(&lease, &self.me, unchanged_for) {
                 Availability::Free | Availability::Ours => None,
                 Availability::Expired { holder } => Some(holder),
                 Availability::Held { holder } => {
@@ -167,7 +208,7 @@ impl RebootLock {
             else {
                 return Ok(false);
             };
-            spec.renew_time = Some(MicroTime(Timestamp::now()));
+            spec.renew_time = Some(MicroTime(self.now()));
             spec.lease_duration_seconds = Some(secs(hold));
             match self.leases.replace(name, &PostParams::default(), &lease).await {
                 Ok(_) => return Ok(true),

@@ -59,6 +59,47 @@ async fn the_lock_admits_n_holders_and_recovers_lost_ones() {
     assert_eq!(s.get(Kind::Lease, "acl", "acl-reboot-0").unwrap()["spec"]["leaseDurationSeconds"], 600);
 }
 
+/// Issue 14: expiry is judged by the observer's own clock from when it last saw the record
+/// change. A taker whose wall clock runs 90 s ahead does not take a slot its holder renews;
+/// once the holder stops, the slot is recovered after one lease duration of the taker's own
+/// observation.
+#[tokio::test]
+async fn a_skewed_clock_does_not_take_a_live_lock() {
+    let (s, c) = server().await;
+    for n in ["a", "b"] {
+        s.create(Kind::Node, node(n)).unwrap();
+    }
+    let a = RebootLock::new(c.clone(), "acl", "a", Duration::from_secs(2));
+    let ahead = jiff::SignedDuration::from_secs(90);
+    let b = RebootLock::new(c.clone(), "acl", "b", Duration::from_secs(2)).with_clock_offset(ahead);
+    assert_eq!(a.acquire(1).await.unwrap().unwrap().name, "acl-reboot-0");
+    // a renews every 0.5 s for 4 s (twice its duration); b keeps trying.
+    for _ in 0..8 {
+        assert_eq!(b.acquire(1).await.unwrap(), None, "b took a live lock");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(a.renew("acl-reboot-0").await.unwrap());
+    }
+    assert_eq!(holder(&s, 0).as_deref(), Some("a"));
+    // a stops renewing: b recovers the slot only after 2 s of its own observation.
+    let stopped = std::time::Instant::now();
+    let got = loop {
+        if let Some(got) = b.acquire(1).await.unwrap() {
+            break got;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(10), "never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(stopped.elapsed() >= Duration::from_secs(2), "recovered after {:?}", stopped.elapsed());
+    assert_eq!(got.taken_over.as_deref(), Some("a"));
+    // What b wrote carries its own (skewed) clock: for people, never for judging.
+    let renewed: jiff::Timestamp = s.get(Kind::Lease, "acl", "acl-reboot-0").unwrap()["spec"]["renewTime"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(renewed > jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60), "{renewed}");
+}
+
 #[tokio::test]
 async fn racing_takers_get_distinct_slots() {
     let (s, c) = server().await;

@@ -47,25 +47,43 @@ pub trait Lab {
     fn bytes_sent(&self) -> u64;
 }
 
-/// The images of the scenarios, by version.
+/// The images of the scenarios: 1.0.0 and 2.0.0 built before the first boot, the others
+/// (possibly) still being built in the background while the first scenarios run.
 #[derive(Debug)]
 pub struct Images {
     /// 1.0.0, provisioned (a).
     pub v1: Image,
     /// 2.0.0 on another kernel build (b).
     pub v2: Image,
-    /// 3.0.0 whose required health check fails (c).
-    pub v3: Image,
-    /// 4.0.0 whose init dies: the kernel panics (d).
-    pub v4: Image,
-    /// 5.0.0, cut by a power loss mid-download (e).
-    pub v5: Image,
-    /// 6.0.0 with a systemd unit that fails at boot (g).
-    pub v6: Image,
-    /// 7.0.0, installed while the agent is frozen (h).
-    pub v7: Image,
-    /// 8.0.0 whose agent cannot run (j).
-    pub v8: Image,
+    /// The builds of the later images, until they are first needed.
+    pending: Option<std::thread::JoinHandle<Result<Vec<Image>>>>,
+    /// The later images: 3.0.0 whose required health check fails (c), 4.0.0 whose init dies
+    /// (d), 5.0.0 cut by a power loss (e), 6.0.0 with a failing unit (g), 7.0.0 installed while
+    /// the agent is frozen (h), 8.0.0 whose agent cannot run (j).
+    later: Vec<Image>,
+}
+
+impl Images {
+    /// The first two images, and a thread building the others.
+    pub fn new(v1: Image, v2: Image, later: std::thread::JoinHandle<Result<Vec<Image>>>) -> Self {
+        Self { v1, v2, pending: Some(later), later: Vec::new() }
+    }
+
+    /// The image of `version`; waits for the background builds the first time.
+    pub fn get(&mut self, version: &str) -> Result<Image> {
+        if let Some(h) = self.pending.take() {
+            let t = std::time::Instant::now();
+            self.later = h.join().map_err(|_| anyhow::anyhow!("the image builds panicked"))??;
+            if t.elapsed() > Duration::from_secs(1) {
+                println!("  waited {:.0} s for the background image builds", t.elapsed().as_secs_f64());
+            }
+        }
+        self.later
+            .iter()
+            .find(|i| i.version == version)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no image {version} was built"))
+    }
 }
 
 /// One run of the scenarios.

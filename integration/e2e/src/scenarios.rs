@@ -161,7 +161,7 @@ fn install_now<L: Lab>(run: &mut Run<'_, L>, b: &mut Booted, image: &crate::Imag
 /// reason is on the console and in the history.
 pub fn c_health_rollback<L: Lab>(run: &mut Run<'_, L>, b: Booted) -> Result<Booted> {
     println!("\n== (c) 3.0.0 fails its required health check: automatic rollback to 2.0.0");
-    let v3 = run.images.v3.clone();
+    let v3 = run.images.get("3.0.0")?;
     health_rollback(run, b, "c", &v3, "app: not answering on :8080")
 }
 
@@ -207,7 +207,7 @@ fn health_rollback<L: Lab>(
 /// boots without the agent's help; the agent then reports 4.0.0 as not booted and skips it.
 pub fn d_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
     println!("\n== (d) 4.0.0 panics at boot: its tries run out, 2.0.0 comes back by itself");
-    let v4 = run.images.v4.clone();
+    let v4 = run.images.get("4.0.0")?;
     install_now(run, &mut b, &v4)?;
     let mut panics = Vec::new();
     for (i, left) in ["1", "0"].iter().enumerate() {
@@ -240,7 +240,7 @@ pub fn d_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Boo
 /// bootable, 2.0.0 boots, the agent resumes the install and completes it, 5.0.0 is confirmed.
 pub fn e_power_cut<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
     println!("\n== (e) power cut in the middle of the 5.0.0 install; it resumes after the reboot");
-    let v5 = run.images.v5.clone();
+    let v5 = run.images.get("5.0.0")?;
     // What the node must fetch: the frames of chunks slot B (2.0.0) does not hold.
     let to_fetch = fetch_estimate(&run.images.v2.build, &v5.build)?;
     run.lab.publish(&v5)?;
@@ -318,7 +318,7 @@ pub fn f_operator_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Resul
 /// unit, the slot is rolled back, and the unit's name is in the history and on the console.
 pub fn g_failed_unit<L: Lab>(run: &mut Run<'_, L>, b: Booted) -> Result<Booted> {
     println!("\n== (g) 6.0.0 has a unit that fails at boot: the systemd check rolls it back");
-    let v6 = run.images.v6.clone();
+    let v6 = run.images.get("6.0.0")?;
     health_rollback(run, b, "g", &v6, "acl-broken.service")
 }
 
@@ -327,7 +327,8 @@ pub fn g_failed_unit<L: Lab>(run: &mut Run<'_, L>, b: Booted) -> Result<Booted> 
 /// completes.
 pub fn h_frozen_agent<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
     println!("\n== (h) the agent is frozen mid-install: the watchdog restarts it, the install resumes");
-    run.lab.publish(&run.images.v7)?;
+    let v7 = run.images.get("7.0.0")?;
+    run.lab.publish(&v7)?;
     b.type_line("aclctl check")?;
     b.wait_for("installing 7.0.0 into slot A")?;
     // Let the install get some way in, so that there is progress to resume.
@@ -367,7 +368,7 @@ pub fn h_frozen_agent<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Boo
 /// `acl-boot-deadline.service` (no agent involved) gives it up at its deadline; 7.0.0 boots.
 pub fn j_agent_cannot_run<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<()> {
     println!("\n== (j) 8.0.0's agent cannot start: the boot deadline brings 7.0.0 back");
-    let v8 = run.images.v8.clone();
+    let v8 = run.images.get("8.0.0")?;
     install_now(run, &mut b, &v8)?;
     let mut b = run.vm.boot("j2")?;
     let userspace = b.wait_for("acl: up: slot=B version=8.0.0 ")?;
