@@ -156,6 +156,8 @@ struct Controller {
     renewed: Instant,
     last_error: Option<String>,
     request_result: Option<String>,
+    /// A one-shot request's removal failed: retried on the tick.
+    retry_requests: bool,
 }
 
 /// Runs Kubernetes mode until the daemon stops.
@@ -187,6 +189,7 @@ pub async fn run(
         renewed: Instant::now(),
         last_error: None,
         request_result: None,
+        retry_requests: false,
         opts,
     };
     // The daemon publishes its first state as its loop starts.
@@ -271,9 +274,34 @@ impl Controller {
                 self.snap = s;
             }
         }
-        let mut taken = Vec::new();
-        if let Some(u) = &r.update {
-            taken.push(ann::UPDATE);
+        self.one_shot_requests().await;
+    }
+
+    /// One-shot requests (`update`, `rollback`) are removed from the Node first and acted on
+    /// only once their removal is stored: at most once, never twice. Acting first and removing
+    /// after lost the removal when the action was a reboot (or the PATCH failed), and the
+    /// request came back after the reboot it caused: an endless A/B reboot loop (issue 14). A
+    /// removal that fails leaves the request in place for the next pass (the next Node event,
+    /// or the retry tick).
+    async fn one_shot_requests(&mut self) {
+        let r = self.requests();
+        let mut keys = Vec::new();
+        if r.update.is_some() {
+            keys.push(ann::UPDATE);
+        }
+        if r.rollback.is_some() {
+            keys.push(ann::ROLLBACK);
+        }
+        if keys.is_empty() {
+            self.retry_requests = false;
+            return;
+        }
+        let Some(removed) = self.take_requests(&keys).await else {
+            self.retry_requests = true;
+            return;
+        };
+        self.retry_requests = false;
+        if let (true, Some(u)) = (removed.contains(&ann::UPDATE), &r.update) {
             self.request_result = Some(match u {
                 Ok(version) => {
                     let what = version.as_ref().map_or("latest".into(), ToString::to_string);
@@ -285,8 +313,7 @@ impl Controller {
                 Err(e) => e.clone(),
             });
         }
-        if let Some(rb) = &r.rollback {
-            taken.push(ann::ROLLBACK);
+        if let (true, Some(rb)) = (removed.contains(&ann::ROLLBACK), &r.rollback) {
             self.request_result = Some(match rb {
                 Ok(now) => match self.ask(Request::Rollback { now: *now }).await {
                     Some(s) => format!("rollback: {}", s.state.note),
@@ -295,45 +322,58 @@ impl Controller {
                 Err(e) => e.clone(),
             });
         }
-        if !taken.is_empty() {
-            self.take_requests(&taken).await;
-        }
     }
 
     /// Removes one-shot requests, conditioned on the Node version they were read from; on a
-    /// conflict, removes only those still holding the value that was acted on.
-    async fn take_requests(&mut self, keys: &[&str]) {
-        let Some(mut node) = self.node.clone() else { return };
-        let acted: BTreeMap<&str, Option<String>> = keys
+    /// conflict, removes only those still holding the value read. Returns the keys whose
+    /// removal is stored (those to act on), or `None` when the removal failed (try again).
+    async fn take_requests(&mut self, keys: &[&'static str]) -> Option<Vec<&'static str>> {
+        let mut node = self.node.clone()?;
+        let acted: BTreeMap<&'static str, Option<String>> = keys
             .iter()
             .map(|k| (*k, node.metadata.annotations.as_ref().and_then(|a| a.get(*k).cloned())))
             .collect();
         for _ in 0..5 {
             let current = node.metadata.annotations.clone().unwrap_or_default();
             let mut remove = serde_json::Map::new();
+            let mut removing = Vec::new();
             for (k, v) in &acted {
                 if current.get(*k) == v.as_ref() && v.is_some() {
                     remove.insert((*k).to_owned(), serde_json::Value::Null);
+                    removing.push(*k);
                 }
             }
             if remove.is_empty() {
-                return;
+                return Some(Vec::new());
             }
             let patch = serde_json::json!({"metadata": {
                 "resourceVersion": node.metadata.resource_version, "annotations": remove}});
             match self.nodes.patch(&self.opts.node, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                Ok(_) => return,
+                Ok(n) => {
+                    // What we act on next must not see the requests again before the watch
+                    // delivers this version.
+                    self.node = Some(n);
+                    return Some(removing);
+                }
                 Err(cluster::kube::Error::Api(s)) if s.is_conflict() => {
                     match self.nodes.get(&self.opts.node).await {
                         Ok(n) => node = n,
-                        Err(e) => return tracing::warn!("re-reading node {}: {e}", self.opts.node),
+                        Err(e) => {
+                            tracing::warn!("re-reading node {}: {e}", self.opts.node);
+                            return None;
+                        }
                     }
                 }
                 Err(e) => {
-                    return tracing::warn!("removing the requests taken from node {}: {e}", self.opts.node);
+                    tracing::warn!(
+                        "removing the requests from node {} before acting on them: {e}",
+                        self.opts.node
+                    );
+                    return None;
                 }
             }
         }
+        None
     }
 
     async fn report_transition(&mut self, t: Transition) {
@@ -359,10 +399,16 @@ impl Controller {
 
     /// Whether timed work is due at all.
     fn busy(&self) -> bool {
-        self.held.is_some() || self.snap.reboot_wanted || !matches!(self.snap.state.phase, Phase::Idle)
+        self.retry_requests
+            || self.held.is_some()
+            || self.snap.reboot_wanted
+            || !matches!(self.snap.state.phase, Phase::Idle)
     }
 
     async fn tick(&mut self) {
+        if self.retry_requests {
+            self.one_shot_requests().await;
+        }
         if let Some(name) = self.held.clone()
             && self.renewed.elapsed() >= self.opts.lease_duration / 3
             && !matches!(self.snap.state.phase, Phase::Rebooting { .. })

@@ -580,14 +580,40 @@ async fn operator_actions_through_annotations() {
     assert!(server.list(Kind::Lease).iter().all(|l| l["spec"]["holderIdentity"].is_null()), "no lock taken");
     assert_eq!(annotation(&server, "node-b", "booted-version").as_deref(), Some("1.0.0"), "only node-a");
 
-    // Roll node-a back now: it reboots into 1.0.0 and is healthy there.
+    // Roll node-a back now. While the request's removal cannot be stored (500, not applied),
+    // the agent does not act: acting first, the request survived the reboot it caused and
+    // rolled the node back again after every boot (issue 14). Once the removal is stored, the
+    // node reboots into 1.0.0 exactly once.
+    let down_count = |changes: &mut tokio::sync::broadcast::Receiver<test_apiserver::Change>,
+                      up: &mut bool| {
+        let mut downs = 0;
+        while let Ok(c) = changes.try_recv() {
+            if c.kind == Kind::Node && c.object["metadata"]["name"] == "node-a" {
+                let ready = c.object["status"]["conditions"][0]["status"] == "True";
+                downs += usize::from(*up && !ready);
+                *up = ready;
+            }
+        }
+        downs
+    };
+    let (mut changes, mut up) = (server.subscribe(), true);
+    server.fail_requests("PATCH Node", "rollback\":null", usize::MAX);
     annotate(&server, "node-a", &[("rollback", "now")]);
+    until("removals were tried", 30, || server.failed_requests() >= 2).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(down_count(&mut changes, &mut up), 0, "acted on a request whose removal was not stored");
+    assert_eq!(annotation(&server, "node-a", "rollback").as_deref(), Some("now"));
+    server.clear_faults();
     until("node-a runs 1.0.0 again", 60, || {
         annotation(&server, "node-a", "booted-version").as_deref() == Some("1.0.0")
             && state("node-a").as_deref() == Some("idle")
     })
     .await;
     assert_eq!(annotation(&server, "node-a", "rollback"), None);
+    // Long enough for a replayed request to show as a second reboot.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(down_count(&mut changes, &mut up), 1, "one rollback request, one reboot");
+    assert_eq!(annotation(&server, "node-a", "booted-version").as_deref(), Some("1.0.0"));
     stop.store(true, Ordering::SeqCst);
     for l in lives {
         l.await.unwrap();

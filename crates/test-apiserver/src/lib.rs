@@ -14,6 +14,7 @@
 //! | watch | from a `resourceVersion`: every change after it, in order, as newline-delimited JSON; `BOOKMARK` events when `allowWatchBookmarks=true`; ends after `timeoutSeconds` or the server's own limit (clients must reconnect); a version older than the kept history gets an `ERROR` event with a `410 Expired` Status, as the real server does after etcd compaction |
 //! | eviction | `POST pods/{name}/eviction`: `429 TooManyRequests` while a PodDisruptionBudget (`minAvailable` or `maxUnavailable`, integer, `matchLabels`) would be violated, `500` when several budgets match, else the pod is deleted (after an optional grace delay, with `deletionTimestamp` set meanwhile) |
 //! | status | errors are `v1.Status` objects with `reason` and `code` as the real server sends them |
+//! | faults | tests may have chosen requests (verb and body text) answered `500 InternalError` without being applied ([`ApiServer::fail_requests`]): a write the client sent and the server never made |
 //!
 //! Tests change the cluster directly (`create`, `modify`, `delete`, `compact`) as controllers
 //! and kubelets would, and follow every change in order with [`ApiServer::subscribe`].
@@ -131,6 +132,16 @@ struct Store {
     next_uid: u64,
     requests: BTreeMap<String, u64>,
     credentials: std::collections::BTreeSet<String>,
+    faults: Vec<Fault>,
+}
+
+/// Requests to answer with an error instead of serving (a lost write, a server hiccup).
+#[derive(Debug)]
+struct Fault {
+    verb: String,
+    body_contains: String,
+    left: usize,
+    hits: usize,
 }
 
 /// The running double.
@@ -357,6 +368,30 @@ impl ApiServer {
         self.store().credentials.iter().cloned().collect()
     }
 
+    /// Answers the next `times` requests of `verb` (as counted by [`ApiServer::requests`], e.g.
+    /// `"PATCH Node"`) whose body contains `body_contains` with `500 InternalError`, without
+    /// applying them: a write the client sent and the server never made.
+    pub fn fail_requests(&self, verb: &str, body_contains: &str, times: usize) {
+        self.store().faults.push(Fault {
+            verb: verb.to_owned(),
+            body_contains: body_contains.to_owned(),
+            left: times,
+            hits: 0,
+        });
+    }
+
+    /// Serves every request again (the faults still count their hits).
+    pub fn clear_faults(&self) {
+        for f in &mut self.store().faults {
+            f.left = 0;
+        }
+    }
+
+    /// How many requests were failed by [`ApiServer::fail_requests`].
+    pub fn failed_requests(&self) -> usize {
+        self.store().faults.iter().map(|f| f.hits).sum()
+    }
+
     /// Forgets the watch history: a watch resuming from any earlier version gets 410 Gone.
     pub fn compact(&self) {
         let mut st = self.store();
@@ -479,12 +514,23 @@ impl ApiServer {
             (&Method::GET, None, _) if t.name.is_none() => format!("LIST {}", t.kind.name()),
             _ => format!("{method} {}", t.kind.name()),
         };
-        *self.store().requests.entry(verb).or_default() += 1;
+        *self.store().requests.entry(verb.clone()).or_default() += 1;
         if let Some(a) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) {
             self.store().credentials.insert(a.to_owned());
         }
         let ctype = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        {
+            let mut st = self.store();
+            let text = String::from_utf8_lossy(&body);
+            if let Some(f) =
+                st.faults.iter_mut().find(|f| f.left > 0 && f.verb == verb && text.contains(&f.body_contains))
+            {
+                f.left -= 1;
+                f.hits += 1;
+                return Err(err(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "injected by the test"));
+            }
+        }
         let parse = || -> Result<Value, ApiError> {
             serde_json::from_slice(&body)
                 .map_err(|e| err(StatusCode::BAD_REQUEST, "BadRequest", format!("body is not JSON: {e}")))
