@@ -151,6 +151,12 @@ impl Drainer {
                 let ns = p.metadata.namespace.as_deref().unwrap_or("default");
                 let api_ns: Api<Pod> = Api::namespaced(self.client.clone(), ns);
                 match api_ns.evict(p.metadata.name.as_deref().unwrap_or(""), &EvictParams::default()).await {
+                    // A refusal the API server sends as the created object (HTTP 201 carrying a
+                    // Failure Status, e.g. a pod covered by two budgets); client-go reads it as
+                    // an error, kube-rs as success.
+                    Ok(status) if status.is_failure() => {
+                        blocking.push(format!("{name}: {} (code {})", status.message, status.code));
+                    }
                     Ok(_) => evicted += 1,
                     Err(kube::Error::Api(s)) if s.is_not_found() => {}
                     Err(kube::Error::Api(s)) if s.code == 429 => {

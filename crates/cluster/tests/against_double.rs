@@ -181,6 +181,38 @@ async fn drain_evicts_what_it_should_and_waits_for_budgets() {
     assert!(n["spec"]["unschedulable"].is_null() && n["metadata"]["annotations"][CORDONED].is_null(), "{n}");
 }
 
+/// A pod covered by two budgets: the API server answers each eviction with a 201 carrying a
+/// Failure Status (code 500). The drain counts it as blocking, not evicted, waits between
+/// rounds instead of spinning, and times out naming the reason.
+#[tokio::test]
+async fn a_pod_under_two_budgets_blocks_the_drain() {
+    let (s, c) = server().await;
+    s.create(Kind::Node, node("n1")).unwrap();
+    s.create(Kind::Pod, pod("web-1", "n1", "web")).unwrap();
+    s.create(Kind::Pod, pod("web-2", "n2", "web")).unwrap();
+    for name in ["web-a", "web-b"] {
+        s.create(
+            Kind::Pdb,
+            json!({"metadata": {"name": name, "namespace": "prod"},
+                   "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "web"}}}}),
+        )
+        .unwrap();
+    }
+    let mut d = Drainer::new(c.clone(), "n1");
+    d.poll = Duration::from_millis(200);
+    let out = d.drain(Duration::from_secs(1), &|_| {}).await.unwrap();
+    let Outcome::TimedOut { blocking } = out else { panic!("{out:?}") };
+    assert_eq!(blocking.len(), 1, "{blocking:?}");
+    assert!(
+        blocking[0].contains("more than one PodDisruptionBudget") && blocking[0].contains("code 500"),
+        "{blocking:?}"
+    );
+    assert!(s.get(Kind::Pod, "prod", "web-1").is_some());
+    // One second at one round per 200 ms: a handful of evictions, not a spin.
+    let tries = s.requests().get("POST Pod/eviction").copied().unwrap_or(0);
+    assert!((3..=8).contains(&tries), "{tries} eviction requests in 1 s");
+}
+
 #[tokio::test]
 async fn a_node_the_operator_cordoned_stays_cordoned() {
     let (s, c) = server().await;

@@ -12,7 +12,7 @@
 //! | optimistic concurrency | one cluster-wide `resourceVersion` counter (like etcd's revision); an update or patch that names a `metadata.resourceVersion` other than the stored one gets `409 Conflict` |
 //! | list | `resourceVersion` of the list; `fieldSelector` `metadata.name=` and `spec.nodeName=` (others are refused with 400, never ignored); no paging (all items, no `continue`) |
 //! | watch | from a `resourceVersion`: every change after it, in order, as newline-delimited JSON; `BOOKMARK` events when `allowWatchBookmarks=true`; ends after `timeoutSeconds` or the server's own limit (clients must reconnect); a version older than the kept history gets an `ERROR` event with a `410 Expired` Status, as the real server does after etcd compaction |
-//! | eviction | `POST pods/{name}/eviction`: `429 TooManyRequests` while a PodDisruptionBudget (`minAvailable` or `maxUnavailable`, integer, `matchLabels`) would be violated, `500` when several budgets match, else the pod is deleted (after an optional grace delay, with `deletionTimestamp` set meanwhile) |
+//! | eviction | `POST pods/{name}/eviction`: `429 TooManyRequests` while a PodDisruptionBudget (`minAvailable` or `maxUnavailable`, integer, `matchLabels`) would be violated; when several budgets match, `201 Created` carrying a `Failure` Status with code 500 (as the real server answers: the refusal is the created object, not an error); else the pod is deleted (after an optional grace delay, with `deletionTimestamp` set meanwhile) |
 //! | status | errors are `v1.Status` objects with `reason` and `code` as the real server sends them |
 //! | faults | tests may have chosen requests (verb and body text) answered `500 InternalError` without being applied ([`ApiServer::fail_requests`]): a write the client sent and the server never made |
 //!
@@ -618,11 +618,17 @@ impl ApiServer {
                 Ok(full(StatusCode::OK, &v))
             }
             (&Method::POST, Some(name), Some("eviction")) if t.kind == Kind::Pod => {
-                self.evict(&ns, name)?;
-                Ok(full(
-                    StatusCode::CREATED,
-                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
-                ))
+                match self.evict(&ns, name)? {
+                    None => Ok(full(
+                        StatusCode::CREATED,
+                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                    )),
+                    Some(message) => Ok(full(
+                        StatusCode::CREATED,
+                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": message, "code": 500}),
+                    )),
+                }
             }
             _ => Err(err(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -632,12 +638,14 @@ impl ApiServer {
         }
     }
 
-    fn evict(&self, ns: &str, name: &str) -> Result<(), ApiError> {
+    /// Evicts a pod; `Some(message)` for a refusal the real server sends as a 201 carrying a
+    /// Failure Status.
+    fn evict(&self, ns: &str, name: &str) -> Result<Option<&'static str>, ApiError> {
         let mut st = self.store();
         let key = (Kind::Pod, ns.to_owned(), name.to_owned());
         let pod = st.objects.get(&key).cloned().ok_or_else(|| not_found(Kind::Pod, name))?;
         if !pod["metadata"]["deletionTimestamp"].is_null() {
-            return Ok(());
+            return Ok(None);
         }
         let labels = &pod["metadata"]["labels"];
         let budgets: Vec<&Value> = st
@@ -647,9 +655,9 @@ impl ApiServer {
             .map(|(_, v)| v)
             .collect();
         if budgets.len() > 1 {
-            return Err(err(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
+            // The real server (pkg/registry/core/pod/storage/eviction.go) returns this Status as
+            // the created object, with no error: HTTP 201 carrying a Failure with code 500.
+            return Ok(Some(
                 "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
             ));
         }
@@ -691,7 +699,7 @@ impl ApiServer {
         let grace = self.inner.opts.eviction_grace;
         if grace.is_zero() {
             self.remove(&mut st, key);
-            return Ok(());
+            return Ok(None);
         }
         let mut marked = pod;
         marked["metadata"]["deletionTimestamp"] =
@@ -703,7 +711,7 @@ impl ApiServer {
             let mut st = me.store();
             me.remove(&mut st, key);
         });
-        Ok(())
+        Ok(None)
     }
 
     fn watch(

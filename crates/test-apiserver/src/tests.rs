@@ -157,6 +157,13 @@ async fn eviction_honours_disruption_budgets() {
     assert_eq!(h.json("POST", &evict("db-1"), Some(json!({}))).await.0, 404);
     let (_, pods) = h.json("GET", "/api/v1/pods?fieldSelector=spec.nodeName%3Dn1", None).await;
     assert_eq!(pods["items"].as_array().unwrap().len(), 1);
+    // Two budgets over one pod: the real server's answer is a 201 whose body is a Failure
+    // Status with code 500, and the pod stays.
+    s.create(Kind::Pdb, pdb("web-too", "web")).unwrap();
+    let (code, st) = h.json("POST", &evict("web-2"), Some(json!({}))).await;
+    assert_eq!((code, st["status"].as_str(), st["code"].as_i64()), (201, Some("Failure"), Some(500)));
+    assert!(st["message"].as_str().unwrap().contains("more than one PodDisruptionBudget"), "{st}");
+    assert!(s.get(Kind::Pod, "prod", "web-2").is_some());
 }
 
 #[tokio::test]
