@@ -409,7 +409,9 @@ pub fn k_edited_boot_entry<L: Lab>(run: &mut Run<'_, L>) -> Result<()> {
         .find(|&x| slot::choice::choose(&before) != Some(x))
         .context("a slot the rule does not choose")?;
     let fake = "ab".repeat(32);
-    let mut b = run.vm.boot_with("k1", &format!("acl.stage=2 acl.slot={slot} acl.roothash={fake}"))?;
+    let edit =
+        format!("acl.stage=2 acl.slot={slot} acl.roothash={fake} root=/dev/mapper/acl-root rootfstype=erofs");
+    let mut b = run.vm.boot_with("k1", &edit)?;
     let refused = b.wait_for(&format!("acl: stage 2: slot {slot} is not verified for this boot"))?;
     let text = b.text();
     b.power_off();
