@@ -10,7 +10,7 @@
 //!
 //! The scenarios run in order on that one disk, each a function in [`scenarios`]. A boot that
 //! ends one scenario starts the next where it can (the next release is published and checked
-//! while the node is up), so fifteen boots cover ten scenarios: software emulation makes every
+//! while the node is up), so sixteen boots cover eleven scenarios: software emulation makes every
 //! boot cost a minute. Assertions read the serial console (journald forwards the journal
 //! there) and, after power-off, the disk's GPT bits. Every boot's console log is kept.
 
