@@ -623,17 +623,24 @@ impl Controller {
         let label = s.booted_version.as_deref().map(ann::label_value);
         let labels = node.metadata.labels.clone().unwrap_or_default();
         let label_changed = label.is_some() && labels.get(ann::VERSION_LABEL) != label.as_ref();
-        if patch.is_empty() && !label_changed {
-            return;
+        // The annotations and the label in separate patches: a label value the API server
+        // refuses (422) must not take the whole status with it.
+        let mut bodies = Vec::new();
+        if !patch.is_empty() {
+            bodies.push(("status", serde_json::json!({"metadata": {"annotations": patch}})));
         }
-        let mut body = serde_json::json!({"metadata": {"annotations": patch}});
         if label_changed {
-            body["metadata"]["labels"] = serde_json::json!({ann::VERSION_LABEL: label});
+            bodies.push((
+                "version label",
+                serde_json::json!({"metadata": {"labels": {ann::VERSION_LABEL: label}}}),
+            ));
         }
-        match self.nodes.patch(&self.opts.node, &PatchParams::default(), &Patch::Merge(&body)).await {
-            // Keep our copy current so the next diff is against what we wrote.
-            Ok(n) => self.node = Some(n),
-            Err(e) => tracing::warn!("writing the status of node {}: {e}", self.opts.node),
+        for (what, body) in bodies {
+            match self.nodes.patch(&self.opts.node, &PatchParams::default(), &Patch::Merge(&body)).await {
+                // Keep our copy current so the next diff is against what we wrote.
+                Ok(n) => self.node = Some(n),
+                Err(e) => tracing::warn!("writing the {what} of node {}: {e}", self.opts.node),
+            }
         }
     }
 }

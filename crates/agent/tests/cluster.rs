@@ -407,8 +407,9 @@ async fn twenty_nodes_update_two_at_a_time() {
     assert!(!done(&server, blocked));
     // The reason stays in last-error; `drain` moves on to the next attempt (waiting for the
     // lock, cordoning, draining: each names the pod once it is refused again).
-    let error = annotation(&server, blocked, "last-error").unwrap_or_default();
-    assert!(error.contains("prod/db-0: Cannot evict pod"), "last-error: {error:?}");
+    // The Event is written before the status (same loop pass): wait for the annotation.
+    let error = || annotation(&server, blocked, "last-error").unwrap_or_default();
+    until("last-error names the blocking pod", 10, || error().contains("prod/db-0: Cannot evict pod")).await;
     assert!(annotation(&server, blocked, "drain").is_some());
     assert_eq!(annotation(&server, blocked, "state").as_deref(), Some("staged"));
 
@@ -541,6 +542,9 @@ async fn operator_actions_through_annotations() {
     let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
     let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
     let server = ApiServer::start(Options::default()).await.unwrap();
+    // Every write of the version label is refused at first (as a 422 for a bad value would be):
+    // the status annotations, written in their own patch, still arrive.
+    server.fail_requests("PATCH Node", "\"labels\"", usize::MAX);
     let names = ["node-a", "node-b"];
     let stop = Arc::new(AtomicBool::new(false));
     let mut lives = Vec::new();
@@ -551,6 +555,11 @@ async fn operator_actions_through_annotations() {
     }
     let state = |n: &str| annotation(&server, n, "state");
     until("both agents report", 60, || names.iter().all(|n| state(n).as_deref() == Some("idle"))).await;
+    assert!(server.failed_requests() >= 2, "the label writes were refused");
+    let label =
+        |n: &str| server.get(Kind::Node, "", n).unwrap()["metadata"]["labels"][key("version")].clone();
+    assert!(label("node-a").is_null());
+    server.clear_faults();
 
     // Pause everything: an update asked for meanwhile is refused, and says so.
     for n in names {
@@ -613,6 +622,7 @@ async fn operator_actions_through_annotations() {
     // Long enough for a replayed request to show as a second reboot.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(down_count(&mut changes, &mut up), 1, "one rollback request, one reboot");
+    assert_eq!(label("node-a"), "1.0.0", "the label arrived once it was accepted");
     assert_eq!(annotation(&server, "node-a", "booted-version").as_deref(), Some("1.0.0"));
     stop.store(true, Ordering::SeqCst);
     for l in lives {

@@ -9,6 +9,21 @@ use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use kube::api::{Api, PostParams};
 
+/// The longest Event message the API server takes, in bytes.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Normal or Warning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Type {
@@ -53,7 +68,7 @@ impl Recorder {
                 ..ObjectReference::default()
             },
             reason: Some(reason.into()),
-            message: Some(message.chars().take(1024).collect()),
+            message: Some(truncate(message, MAX_MESSAGE).to_owned()),
             type_: Some(
                 match kind {
                     Type::Normal => "Normal",
@@ -74,5 +89,17 @@ impl Recorder {
         if let Err(e) = self.api.create(&PostParams::default(), &event).await {
             tracing::warn!("could not write the event {reason} ({message}): {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn messages_are_cut_to_1024_bytes_at_a_character_boundary() {
+        let long = "é".repeat(1000); // 2000 bytes
+        let cut = super::truncate(&long, super::MAX_MESSAGE);
+        assert_eq!(cut.len(), 1024);
+        assert_eq!(super::truncate(&format!("x{long}"), 1024).len(), 1023, "not inside a character");
+        assert_eq!(super::truncate("short", 1024), "short");
     }
 }

@@ -260,6 +260,17 @@ impl Settings {
             ));
         }
         let k = &c.kubernetes;
+        // The API server takes an Event about a cluster-scoped object (our Node) that carries an
+        // eventTime only in "default" or "kube-system" (core/v1 event validation).
+        if k.enabled && !["default", "kube-system"].contains(&k.events_namespace.as_str()) {
+            return Err(bad(
+                "kubernetes.events-namespace",
+                format!(
+                    "{:?}: Events about a Node must go to \"default\" or \"kube-system\" (the API server refuses others)",
+                    k.events_namespace
+                ),
+            ));
+        }
         let kubernetes = if k.enabled {
             for (key, ns) in [
                 ("kubernetes.lock-namespace", &k.lock_namespace),

@@ -96,6 +96,10 @@ fn invalid_values_are_named_with_key_and_origin() {
             "kubernetes.lock-namespace: \"Kube_System\" is not a namespace name",
         ),
         (
+            "[updates]\nrepository = \"file:///r\"\n[kubernetes]\nenabled = true\nevents-namespace = \"acl-update\"\n",
+            "kubernetes.events-namespace: \"acl-update\": Events about a Node must go to \"default\" or \"kube-system\"",
+        ),
+        (
             "[updates]\nrepository = \"file:///r\"\n[kubernetes]\nenabled = true\ndrain-timeout = \"soon\"\n",
             "kubernetes.drain-timeout: \"soon\" is not a duration",
         ),

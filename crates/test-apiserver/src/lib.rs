@@ -2,7 +2,8 @@
 //!
 //! No real API server can run on the machines our tests run on, so the agent's Kubernetes mode
 //! is tested against this one. It is not a Kubernetes: there is no scheduler, no controllers, no
-//! kubelet, no admission, no authentication, no protobuf, no validation of object schemas. It
+//! kubelet, no admission, no authentication, no protobuf, no validation of object schemas beyond
+//! the few rules listed below. It
 //! follows the real API's semantics for exactly what the agent uses, and says so here:
 //!
 //! | what | covered |
@@ -14,6 +15,8 @@
 //! | watch | from a `resourceVersion`: every change after it, in order, as newline-delimited JSON; `BOOKMARK` events when `allowWatchBookmarks=true`; ends after `timeoutSeconds` or the server's own limit (clients must reconnect); a version older than the kept history gets an `ERROR` event with a `410 Expired` Status, as the real server does after etcd compaction |
 //! | eviction | `POST pods/{name}/eviction`: `429 TooManyRequests` while a PodDisruptionBudget (`minAvailable` or `maxUnavailable`, integer, `matchLabels`) would be violated; when several budgets match, `201 Created` carrying a `Failure` Status with code 500 (as the real server answers: the refusal is the created object, not an error); else the pod is deleted (after an optional grace delay, with `deletionTimestamp` set meanwhile) |
 //! | status | errors are `v1.Status` objects with `reason` and `code` as the real server sends them |
+//! | validation | label values (`422 Invalid`); Events with an `eventTime` about a cluster-scoped object only in `default` or `kube-system`, message at most 1024 bytes, reporting fields required; a Lease PUT without `metadata.resourceVersion` (`422`, as Leases allow no unconditional update); nothing else about object schemas |
+//! | no-op writes | an update or patch that changes nothing bumps no resourceVersion and sends no watch event, as the real storage layer does |
 //! | faults | tests may have chosen requests (verb and body text) answered `500 InternalError` without being applied ([`ApiServer::fail_requests`]): a write the client sent and the server never made |
 //!
 //! Tests change the cluster directly (`create`, `modify`, `delete`, `compact`) as controllers
@@ -490,6 +493,16 @@ impl ApiServer {
         object
     }
 
+    /// A write that changes nothing is not a write: the real server's storage compares the
+    /// bytes and neither bumps the resourceVersion nor tells watchers.
+    fn commit_unless_same(&self, st: &mut Store, key: Key, current: &Value, mut next: Value) -> Value {
+        next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+        if &next == current {
+            return next;
+        }
+        self.commit(st, key, next, "MODIFIED")
+    }
+
     fn remove(&self, st: &mut Store, key: Key) -> Option<Value> {
         let v = st.objects.get(&key)?.clone();
         Some(self.commit(st, key, v, "DELETED"))
@@ -571,6 +584,7 @@ impl ApiServer {
                 if t.kind.namespaced() {
                     v["metadata"]["namespace"] = json!(ns);
                 }
+                validate(t.kind, &v)?;
                 let created = self.create(t.kind, v)?;
                 Ok(full(StatusCode::CREATED, &created))
             }
@@ -586,13 +600,25 @@ impl ApiServer {
                 let mut st = self.store();
                 let key = (t.kind, ns.clone(), name.to_owned());
                 let current = st.objects.get(&key).cloned().ok_or_else(|| not_found(t.kind, name))?;
+                // Leases allow no unconditional update (their strategy's AllowUnconditionalUpdate
+                // is false): a PUT must name the version it replaces.
+                if t.kind == Kind::Lease
+                    && v["metadata"]["resourceVersion"].as_str().is_none_or(str::is_empty)
+                {
+                    return Err(invalid(
+                        t.kind,
+                        name,
+                        "metadata.resourceVersion: Invalid value: \"\": must be specified for an update",
+                    ));
+                }
                 check_version(t.kind, name, &current, &v)?;
+                validate(t.kind, &v)?;
                 let mut next = v;
                 next["metadata"]["uid"] = current["metadata"]["uid"].clone();
                 next["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
                 next["kind"] = json!(t.kind.name());
                 next["apiVersion"] = json!(t.kind.api_version());
-                Ok(full(StatusCode::OK, &self.commit(&mut st, key, next, "MODIFIED")))
+                Ok(full(StatusCode::OK, &self.commit_unless_same(&mut st, key, &current, next)))
             }
             (&Method::PATCH, Some(name), None) => {
                 if !ctype.starts_with("application/merge-patch+json") {
@@ -611,7 +637,8 @@ impl ApiServer {
                 merge_patch(&mut next, &patch);
                 next["metadata"]["name"] = json!(name);
                 next["metadata"]["uid"] = current["metadata"]["uid"].clone();
-                Ok(full(StatusCode::OK, &self.commit(&mut st, key, next, "MODIFIED")))
+                validate(t.kind, &next)?;
+                Ok(full(StatusCode::OK, &self.commit_unless_same(&mut st, key, &current, next)))
             }
             (&Method::DELETE, Some(name), None) => {
                 let v = self.delete(t.kind, &ns, name).ok_or_else(|| not_found(t.kind, name))?;
@@ -815,6 +842,69 @@ impl ApiServer {
 
 fn tokio_stream(mut rx: tokio::sync::mpsc::Receiver<Value>) -> impl futures_util::Stream<Item = Value> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn invalid(kind: Kind, name: &str, what: &str) -> ApiError {
+    err(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", format!("{} \"{name}\" is invalid: {what}", kind.name()))
+}
+
+/// What the real server validates that a client of ours could get wrong: label values (every
+/// kind), and for core/v1 Events that carry an `eventTime` (new-style) about a cluster-scoped
+/// object, the namespace (`default` or `kube-system`), the 1024-byte message limit and the
+/// reporting fields (pkg/apis/core/validation/events.go).
+fn validate(kind: Kind, v: &Value) -> Result<(), ApiError> {
+    let name = name_of(v);
+    if let Some(labels) = v["metadata"]["labels"].as_object() {
+        for (k, value) in labels {
+            let value = value.as_str().unwrap_or_default();
+            if !label_value_ok(value) {
+                return Err(invalid(
+                    kind,
+                    &name,
+                    &format!(
+                        "metadata.labels: Invalid value: {value:?}: a valid label must be an empty string or consist of \
+                         alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric \
+                         character, at most 63 characters (label {k})"
+                    ),
+                ));
+            }
+        }
+    }
+    if kind == Kind::Event && !v["eventTime"].is_null() {
+        let ns = v["metadata"]["namespace"].as_str().unwrap_or_default();
+        let involved_ns = v["involvedObject"]["namespace"].as_str().unwrap_or_default();
+        if involved_ns.is_empty() && ns != "default" && ns != "kube-system" {
+            return Err(invalid(
+                kind,
+                &name,
+                &format!(
+                    "involvedObject.namespace: Invalid value: \"\": does not match event.namespace ({ns:?})"
+                ),
+            ));
+        }
+        let message = v["message"].as_str().unwrap_or_default();
+        if message.len() > 1024 {
+            return Err(invalid(kind, &name, "message: Too long: may not be more than 1024 bytes"));
+        }
+        for (field, max) in
+            [("reportingComponent", 128), ("reportingInstance", 128), ("action", 128), ("reason", 128)]
+        {
+            let f = v[field].as_str().unwrap_or_default();
+            if f.is_empty() || f.len() > max {
+                return Err(invalid(kind, &name, &format!("{field}: Required, at most {max} characters")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn label_value_ok(v: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    v.is_empty()
+        || (v.len() <= 63
+            && alnum(v.chars().next())
+            && alnum(v.chars().last())
+            && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
 }
 
 fn check_version(kind: Kind, name: &str, current: &Value, incoming: &Value) -> Result<(), ApiError> {

@@ -184,3 +184,57 @@ async fn leases_are_namespaced_objects_with_optimistic_concurrency() {
     assert_eq!(s.get(Kind::Lease, "acl", "l0").unwrap()["spec"]["holderIdentity"], "b");
     assert_eq!(h.json("GET", "/apis/coordination.k8s.io/v1/namespaces/other/leases/l0", None).await.0, 404);
 }
+
+/// What the real server validates that our client could get wrong, and no-op writes.
+#[tokio::test]
+async fn validation_and_no_op_writes() {
+    let s = ApiServer::start(Options::default()).await.unwrap();
+    let h = Http::new(&s);
+    let merge = "application/merge-patch+json";
+    s.create(Kind::Node, json!({"metadata": {"name": "n1"}})).unwrap();
+    // A label value with a '+' (a semver build suffix) is refused; a clean one is taken.
+    let (code, st) = h
+        .send("PATCH", "/api/v1/nodes/n1", merge, Some(json!({"metadata": {"labels": {"v": "1.0.0+b1"}}})))
+        .await;
+    assert_eq!((code, st["reason"].as_str()), (422, Some("Invalid")), "{st}");
+    assert_eq!(
+        h.send("PATCH", "/api/v1/nodes/n1", merge, Some(json!({"metadata": {"labels": {"v": "1.0.0_b1"}}})))
+            .await
+            .0,
+        200
+    );
+    // A patch that changes nothing bumps nothing and tells no watcher.
+    let rv = s.resource_version();
+    let (code, n) = h
+        .send("PATCH", "/api/v1/nodes/n1", merge, Some(json!({"metadata": {"labels": {"v": "1.0.0_b1"}}})))
+        .await;
+    assert_eq!((code, s.resource_version()), (200, rv));
+    assert_eq!(n["metadata"]["resourceVersion"], rv.to_string());
+
+    // Events about a Node with an eventTime: only in default or kube-system, at most 1024 bytes.
+    let event = |message: &str| {
+        json!({"metadata": {"name": format!("n1.{}", message.len())}, "involvedObject": {"kind": "Node", "name": "n1"},
+               "reason": "R", "action": "R", "message": message, "eventTime": "2026-11-30T00:00:00.000000Z",
+               "reportingComponent": "acl-update.dev/agent", "reportingInstance": "n1", "type": "Normal"})
+    };
+    let post = |ns: &'static str, e: Value| {
+        let h = &h;
+        async move { h.json("POST", &format!("/api/v1/namespaces/{ns}/events"), Some(e)).await }
+    };
+    let (code, st) = post("acl-update", event("hi")).await;
+    assert_eq!(code, 422, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("does not match event.namespace"), "{st}");
+    assert_eq!(post("kube-system", event("hi")).await.0, 201);
+    assert_eq!(post("default", event(&"x".repeat(1024))).await.0, 201);
+    assert_eq!(post("default", event(&"x".repeat(1025))).await.0, 422);
+
+    // A Lease PUT must name the version it replaces.
+    let path = "/apis/coordination.k8s.io/v1/namespaces/acl/leases";
+    let (_, created) = h.json("POST", path, Some(json!({"metadata": {"name": "l0"}, "spec": {}}))).await;
+    let mut unconditional = created.clone();
+    unconditional["metadata"].as_object_mut().unwrap().remove("resourceVersion");
+    unconditional["spec"]["holderIdentity"] = json!("a");
+    let (code, st) = h.json("PUT", &format!("{path}/l0"), Some(unconditional)).await;
+    assert_eq!(code, 422, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("must be specified for an update"), "{st}");
+}
