@@ -874,33 +874,65 @@ fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     wrapped.or_else(|| e.source().and_then(tls_error))
 }
 
-/// What a TLS refusal means, in words, after rustls's own terse text.
+/// What a TLS refusal means, in words, after rustls's own terse text (with the names and times
+/// it carries).
 fn tls_words(e: &rustls::Error) -> String {
     use rustls::CertificateError as C;
     let rustls::Error::InvalidCertificate(c) = e else { return e.to_string() };
-    let words = match c {
-        C::UnknownIssuer => {
-            "the server's certificate is not signed by a CA this node trusts (trust.ca-file, or the system's CAs)"
-        }
-        C::NotValidForName | C::NotValidForNameContext { .. } => {
-            "the server's certificate is for another host name"
-        }
-        C::Expired | C::ExpiredContext { .. } => "the server's certificate has expired",
-        C::NotValidYet | C::NotValidYetContext { .. } => {
-            "the server's certificate is not valid yet (or this node's clock is behind)"
-        }
-        C::Revoked => "the server's certificate was revoked",
-        C::BadSignature => "the server's certificate has a bad signature",
-        C::Other(o) if format!("{o:?}").contains("CaUsedAsEndEntity") => {
-            "the server presents a CA certificate as its own (a self-signed certificate with CA:TRUE, as \
-             `openssl req -x509` makes by default); serve a certificate issued by that CA, and give the \
-             CA to trust.ca-file"
-        }
-        _ => return format!("invalid peer certificate: {c:?}"),
+    let unix = |t: &rustls::pki_types::UnixTime| {
+        jiff::Timestamp::from_second(i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
+            .map_or_else(|_| format!("{} s after 1970", t.as_secs()), |t| t.to_string())
     };
-    let code = match c {
-        C::Other(_) => "CaUsedAsEndEntity".to_owned(),
-        other => format!("{other:?}").split(['(', ' ', '{']).next().unwrap_or_default().to_owned(),
+    let (code, words) = match c {
+        C::UnknownIssuer => (
+            "UnknownIssuer",
+            "the server's certificate is not signed by a CA this node trusts (trust.ca-file, or the system's CAs)"
+                .to_owned(),
+        ),
+        C::NotValidForName => ("NotValidForName", "the server's certificate is for another host name".to_owned()),
+        C::NotValidForNameContext { expected, presented } => (
+            "NotValidForName",
+            format!(
+                "the server's certificate is for {}, not for {}",
+                // rustls renders each as `DnsName("...")` or `IpAddress(...)`.
+                presented
+                    .iter()
+                    .map(|p| p
+                        .trim_start_matches("DnsName(\"")
+                        .trim_start_matches("IpAddress(")
+                        .trim_end_matches(')')
+                        .trim_end_matches('"'))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                expected.to_str()
+            ),
+        ),
+        C::Expired => ("Expired", "the server's certificate has expired".to_owned()),
+        C::ExpiredContext { time, not_after } => (
+            "Expired",
+            format!("the server's certificate expired at {} (now {})", unix(not_after), unix(time)),
+        ),
+        C::NotValidYet => {
+            ("NotValidYet", "the server's certificate is not valid yet (or this node's clock is behind)".to_owned())
+        }
+        C::NotValidYetContext { time, not_before } => (
+            "NotValidYet",
+            format!(
+                "the server's certificate is valid from {} only (now {}: or this node's clock is behind)",
+                unix(not_before),
+                unix(time)
+            ),
+        ),
+        C::Revoked => ("Revoked", "the server's certificate was revoked".to_owned()),
+        C::BadSignature => ("BadSignature", "the server's certificate has a bad signature".to_owned()),
+        C::Other(o) if format!("{o:?}").contains("CaUsedAsEndEntity") => (
+            "CaUsedAsEndEntity",
+            "the server presents a CA certificate as its own (a self-signed certificate with CA:TRUE, as \
+             `openssl req -x509` makes by default); serve a certificate issued by that CA, and give the CA to \
+             trust.ca-file"
+                .to_owned(),
+        ),
+        _ => return format!("invalid peer certificate: {c:?}"),
     };
     format!("invalid peer certificate: {code}: {words}")
 }

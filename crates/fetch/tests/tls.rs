@@ -84,6 +84,7 @@ async fn certificate_for_another_name_is_refused_without_retries() {
     let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
     let e = f.get_range("f", 2..6).await.unwrap_err().to_string();
     assert!(e.contains("TLS: invalid peer certificate") && e.contains("not retried"), "{e}");
+    assert!(e.contains("certificate is for updates.example.com, not for localhost"), "{e}");
     assert_eq!(f.requests(), 1);
 }
 

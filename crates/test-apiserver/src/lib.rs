@@ -2,7 +2,7 @@
 //!
 //! No real API server can run on the machines our tests run on, so the agent's Kubernetes mode
 //! is tested against this one. It is not a Kubernetes: there is no scheduler, no controllers, no
-//! kubelet, no admission, no authentication, no protobuf, no validation of object schemas beyond
+//! kubelet, no admission beyond NodeRestriction's rules, no protobuf, no validation of object schemas beyond
 //! the few rules listed below. It
 //! follows the real API's semantics for exactly what the agent uses, and says so here:
 //!
@@ -16,11 +16,16 @@
 //! | eviction | `POST pods/{name}/eviction`: `429 TooManyRequests` while a PodDisruptionBudget (`minAvailable` or `maxUnavailable`, integer, `matchLabels`) would be violated; when several budgets match, `201 Created` carrying a `Failure` Status with code 500 (as the real server answers: the refusal is the created object, not an error); else the pod is deleted (after an optional grace delay, with `deletionTimestamp` set meanwhile) |
 //! | status | errors are `v1.Status` objects with `reason` and `code` as the real server sends them |
 //! | validation | label values (`422 Invalid`); Events with an `eventTime` about a cluster-scoped object only in `default` or `kube-system`, message at most 1024 bytes, reporting fields required; a Lease PUT without `metadata.resourceVersion` (`422`, as Leases allow no unconditional update); nothing else about object schemas |
+//! | identities | bearer tokens from [`ApiServer::token_for`]: a node's own identity (`system:node:<name>`) judged by the Node authorizer's and NodeRestriction's rules, a ServiceAccount by the RBAC rules granted to it ([`ApiServer::apply_rbac`] reads the repository's manifests); `401` without a known token, `403 Forbidden` with the real wording; off until the first token is issued (module `authz`) |
 //! | no-op writes | an update or patch that changes nothing bumps no resourceVersion and sends no watch event, as the real storage layer does |
 //! | faults | tests may have chosen requests (verb and body text) answered `500 InternalError` without being applied ([`ApiServer::fail_requests`]): a write the client sent and the server never made |
 //!
 //! Tests change the cluster directly (`create`, `modify`, `delete`, `compact`) as controllers
 //! and kubelets would, and follow every change in order with [`ApiServer::subscribe`].
+
+mod authz;
+
+pub use authz::{Identity, Rule, rbac_from_manifest};
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -136,6 +141,10 @@ struct Store {
     requests: BTreeMap<String, u64>,
     credentials: std::collections::BTreeSet<String>,
     faults: Vec<Fault>,
+    /// Bearer tokens and whose they are; none: no authorization at all.
+    tokens: BTreeMap<String, Identity>,
+    /// RBAC grants per ServiceAccount (namespace, name).
+    rbac: BTreeMap<(String, String), Vec<Rule>>,
 }
 
 /// Requests to answer with an error instead of serving (a lost write, a server hiccup).
@@ -383,6 +392,27 @@ impl ApiServer {
         });
     }
 
+    /// A bearer token for `identity`. From the first one on, every request must carry a known
+    /// token and is authorized for its identity (see the `authz` module docs).
+    pub fn token_for(&self, identity: Identity) -> String {
+        let mut st = self.store();
+        let token = format!("acl-test-token-{}", st.tokens.len() + 1);
+        st.tokens.insert(token.clone(), identity);
+        token
+    }
+
+    /// Grants `rule` to the ServiceAccount `namespace/name`.
+    pub fn grant(&self, namespace: &str, name: &str, rule: Rule) {
+        self.store().rbac.entry((namespace.to_owned(), name.to_owned())).or_default().push(rule);
+    }
+
+    /// Grants what the Roles, ClusterRoles and bindings of a manifest grant.
+    pub fn apply_rbac(&self, yaml: &str) {
+        for ((ns, name), rule) in rbac_from_manifest(yaml) {
+            self.grant(&ns, &name, rule);
+        }
+    }
+
     /// Serves every request again (the faults still count their hits).
     pub fn clear_faults(&self) {
         for f in &mut self.store().faults {
@@ -493,6 +523,54 @@ impl ApiServer {
         object
     }
 
+    /// 401 without a known token, 403 for what its identity may not do; nothing while no
+    /// token was ever issued.
+    fn authorize(
+        &self,
+        authorization: Option<&str>,
+        t: &Target,
+        method: &Method,
+        q: &BTreeMap<String, String>,
+    ) -> Result<(), ApiError> {
+        let st = self.store();
+        if st.tokens.is_empty() {
+            return Ok(());
+        }
+        let token = authorization.and_then(|a| a.strip_prefix("Bearer ")).unwrap_or_default();
+        let who = st
+            .tokens
+            .get(token)
+            .cloned()
+            .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized"))?;
+        let verb = match (method, &t.name) {
+            (&Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => "watch",
+            (&Method::GET, None) => "list",
+            (&Method::GET, Some(_)) => "get",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, _) => "delete",
+            _ => "unknown",
+        };
+        let ns = t.namespace.clone().unwrap_or_default();
+        let stored = t.name.as_ref().and_then(|n| st.objects.get(&(t.kind, ns, n.clone())));
+        let rules = match &who {
+            Identity::ServiceAccount { namespace, name } => {
+                st.rbac.get(&(namespace.clone(), name.clone())).cloned().unwrap_or_default()
+            }
+            Identity::Node(_) => Vec::new(),
+        };
+        let a = authz::Attributes {
+            verb,
+            kind: t.kind,
+            sub: t.sub.as_deref(),
+            namespace: t.namespace.as_deref(),
+            name: t.name.as_deref(),
+            stored,
+        };
+        authz::authorize(&who, &rules, &a)
+    }
+
     /// A write that changes nothing is not a write: the real server's storage compares the
     /// bytes and neither bumps the resourceVersion nor tells watchers.
     fn commit_unless_same(&self, st: &mut Store, key: Key, current: &Value, mut next: Value) -> Value {
@@ -528,9 +606,12 @@ impl ApiServer {
             _ => format!("{method} {}", t.kind.name()),
         };
         *self.store().requests.entry(verb.clone()).or_default() += 1;
-        if let Some(a) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) {
-            self.store().credentials.insert(a.to_owned());
+        let authorization =
+            req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        if let Some(a) = &authorization {
+            self.store().credentials.insert(a.clone());
         }
+        self.authorize(authorization.as_deref(), &t, &method, &q)?;
         let ctype = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         {

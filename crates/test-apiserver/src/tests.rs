@@ -16,12 +16,25 @@ impl Http {
     }
 
     async fn send(&self, method: &str, path: &str, ctype: &str, body: Option<Value>) -> (u16, Value) {
-        let req = Request::builder()
+        self.send_as(None, method, path, ctype, body).await
+    }
+
+    async fn send_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        ctype: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
-            .header("content-type", ctype)
-            .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
-            .unwrap();
+            .header("content-type", ctype);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default()))).unwrap();
         let r = self.client.request(req).await.unwrap();
         let code = r.status().as_u16();
         let bytes = r.into_body().collect().await.unwrap().to_bytes();
@@ -237,4 +250,108 @@ async fn validation_and_no_op_writes() {
     let (code, st) = h.json("PUT", &format!("{path}/l0"), Some(unconditional)).await;
     assert_eq!(code, 422, "{st}");
     assert!(st["message"].as_str().unwrap().contains("must be specified for an update"), "{st}");
+}
+
+/// Who may do what, with node identities and the repository's RBAC manifest: each row is a
+/// request made over HTTP with that identity's token. Printed as the table of the closing note.
+#[tokio::test]
+async fn identities_are_authorized_as_the_real_server_would() {
+    let s = ApiServer::start(Options::default()).await.unwrap();
+    let h = Http::new(&s);
+    for n in ["node-a", "node-b"] {
+        s.create(Kind::Node, json!({"metadata": {"name": n}})).unwrap();
+    }
+    for (pod, node) in [("web-a", "node-a"), ("web-b", "node-b")] {
+        s.create(Kind::Pod, json!({"metadata": {"name": pod, "namespace": "prod"}, "spec": {"nodeName": node}, "status": {"phase": "Running"}}))
+            .unwrap();
+    }
+    s.create(
+        Kind::Lease,
+        json!({"metadata": {"name": "acl-reboot-0", "namespace": "acl-update"}, "spec": {}}),
+    )
+    .unwrap();
+    s.create(
+        Kind::Lease,
+        json!({"metadata": {"name": "node-a", "namespace": "kube-node-lease"}, "spec": {}}),
+    )
+    .unwrap();
+    s.apply_rbac(include_str!("../../../integration/kubernetes/rbac.yaml"));
+    let node_a = s.token_for(Identity::Node("node-a".into()));
+    let sa = s.token_for(Identity::ServiceAccount {
+        namespace: "acl-update".into(),
+        name: "acl-update-agent".into(),
+    });
+    let merge = "application/merge-patch+json";
+    let ann = json!({"metadata": {"annotations": {"x": "1"}}});
+    let event = json!({"metadata": {"name": "e1"}, "involvedObject": {"kind": "Node", "name": "node-a"}, "reason": "R"});
+    let lease_path = "/apis/coordination.k8s.io/v1/namespaces/acl-update/leases/acl-reboot-0";
+    let lease = s.get(Kind::Lease, "acl-update", "acl-reboot-0").unwrap();
+    let own_lease = s.get(Kind::Lease, "kube-node-lease", "node-a").unwrap();
+    type Row<'a> = (&'a str, &'a str, &'a str, &'a str, Option<Value>, u16);
+    let rows: Vec<Row<'_>> = vec![
+        ("system:node:node-a", "GET", "/api/v1/nodes/node-b", "application/json", None, 200),
+        ("system:node:node-a", "PATCH", "/api/v1/nodes/node-a", merge, Some(ann.clone()), 200),
+        ("system:node:node-a", "PATCH", "/api/v1/nodes/node-b", merge, Some(ann.clone()), 403),
+        (
+            "system:node:node-a",
+            "POST",
+            "/api/v1/namespaces/default/events",
+            "application/json",
+            Some(event.clone()),
+            201,
+        ),
+        (
+            "system:node:node-a",
+            "POST",
+            "/api/v1/namespaces/prod/pods/web-b/eviction",
+            "application/json",
+            Some(json!({})),
+            403,
+        ),
+        (
+            "system:node:node-a",
+            "POST",
+            "/api/v1/namespaces/prod/pods/web-a/eviction",
+            "application/json",
+            Some(json!({})),
+            201,
+        ),
+        ("system:node:node-a", "PUT", lease_path, "application/json", Some(lease.clone()), 403),
+        ("system:node:node-a", "GET", lease_path, "application/json", None, 403),
+        (
+            "system:node:node-a",
+            "PUT",
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/node-a",
+            "application/json",
+            Some(own_lease),
+            200,
+        ),
+        ("sa:acl-update-agent", "PATCH", "/api/v1/nodes/node-b", merge, Some(ann.clone()), 200),
+        (
+            "sa:acl-update-agent",
+            "POST",
+            "/api/v1/namespaces/prod/pods/web-b/eviction",
+            "application/json",
+            Some(json!({})),
+            201,
+        ),
+        ("sa:acl-update-agent", "PUT", lease_path, "application/json", Some(lease), 200),
+        ("sa:acl-update-agent", "DELETE", "/api/v1/nodes/node-b", "application/json", None, 403),
+        ("nobody", "GET", "/api/v1/nodes/node-a", "application/json", None, 401),
+    ];
+    eprintln!("| identity | verb | path | answer |\n|---|---|---|---|");
+    for (who, method, path, ctype, body, want) in rows {
+        let token = match who {
+            "system:node:node-a" => Some(node_a.as_str()),
+            "sa:acl-update-agent" => Some(sa.as_str()),
+            _ => Some("not-a-token"),
+        };
+        let (code, st) = h.send_as(token, method, path, ctype, body).await;
+        eprintln!("| {who} | {method} | {path} | {code} |");
+        assert_eq!(code, want, "{who} {method} {path}: {st}");
+        if code == 403 {
+            let m = st["message"].as_str().unwrap_or_default();
+            assert!(m.contains("is forbidden: User \""), "{m}");
+        }
+    }
 }
