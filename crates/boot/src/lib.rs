@@ -108,18 +108,7 @@ pub fn select(path: &Path, policy: &TrustPolicy) -> Result<Selection, BootError>
             Ok(m) => {
                 // Spend the try first: if this boot dies, the next one knows.
                 let after = disk.update(|s| Ok(choice::boot_attempt(s).map_or(*s, |(_, next)| next)))?;
-                let bits = after.get(chosen);
-                let e = disk.partition(chosen);
-                return Ok(Selection {
-                    slot: chosen,
-                    partition: e.number,
-                    partuuid: e.unique_guid.to_string(),
-                    version: m.version.to_string(),
-                    cmdline: m.kernel_cmdline.clone(),
-                    verity: m.verity,
-                    tries_left: (!bits.successful()).then(|| bits.tries()),
-                    skipped: given_up,
-                });
+                return Ok(Selection::new(&disk, chosen, after.get(chosen), m, given_up));
             }
             Err(why) => {
                 // Unusable: never choose it again until an install replaces it.
@@ -144,20 +133,30 @@ pub fn verify_chosen(path: &Path, slot: Slot, policy: &TrustPolicy) -> Result<Se
         return Err(BootError::NotChosen { slot, bits: bits.to_string() });
     }
     let m = slot_manifest(&disk, path, slot, policy).map_err(|why| BootError::Unverified { slot, why })?;
-    let e = disk.partition(slot);
-    Ok(Selection {
-        slot,
-        partition: e.number,
-        partuuid: e.unique_guid.to_string(),
-        version: m.version.to_string(),
-        cmdline: m.kernel_cmdline.clone(),
-        verity: m.verity,
-        tries_left: (!bits.successful()).then(|| bits.tries()),
-        skipped: Vec::new(),
-    })
+    Ok(Selection::new(&disk, slot, bits, m, Vec::new()))
 }
 
 impl Selection {
+    fn new(
+        disk: &Disk<std::fs::File>,
+        slot: Slot,
+        bits: slot::GptPrio,
+        m: manifest::Manifest,
+        skipped: Vec<(Slot, String)>,
+    ) -> Self {
+        let e = disk.partition(slot);
+        Selection {
+            slot,
+            partition: e.number,
+            partuuid: e.unique_guid.to_string(),
+            version: m.version.to_string(),
+            cmdline: m.kernel_cmdline,
+            verity: m.verity,
+            tries_left: (!bits.successful()).then(|| bits.tries()),
+            skipped,
+        }
+    }
+
     /// Shell assignments for the initramfs hook (`. /run/acl/boot.env`), values single-quoted.
     pub fn to_env(&self, disk: &str) -> String {
         let v = &self.verity;

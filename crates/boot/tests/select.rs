@@ -26,6 +26,11 @@ impl Fixture {
     /// Builds and signs a 1 MiB image `version` and writes its trailer into `slot` (signed by
     /// `key`, or by the fixture's key).
     fn install_trailer(&self, slot: Slot, version: &str, key: Option<&signing::SecretKey>) {
+        self.install_signed(slot, version, std::slice::from_ref(key.unwrap_or(&self.key)));
+    }
+
+    /// [`Fixture::install_trailer`] with a manifest signed by every key of `keys`.
+    fn install_signed(&self, slot: Slot, version: &str, keys: &[signing::SecretKey]) {
         let fs = self.dir.path().join(format!("fs-{version}"));
         std::fs::write(&fs, vec![version.len() as u8; 1 << 20]).unwrap();
         let out = self.dir.path().join(format!("build-{version}-{slot}"));
@@ -39,8 +44,7 @@ impl Fixture {
             salt: None,
         };
         payload::build(&fs, &out, &opts, &|_| {}).unwrap();
-        let key = key.unwrap_or(&self.key);
-        repo::local::sign_document(&out.join("manifest.json"), std::slice::from_ref(key)).unwrap();
+        repo::local::sign_document(&out.join("manifest.json"), keys).unwrap();
         let m = std::fs::read(out.join("manifest.json")).unwrap();
         let sig = std::fs::read(out.join("manifest.json.sig")).unwrap();
         let (base, len) = Disk::open(&self.disk, false).unwrap().slot_extent(slot).unwrap();
@@ -229,26 +233,7 @@ fn the_boot_path_threshold_comes_from_the_agent_configuration() {
     assert!(!ok && err.contains("1 valid signature(s) from trusted keys, 2 required"), "{err}");
 
     // Signed by both keys: accepted, and the assignments come from the manifest.
-    let both = [f.key.clone(), second.clone()];
-    let fs = f.dir.path().join("fs-two");
-    std::fs::write(&fs, vec![3u8; 1 << 20]).unwrap();
-    let out = f.dir.path().join("build-two");
-    let opts = payload::BuildOptions {
-        version: "1.0.1".parse().unwrap(),
-        arch: "x86_64".into(),
-        kernel_cmdline: "console=ttyS0 quiet".into(),
-        chunk_size: 256 << 10,
-        level: 1,
-        threads: 1,
-        salt: None,
-    };
-    payload::build(&fs, &out, &opts, &|_| {}).unwrap();
-    repo::local::sign_document(&out.join("manifest.json"), &both).unwrap();
-    let m = std::fs::read(out.join("manifest.json")).unwrap();
-    let sig = std::fs::read(out.join("manifest.json.sig")).unwrap();
-    let (base, len) = Disk::open(&f.disk, false).unwrap().slot_extent(Slot::A).unwrap();
-    let (at, bytes) = trailer::encode(&m, &sig, len);
-    std::fs::OpenOptions::new().write(true).open(&f.disk).unwrap().write_all_at(&bytes, base + at).unwrap();
+    f.install_signed(Slot::A, "1.0.1", &[f.key.clone(), second.clone()]);
     let (ok, env, err) = run();
     assert!(ok, "{err}");
     assert!(env.contains("ACL_VERSION='1.0.1'") && env.contains("ACL_SLOT='A'"), "{env}");

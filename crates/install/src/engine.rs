@@ -393,39 +393,29 @@ pub async fn install(
     report.direct_io = target_io.is_direct();
     let started = Instant::now();
     journal.set_done(&done);
+    // Ranged requests first; when the server answered them with whole files (refused before
+    // anything was written), the payload is read in one pass instead.
     let mut sequential = false;
-    let failed_local = match write_all(
-        req,
-        fetcher,
-        counters,
-        &plan,
-        &target_io,
-        local.as_ref(),
-        &mut journal,
-        &mut before_first_write,
-        false,
-    )
-    .await
-    {
-        // Every request was refused at its first answer, before anything was written: read the
-        // payload in one pass instead.
-        Err(InstallError::Fetch(FetchError::RangeIgnored { .. })) => {
-            sequential = true;
-            report.one_pass = true;
-            write_all(
-                req,
-                fetcher,
-                counters,
-                &plan,
-                &target_io,
-                local.as_ref(),
-                &mut journal,
-                &mut before_first_write,
-                true,
-            )
-            .await?
+    let failed_local = loop {
+        let r = write_all(
+            req,
+            fetcher,
+            counters,
+            &plan,
+            &target_io,
+            local.as_ref(),
+            &mut journal,
+            &mut before_first_write,
+            sequential,
+        )
+        .await;
+        match r {
+            Err(InstallError::Fetch(FetchError::RangeIgnored { .. })) if !sequential => {
+                sequential = true;
+                report.one_pass = true;
+            }
+            r => break r?,
         }
-        r => r?,
     };
     if !failed_local.is_empty() {
         // The other slot did not hold what its record says: fetch those chunks instead.

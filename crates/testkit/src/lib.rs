@@ -263,8 +263,13 @@ pub fn tls_server_self_signed(names: &[&str]) -> (String, rustls::ServerConfig) 
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = params.self_signed(&key).expect("self-signed certificate");
+    (cert.pem(), server_config(&cert, &key))
+}
+
+/// A rustls server configuration (ring provider) serving `cert`.
+fn server_config(cert: &rcgen::Certificate, key: &rcgen::KeyPair) -> rustls::ServerConfig {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
         .with_no_client_auth()
@@ -272,8 +277,7 @@ pub fn tls_server_self_signed(names: &[&str]) -> (String, rustls::ServerConfig) 
             vec![cert.der().clone()],
             rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )
-        .expect("server certificate");
-    (cert.pem(), config)
+        .expect("server certificate")
 }
 
 /// A test CA and a server configuration whose certificate, for `names`, it signed.
@@ -289,15 +293,5 @@ pub fn tls_server(names: &[&str]) -> (String, rustls::ServerConfig) {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let cert =
         rcgen::CertificateParams::new(names).expect("server params").signed_by(&key, &issuer).expect("sign");
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .expect("server certificate");
-    (ca_pem, config)
+    (ca_pem, server_config(&cert, &key))
 }
