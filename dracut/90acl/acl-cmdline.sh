@@ -6,7 +6,12 @@
 type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
 
 if [ "$(getarg acl.stage=)" = 2 ]; then
-    # root=/dev/mapper/acl-root comes with the command line that stage 1 built.
+    # root=/dev/mapper/acl-root comes with the command line that stage 1 built; the settled
+    # hook creates it from the slot's signed manifest. Any other root would be mounted without
+    # dm-verity: refused.
+    if [ "$(getarg root=)" != /dev/mapper/acl-root ]; then
+        die "acl: stage 2 mounts only /dev/mapper/acl-root, not root=$(getarg root=)"
+    fi
     wait_for_dev -n /dev/mapper/acl-root
 else
     root="acl-stage1"

@@ -645,11 +645,15 @@ async fn write_all(
                 while let Some(bytes) = stream.next().await? {
                     pending.extend_from_slice(&bytes);
                     while let Some((r, _)) = frames.peek() {
+                        // Bytes before the next frame (chunks held already, in a one-pass read)
+                        // are dropped as they come: only one frame is ever buffered.
+                        let gap = r.start.saturating_sub(at).min(pending.len());
+                        drop(pending.split_to(gap));
+                        at += gap;
                         if at + pending.len() < r.end {
                             break;
                         }
                         let (r, indices) = frames.next().expect("peeked");
-                        let _gap = pending.split_to(r.start.saturating_sub(at));
                         let frame = pending.split_to(r.end - r.start).freeze();
                         at = r.end;
                         if frames_tx.send((frame, indices)).await.is_err() {
