@@ -1,4 +1,5 @@
-//! The boot path's decision, as the first-stage initramfs runs it (dracut module `90acl`):
+//! The boot path's decisions, as the initramfs runs them (dracut module `90acl`). Stage 1
+//! ([`select`]):
 //! choose the slot by the same rule as everything else ([`slot::choice::boot_attempt`]), spend
 //! one of its tries in a crash-safe table write *before* trying it, read the signed manifest
 //! from the slot's trailer and check its signatures against the keys built into the
@@ -9,6 +10,10 @@
 //! and the choice is made again, so a damaged slot costs one boot step, not the machine. When
 //! nothing is left, the error says so and the initramfs stops there (a machine that boots
 //! nothing verified is safer than one that boots anything).
+//!
+//! Stage 2 ([`verify_chosen`]), in the slot's own initramfs after the kexec: the command line
+//! names the slot, the bits must show that the rule chose it, and its manifest is verified
+//! again; nothing else is taken from the command line, and the disk is only read.
 
 use repo::TrustPolicy;
 use slot::Disk;

@@ -109,16 +109,27 @@ async fn a_bad_ca_file_is_named() {
     assert!(e.contains("missing.pem"), "{e}");
 }
 
+/// A server with `config` (redirecting to `redirect`, if given) and a fetcher that trusts
+/// `ca_pem` (kept in the returned directory).
+async fn trusting(
+    ca_pem: String,
+    config: rustls::ServerConfig,
+    redirect: Option<String>,
+) -> (tempfile::TempDir, Fetcher) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &ca_pem).unwrap();
+    let (_pki, port) = serve(ca_pem, config, redirect).await;
+    let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
+    (dir, f)
+}
+
 /// A self-signed certificate marked CA:TRUE, given as the trusted CA: refused, in words that say
 /// what to do (rustls alone says `Other(OtherError(CaUsedAsEndEntity))`).
 #[tokio::test]
 async fn a_self_signed_ca_certificate_is_refused_in_words() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
     let (pem, config) = testkit::tls_server_self_signed(&["localhost"]);
-    std::fs::write(&ca, &pem).unwrap();
-    let (_pki, port) = serve(pem, config, None).await;
-    let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
+    let (_dir, f) = trusting(pem, config, None).await;
     let e = f.get_range("f", 2..6).await.unwrap_err().to_string();
     assert!(e.contains("presents a CA certificate as its own") && e.contains("trust.ca-file"), "{e}");
     assert!(!e.contains("OtherError"), "{e}");
@@ -129,12 +140,8 @@ async fn a_self_signed_ca_certificate_is_refused_in_words() {
 /// and the node's requests).
 #[tokio::test]
 async fn a_redirect_from_https_to_http_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
     let (ca_pem, config) = testkit::tls_server(&["localhost"]);
-    std::fs::write(&ca, &ca_pem).unwrap();
-    let (_pki, port) = serve(ca_pem, config, Some("http://127.0.0.1:9/repo/f".into())).await;
-    let f = Fetcher::new(&format!("https://localhost:{port}/repo"), opts(Some(&ca))).unwrap();
+    let (_dir, f) = trusting(ca_pem, config, Some("http://127.0.0.1:9/repo/f".into())).await;
     let e = f.get_range("f", 2..6).await.unwrap_err().to_string();
     assert!(e.contains("redirected from https to http://127.0.0.1:9/repo/f: refused"), "{e}");
     assert_eq!(f.requests(), 1, "not retried");

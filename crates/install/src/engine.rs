@@ -393,8 +393,9 @@ pub async fn install(
     report.direct_io = target_io.is_direct();
     let started = Instant::now();
     journal.set_done(&done);
-    // Ranged requests first; when the server answered them with whole files (refused before
-    // anything was written), the payload is read in one pass instead.
+    // Ranged requests first; when the server answers them with whole files, the payload is
+    // read in one pass instead. Usually nothing was written by then; if a server answered some
+    // ranges and not others, what was written is verified data and is simply written again.
     let mut sequential = false;
     let failed_local = loop {
         let r = write_all(

@@ -84,6 +84,21 @@ async fn a_repeated_install_fetches_nothing() {
     assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256);
 }
 
+/// Slot B (installed) made unbootable and zeroed from the middle chunk on, as after a kill
+/// half-way or a disk that dropped writes: the offset of that chunk and B's PARTUUID.
+fn lose_second_half_of_b(disk: &std::path::Path, m: &manifest::Manifest) -> (u64, String) {
+    use std::os::unix::fs::FileExt as _;
+    let mut d = Disk::open(disk, true).unwrap();
+    d.update(|s| choice::prepare(s, Slot::A)).unwrap();
+    let (base, len) = d.slot_extent(Slot::B).unwrap();
+    let partuuid = d.partition(Slot::B).unique_guid.to_string();
+    drop(d);
+    let half = m.chunk_range(m.chunks.len() / 2).start;
+    let file = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    file.write_all_at(&vec![0u8; (len - half) as usize], base + half).unwrap();
+    (half, partuuid)
+}
+
 /// Before: a killed install kept only what its journal listed (synced every 16 MiB), so
 /// kill -9 a few seconds in kept nothing. Now every chunk found in place on the disk counts:
 /// here the journal lists nothing (as after a kill right after it was started) while half the
@@ -98,17 +113,7 @@ async fn a_killed_install_keeps_every_chunk_it_wrote() {
     f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
     // Back to the state of a kill half-way: B unbootable, its second half and trailer not
     // written yet, a journal with nothing done.
-    let mut d = Disk::open(&disk, true).unwrap();
-    d.update(|s| choice::prepare(s, Slot::A)).unwrap();
-    let (base, len) = d.slot_extent(Slot::B).unwrap();
-    let partuuid = d.partition(Slot::B).unique_guid.to_string();
-    drop(d);
-    let half = v1.0.chunk_range(v1.0.chunks.len() / 2).start;
-    {
-        use std::os::unix::fs::FileExt as _;
-        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        file.write_all_at(&vec![0u8; (len - half) as usize], base + half).unwrap();
-    }
+    let (half, partuuid) = lose_second_half_of_b(&disk, &v1.0);
     let state = f.path("state");
     let manifest_sha = manifest::Sha256Digest::of(&v1.1);
     Journal::new(manifest_sha, partuuid, v1.0.chunks.len()).save(&state).unwrap();
@@ -136,17 +141,7 @@ async fn a_journal_that_lies_does_not_spare_the_read_back() {
     let v1 = f.release("1.0.0", 0);
     let fetcher = f.file_fetcher();
     f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
-    let mut d = Disk::open(&disk, true).unwrap();
-    d.update(|s| choice::prepare(s, Slot::A)).unwrap();
-    let (base, len) = d.slot_extent(Slot::B).unwrap();
-    let partuuid = d.partition(Slot::B).unique_guid.to_string();
-    drop(d);
-    let half = v1.0.chunk_range(v1.0.chunks.len() / 2).start;
-    {
-        use std::os::unix::fs::FileExt as _;
-        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        file.write_all_at(&vec![0u8; (len - half) as usize], base + half).unwrap();
-    }
+    let (_, partuuid) = lose_second_half_of_b(&disk, &v1.0);
     let mut j = Journal::new(manifest::Sha256Digest::of(&v1.1), partuuid, v1.0.chunks.len());
     j.set_done(&vec![true; v1.0.chunks.len()]);
     j.save(&f.path("state")).unwrap();
