@@ -15,7 +15,7 @@
 //! | Idle | Checked(Wait/UpToDate/Blocked) | Idle (note kept) | - |
 //! | Installing v | Installed ok | Staged v | RequestReboot |
 //! | Installing v | Installed err | Idle | (failure of v recorded) |
-//! | Staged v | RebootAllowed (or Operator AllowReboot) | Rebooting v | Reboot |
+//! | Staged v | RebootAllowed (or Operator AllowReboot), not paused | Rebooting v | Reboot |
 //! | Rebooting v | Started, v booted unconfirmed | Verifying v until deadline | RunHealth |
 //! | Rebooting v | Started, v did not boot | Idle | (v skipped: its tries ran out) |
 //! | Rebooting v | Started, old slot runs, v still boots next | Staged v | RequestReboot |
@@ -410,7 +410,12 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
         (Event::Installed { result, now }, Phase::Installing { version, .. }) => match result {
             Ok(()) => {
                 s.phase = Phase::Staged { version: version.clone() };
-                s.note = format!("{version} installed; waiting to reboot");
+                // A pause that arrived during the install holds the reboot; say so.
+                s.note = if state.paused || cfg.paused {
+                    format!("{version} installed; paused: no reboot until resumed")
+                } else {
+                    format!("{version} installed; waiting to reboot")
+                };
                 actions.push(Action::RequestReboot);
             }
             Err(e) => {
@@ -420,7 +425,7 @@ pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) 
                 actions.push(Action::Log(s.note.clone()));
             }
         },
-        (Event::RebootAllowed, Phase::Staged { version }) if !state.paused => {
+        (Event::RebootAllowed, Phase::Staged { version }) if !state.paused && !cfg.paused => {
             s.phase = Phase::Rebooting { version: version.clone() };
             s.note = format!("rebooting into {version}");
             actions.push(Action::Reboot);

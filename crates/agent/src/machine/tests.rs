@@ -346,3 +346,25 @@ fn the_installing_phase_carries_the_checked_manifest() {
     assert!(text.contains(&"07".repeat(32)), "{text}");
     assert_eq!(serde_json::from_str::<Phase>(&text).unwrap(), now);
 }
+
+/// A pause that arrives while an install runs: the install finishes, the note says the reboot
+/// is held, and no reboot happens until resume. A pause from the configuration holds it too.
+#[test]
+fn a_pause_during_the_install_holds_the_reboot_and_says_so() {
+    let events = &happy_path()[..3];
+    let (s, _) = run(&State::default(), events);
+    assert!(matches!(s.phase, Phase::Installing { .. }));
+    let (s, _) = step(&s, &Event::Operator(Request::Pause), &cfg());
+    let (s, _) = step(&s, &Event::Installed { result: Ok(()), now: t(5) }, &cfg());
+    assert_eq!(s.phase, Phase::Staged { version: v("2.0.0") });
+    assert!(s.paused && s.note.contains("paused"), "{}", s.note);
+    let (s, a) = step(&s, &Event::RebootAllowed, &cfg());
+    assert!(!a.contains(&Action::Reboot) && s.phase == Phase::Staged { version: v("2.0.0") }, "{a:?}");
+    let (s, _) = step(&s, &Event::Operator(Request::Resume), &cfg());
+    let paused_cfg = Config { paused: true, ..cfg() };
+    let (s, a) = step(&s, &Event::RebootAllowed, &paused_cfg);
+    assert!(!a.contains(&Action::Reboot), "updates.paused holds the reboot: {a:?}");
+    let (s, a) = step(&s, &Event::RebootAllowed, &cfg());
+    assert_eq!(a, vec![Action::Reboot]);
+    assert_eq!(s.phase, Phase::Rebooting { version: v("2.0.0") });
+}
