@@ -22,6 +22,10 @@ const E2E_TOOLS: [crate::tools::Tool; 4] = [
 /// (qemu's user network), and `image-recipes/node.toml` names http://10.0.2.2:18080/.
 const REPO_PORT: u16 = 18080;
 
+/// The binaries `cargo xtask test` has already built (the dev profile, dependencies optimised):
+/// a release build of the whole dependency tree would add minutes to every run.
+const PROFILE: image::Profile = image::Profile::Dev;
+
 /// Slot size: the systemd node image is about 190 MiB with its verity tree.
 const SLOT_MIB: u64 = 256;
 
@@ -39,6 +43,7 @@ impl Lab for XtaskLab<'_> {
         let b = image::build(
             self.sh,
             &ImageArgs {
+                profile: PROFILE,
                 recipe: root.join("image-recipes").join(recipe),
                 version: version.into(),
                 work: self.dir.join("images").join(format!("{version}-{recipe}")),
@@ -69,13 +74,13 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     let started = Instant::now();
     crate::tools::ensure(sh, &E2E_TOOLS)?;
     crate::tools::ensure(sh, &image::IMAGE_TOOLS)?;
-    image::build_binaries(sh)?;
+    image::build_binaries(sh, PROFILE)?;
     let root = sh.current_dir();
     let dir = root.join("target/e2e");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("trust"))?;
-    let aclpub = root.join("target/release/aclpub");
-    let aclctl = root.join("target/release/aclctl");
+    let aclpub = PROFILE.bin(&root, "aclpub");
+    let aclctl = PROFILE.bin(&root, "aclctl");
     {
         let _d = sh.push_dir(&dir);
         cmd!(sh, "{aclpub} keygen --out keys e2e").quiet().ignore_stdout().run()?;
@@ -173,6 +178,7 @@ fn build_niced(dir: &Path, recipe: &str, version: &str, work: &str) -> Result<e2
         .arg(dir.join("keys/e2e.key"))
         .arg("--trust")
         .arg(dir.join("trust"))
+        .args(["--profile", PROFILE.name()])
         .current_dir(&root)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("build-{version}-{recipe}.log")))?)

@@ -5,7 +5,9 @@
 //!    unpacked with `dpkg -x` (nothing is installed, no maintainer script runs).
 //! 2. The kernel package gives `/boot/vmlinuz` and the modules the recipe lists, with their
 //!    dependencies (from `modules.dep`); busybox's applets become symlinks; our binaries come
-//!    from `target/release`; the recipe's files are written; the trusted keys are copied in.
+//!    from `target/release` (or, with `--profile dev`, from `target/debug`: the e2e run uses
+//!    the binaries the tests already built instead of compiling everything a second time),
+//!    stripped; the recipe's files are written; the trusted keys are copied in.
 //! 3. The initramfs (`/boot/initrd.img`) is built by dracut with our module `dracut/90acl`,
 //!    `--reproducible`, from a private copy of dracut's modules (nothing on the host changes).
 //! 4. The tree becomes an erofs image with every timestamp at the recipe's `epoch`, owner root,
@@ -108,9 +110,42 @@ fn load(path: &Path) -> Result<Recipe> {
     Ok(base)
 }
 
+/// Which cargo profile's binaries go into the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Profile {
+    /// `cargo build --release`: what a user ships.
+    Release,
+    /// The dev profile (dependencies at opt-level 3, our crates unoptimised, overflow checks
+    /// on): what `cargo nextest run --workspace` has already built, so tests reuse it.
+    Dev,
+}
+
+impl Profile {
+    fn dir(self) -> &'static str {
+        match self {
+            Profile::Release => "target/release",
+            Profile::Dev => "target/debug",
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Profile::Release => "release",
+            Profile::Dev => "dev",
+        }
+    }
+
+    /// Where this profile puts binary `name`, under the workspace root.
+    pub(crate) fn bin(self, root: &Path, name: &str) -> PathBuf {
+        root.join(self.dir()).join(name)
+    }
+}
+
 /// What to build and where to put it.
 #[derive(Debug)]
 pub(crate) struct ImageArgs {
+    /// Whose binaries: release or dev.
+    pub(crate) profile: Profile,
     pub(crate) recipe: PathBuf,
     pub(crate) version: String,
     /// Work directory (tree, filesystem, build output).
@@ -135,11 +170,13 @@ pub(crate) struct Built {
     pub(crate) kernel_release: String,
 }
 
-/// `cargo xtask image RECIPE --version V --repo DIR --key K... --trust DIR [--work DIR]`.
+/// `cargo xtask image RECIPE --version V --repo DIR --key K... --trust DIR [--work DIR]
+/// [--profile release|dev]`.
 pub(crate) fn cli(sh: &Shell, args: &[&str]) -> Result<()> {
     let mut it = args.iter();
     let recipe = PathBuf::from(it.next().context("usage: cargo xtask image RECIPE --version V ...")?);
     let (mut version, mut repo, mut keys, mut trust, mut work) = (None, None, Vec::new(), None, None);
+    let mut profile = Profile::Release;
     while let Some(a) = it.next() {
         let mut val = || it.next().map(|s| s.to_string()).with_context(|| format!("{a} needs a value"));
         match *a {
@@ -148,12 +185,20 @@ pub(crate) fn cli(sh: &Shell, args: &[&str]) -> Result<()> {
             "--key" => keys.push(PathBuf::from(val()?)),
             "--trust" => trust = Some(PathBuf::from(val()?)),
             "--work" => work = Some(PathBuf::from(val()?)),
+            "--profile" => {
+                profile = match val()?.as_str() {
+                    "release" => Profile::Release,
+                    "dev" => Profile::Dev,
+                    other => bail!("--profile {other}: expected release or dev"),
+                }
+            }
             other => bail!("unknown option {other}"),
         }
     }
     let version = version.context("--version is required")?;
     let root = sh.current_dir();
     let args = ImageArgs {
+        profile,
         work: work.unwrap_or_else(|| root.join("target/images").join(format!("{}-{version}", stem(&recipe)))),
         recipe,
         version,
@@ -161,7 +206,7 @@ pub(crate) fn cli(sh: &Shell, args: &[&str]) -> Result<()> {
         keys,
         trust: trust.context("--trust DIR (the public keys the image will trust) is required")?,
     };
-    build_binaries(sh)?;
+    build_binaries(sh, profile)?;
     let built = build(sh, &args)?;
     println!("built {} ({})", built.build.display(), built.kernel_release);
     Ok(())
@@ -171,9 +216,10 @@ fn stem(p: &Path) -> String {
     p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-/// Release builds of what images and the first stage contain.
-pub(crate) fn build_binaries(sh: &Shell) -> Result<()> {
-    cmd!(sh, "cargo build --quiet --release --locked -p agent -p aclctl -p boot -p publish").run()?;
+/// Builds what images and the first stage contain, with `profile`.
+pub(crate) fn build_binaries(sh: &Shell, profile: Profile) -> Result<()> {
+    let p = profile.name();
+    cmd!(sh, "cargo build --quiet --profile {p} --locked -p agent -p aclctl -p boot -p publish").run()?;
     Ok(())
 }
 
@@ -183,6 +229,7 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     let root = sh.current_dir();
     let work = root.join(&a.work);
     let a = &ImageArgs {
+        profile: a.profile,
         work,
         recipe: a.recipe.clone(),
         version: a.version.clone(),
@@ -249,8 +296,8 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     }
     // Our binaries, keys, version, recipe files.
     for b in &r.binaries {
-        // Stripped: the release profile keeps line tables for backtraces on developer machines.
-        let (src, dst) = (root.join("target/release").join(b), tree.join("usr/bin").join(b));
+        // Stripped: both profiles keep line tables for backtraces on developer machines.
+        let (src, dst) = (a.profile.bin(&root, b), tree.join("usr/bin").join(b));
         cmd!(sh, "strip --strip-all -o {dst} {src}")
             .run()
             .with_context(|| format!("strip {b} (built by build_binaries)"))?;
@@ -281,6 +328,9 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
 
     // 3. The initramfs, from a private copy of dracut with our module.
     let dracut_base = a.work.join("dracut");
+    let boot_bin = a.work.join("acl-boot");
+    let src = a.profile.bin(&root, "acl-boot");
+    cmd!(sh, "strip --strip-all -o {boot_bin} {src}").run().context("strip acl-boot for the initramfs")?;
     cmd!(sh, "cp -a /usr/lib/dracut {dracut_base}").run()?;
     cmd!(sh, "cp -a {root}/dracut/90acl {dracut_base}/modules.d/90acl").run()?;
     let initrd = tree.join("boot/initrd.img");
@@ -290,7 +340,7 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     {
         let _cwd = sh.push_dir(&a.work);
         let _e1 = sh.push_env("dracutbasedir", &dracut_base);
-        let _e2 = sh.push_env("ACL_BOOT_BIN", root.join("target/release/acl-boot"));
+        let _e2 = sh.push_env("ACL_BOOT_BIN", &boot_bin);
         let _e3 = sh.push_env("ACL_IMAGE_ROOT", &tree);
         let _e4 = sh.push_env("SOURCE_DATE_EPOCH", epoch.to_string());
         let confdir = "dracut.conf.d";
@@ -309,7 +359,7 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     let t = format!("-T{epoch}");
     let u = format!("-U{uuid}");
     cmd!(sh, "mkfs.erofs --quiet {t} --ignore-mtime --all-root {u} {fs} {tree}").run()?;
-    let aclpub = root.join("target/release/aclpub");
+    let aclpub = a.profile.bin(&root, "aclpub");
     let out = a.work.join("build");
     let version = &a.version;
     let cmdline = r.cmdline.clone().unwrap_or_default();

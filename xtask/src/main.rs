@@ -8,6 +8,7 @@
 //! | `bench chunk-size` | compression ratio and adaptive-update cost for several chunk sizes |
 //! | `bench install [--size-mib N]` | install from nginx to a loop device against curl, zstd and dd |
 //! | `image RECIPE --version V --trust DIR [--key K]... [--repo DIR]` | build a bootable OS image from a recipe, sign and publish it |
+//! | `coordinator-image [--profile release\|dev] [--out DIR]` | the coordinator's OCI image layout (`target/oci/acl-coordinator`) |
 //! | `e2e` | build the test OS images, boot them in qemu and run the scenarios a-j of `integration/e2e` |
 //! | `bench idle [--seconds N] [--kubernetes]` | the idle agent's memory and wake-ups against a `sleep` baseline (with `--kubernetes`: in Kubernetes mode, against the test API server) |
 
@@ -15,6 +16,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod coordinator_image;
 mod debs;
 mod demo;
 mod e2e;
@@ -28,12 +30,22 @@ use anyhow::{Result, bail};
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if CARGO_RUN_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+        // Started by `cargo run`: run again without its variables (see CARGO_RUN_VARS).
+        let mut again = std::process::Command::new(std::env::current_exe()?);
+        again.args(std::env::args_os().skip(1));
+        for v in CARGO_RUN_VARS {
+            again.env_remove(v);
+        }
+        std::process::exit(again.status()?.code().unwrap_or(1));
+    }
     let sh = xshell::Shell::new()?;
     sh.change_dir(project_root());
     match args.as_slice() {
         ["test"] => test(&sh),
         ["demo"] => demo::run(&sh),
         ["image", rest @ ..] => image::cli(&sh, rest),
+        ["coordinator-image", rest @ ..] => coordinator_image::cli(&sh, rest),
         ["e2e"] => e2e::run(&sh),
         ["bench", "build", rest @ ..] => bench::build(&sh, size_arg(rest)?.unwrap_or(1024)),
         ["bench", "chunk-size", rest @ ..] => bench::chunk_size(&sh, size_arg(rest)?.unwrap_or(256)),
@@ -44,7 +56,7 @@ fn main() -> Result<()> {
         ["bench", "idle", "--seconds", n, "--kubernetes"] => bench::idle(&sh, n.parse()?, true),
         _ => {
             println!(
-                "usage: cargo xtask <test | demo | bench build [--size-mib N] | bench chunk-size [--size-mib N] | bench install [--size-mib N] | bench idle [--seconds N] [--kubernetes]>"
+                "usage: cargo xtask <test | demo | image RECIPE ... | coordinator-image [--profile release|dev] [--out DIR] | e2e | bench build [--size-mib N] | bench chunk-size [--size-mib N] | bench install [--size-mib N] | bench idle [--seconds N] [--kubernetes]>"
             );
             if args.is_empty() || args == ["--help"] { Ok(()) } else { bail!("unknown task {args:?}") }
         }
@@ -58,6 +70,31 @@ fn size_arg(rest: &[&str]) -> Result<Option<u64>> {
         _ => bail!("unexpected arguments {rest:?}"),
     }
 }
+
+/// What `cargo run` sets for xtask itself. A cargo started from here must not inherit them:
+/// build scripts watch some (ring's reruns when `CARGO_MANIFEST_DIR` changes), and every build
+/// from inside xtask would then recompile what a build from outside made, and the reverse.
+pub(crate) const CARGO_RUN_VARS: &[&str] = &[
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_PKG_NAME",
+    "CARGO_PKG_VERSION",
+    "CARGO_PKG_VERSION_MAJOR",
+    "CARGO_PKG_VERSION_MINOR",
+    "CARGO_PKG_VERSION_PATCH",
+    "CARGO_PKG_VERSION_PRE",
+    "CARGO_PKG_AUTHORS",
+    "CARGO_PKG_DESCRIPTION",
+    "CARGO_PKG_HOMEPAGE",
+    "CARGO_PKG_REPOSITORY",
+    "CARGO_PKG_LICENSE",
+    "CARGO_PKG_LICENSE_FILE",
+    "CARGO_PKG_RUST_VERSION",
+    "CARGO_PKG_README",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+];
 
 fn project_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_owned()
@@ -82,6 +119,7 @@ fn test(sh: &xshell::Shell) -> Result<()> {
     } else {
         xshell::cmd!(sh, "cargo test --workspace --locked --no-fail-fast").run()?;
     }
+    coordinator_image::check_reproducible(sh)?;
     // Last, the slowest: real kernels in qemu (ACL_SKIP_E2E=1 leaves them out on a laptop).
     if std::env::var_os("ACL_SKIP_E2E").is_some() {
         println!("ACL_SKIP_E2E is set: the qemu end-to-end scenarios did not run");

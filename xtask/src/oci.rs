@@ -56,20 +56,41 @@ pub(crate) fn build(sh: &Shell, tree: &Path, spec: &ContainerSpec, epoch: i64) -
         std::fs::write(&dst, &f.text)?;
     }
     std::fs::create_dir_all(rootfs.join("tmp"))?;
-    let layout = work.join("layout");
+    let layout_dir = work.join("layout");
+    layout(sh, &rootfs, &layout_dir, &spec.name, &spec.cmd, epoch)?;
+    let out = tree.join(spec.path.trim_start_matches('/'));
+    std::fs::create_dir_all(out.parent().expect("has a parent"))?;
+    reproducible_tar(sh, &layout_dir, &out, epoch)?;
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
+/// Writes an OCI image layout (a directory: `oci-layout`, `index.json`, `blobs/sha256/`) of
+/// one uncompressed layer made of `rootfs`, named `name`, running `cmd`. Returns the image
+/// manifest's digest.
+pub(crate) fn layout(
+    sh: &Shell,
+    rootfs: &Path,
+    layout: &Path,
+    name: &str,
+    cmd: &[String],
+    epoch: i64,
+) -> Result<String> {
+    let _ = std::fs::remove_dir_all(layout);
     let blobs = layout.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
-    let layer_tar = work.join("layer.tar");
-    reproducible_tar(sh, &rootfs, &layer_tar, epoch)?;
+    let layer_tar = layout.join("layer.tar.tmp");
+    reproducible_tar(sh, rootfs, &layer_tar, epoch)?;
     let layer = blob(&blobs, &std::fs::read(&layer_tar)?)?;
+    std::fs::remove_file(&layer_tar)?;
     let created = jiff::Timestamp::from_second(epoch)?.to_string();
     let config = json!({
         "created": created,
         "architecture": "amd64",
         "os": "linux",
-        "config": { "Cmd": spec.cmd, "WorkingDir": "/" },
+        "config": { "Cmd": cmd, "WorkingDir": "/" },
         "rootfs": { "type": "layers", "diff_ids": [layer.0] },
-        "history": [{ "created": created, "created_by": "cargo xtask image (image-recipes)" }],
+        "history": [{ "created": created, "created_by": "cargo xtask" }],
     });
     let config = blob(&blobs, &serde_json::to_vec(&config)?)?;
     let manifest = json!({
@@ -79,7 +100,7 @@ pub(crate) fn build(sh: &Shell, tree: &Path, spec: &ContainerSpec, epoch: i64) -
         "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer.0, "size": layer.1 }],
     });
     let manifest = blob(&blobs, &serde_json::to_vec(&manifest)?)?;
-    let tag = spec.name.rsplit_once(':').map_or("latest", |(_, t)| t);
+    let tag = name.rsplit_once(':').map_or("latest", |(_, t)| t);
     let index = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -89,18 +110,14 @@ pub(crate) fn build(sh: &Shell, tree: &Path, spec: &ContainerSpec, epoch: i64) -
             "size": manifest.1,
             "platform": { "architecture": "amd64", "os": "linux" },
             "annotations": {
-                "io.containerd.image.name": spec.name,
+                "io.containerd.image.name": name,
                 "org.opencontainers.image.ref.name": tag,
             },
         }],
     });
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    let out = tree.join(spec.path.trim_start_matches('/'));
-    std::fs::create_dir_all(out.parent().expect("has a parent"))?;
-    reproducible_tar(sh, &layout, &out, epoch)?;
-    std::fs::remove_dir_all(&work)?;
-    Ok(())
+    Ok(manifest.0)
 }
 
 /// Writes a blob under its digest; its `sha256:...` digest and size.

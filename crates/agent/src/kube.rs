@@ -1,5 +1,10 @@
-//! Kubernetes mode: the agent's own Node steers it and shows its state, and reboots go through
-//! the cluster-wide lock and a drain.
+//! Kubernetes mode: the agent's own Node steers it and shows its state; reboots wait for the
+//! coordinator, which holds the cluster-wide lock and drains the node.
+//!
+//! The agent runs with its node's own credentials (the kubelet's kubeconfig), which the API
+//! server confines to this Node and to Events: it reads and writes nothing else. Everything
+//! cluster-wide (the reboot lock, cordon, eviction) is the coordinator's (crate
+//! `coordinator`), so root on this machine cannot reach another node (docs/kubernetes.md).
 //!
 //! One task follows two things and reconciles them: the daemon's published [`Snapshot`] and
 //! the agent's Node (a kube-rs watcher on `metadata.name=<node>`: it lists, watches from the
@@ -9,28 +14,19 @@
 //! the Node it writes the status annotations, and an Event for every transition.
 //!
 //! Reboots: the daemon, when coordinated, does not reboot when its window opens but says
-//! `reboot_wanted`. This task then takes a slot of the reboot lock (unless the operator set
-//! `reboot=allowed`), cordons, drains, lengthens the lock's lease to cover the reboot and the
-//! health checks, and only then sends [`Request::AllowReboot`]. The lock is held while the
-//! update is staged and wanted, rebooting or being verified; once the agent is back to idle on
-//! a Ready node (healthy, or rolled back), it uncordons (only a node it cordoned) and releases
-//! the lock. Everything it needs to know after a restart or reboot is in the cluster: which
-//! Lease names it as holder, and the `cordoned` mark on the Node.
-//!
-//! A drain that cannot finish in `drain-timeout` (a PodDisruptionBudget that never allows the
-//! eviction) is put off: the node is uncordoned, the lock released for others, the blocking pod
-//! named in `drain` and `last-error` and a Warning Event, and the whole attempt repeated after
-//! as long again.
+//! `reboot_wanted`. This task writes `reboot-request=wanted`; the coordinator takes a lock slot
+//! for the node, drains it and answers `reboot-allowed=<version>`; only an answer naming the
+//! staged version lets the daemon reboot ([`Request::AllowReboot`]). While rebooting and
+//! verifying, the request says `holding`; back to idle, it is withdrawn, and the coordinator
+//! uncordons and releases.
 
 use crate::daemon::{ApiRequest, Snapshot, Transition};
 use crate::machine::{Phase, Request};
-use cluster::annotations::{self as ann, Requests};
-use cluster::drain::{Drainer, Outcome};
+use cluster::annotations::{self as ann, RebootRequest, Requests};
 use cluster::events::{Recorder, Type};
 use cluster::k8s_openapi::api::core::v1::Node;
 use cluster::kube::api::{Api, Patch, PatchParams};
 use cluster::kube::runtime::{WatchStreamExt as _, watcher};
-use cluster::lock::RebootLock;
 use futures_util::StreamExt as _;
 use jiff::Timestamp;
 use std::collections::BTreeMap;
@@ -44,20 +40,10 @@ use tokio::time::Instant;
 pub struct Options {
     /// This machine's Node.
     pub node: String,
-    /// The lock's namespace.
-    pub lock_namespace: String,
-    /// The lock's renewal period.
-    pub lease_duration: Duration,
-    /// How long the lease is held across a reboot (reboot + health deadline + margin).
-    pub reboot_hold: Duration,
-    /// The drain's deadline.
-    pub drain_timeout: Duration,
     /// Where Events go.
     pub events_namespace: String,
-    /// How often to retry the lock and poll an install's progress.
+    /// How often to retry a request's removal and poll an install's progress.
     pub retry: Duration,
-    /// Time between eviction rounds.
-    pub drain_poll: Duration,
     /// When this machine booted: a Ready condition counts only if the kubelet reported it
     /// after this (a restart of the agent alone does not wait for a new report).
     pub booted_at: Timestamp,
@@ -76,16 +62,11 @@ pub fn boot_time() -> Timestamp {
 
 impl Options {
     /// From the configuration; `node` is the Node's name.
-    pub fn new(k: &config::KubeSettings, health_deadline: Duration, node: String) -> Self {
+    pub fn new(k: &config::KubeSettings, node: String) -> Self {
         Self {
             node,
-            lock_namespace: k.lock_namespace.clone(),
-            lease_duration: k.lease_duration,
-            reboot_hold: health_deadline + k.lease_duration + Duration::from_secs(300),
-            drain_timeout: k.drain_timeout,
             events_namespace: k.events_namespace.clone(),
-            retry: (k.lease_duration / 4).clamp(Duration::from_millis(100), Duration::from_secs(10)),
-            drain_poll: Duration::from_secs(5).min(k.lease_duration / 4),
+            retry: Duration::from_secs(5),
             booted_at: boot_time(),
         }
     }
@@ -141,19 +122,11 @@ pub fn node_ready_probe() -> (Arc<NodeReady>, watch::Sender<bool>) {
 struct Controller {
     opts: Options,
     nodes: Api<Node>,
-    lock: RebootLock,
-    drainer: Drainer,
     events: Recorder,
     daemon: mpsc::Sender<ApiRequest>,
     ready_tx: watch::Sender<bool>,
     node: Option<Node>,
     snap: Snapshot,
-    held: Option<String>,
-    drained: bool,
-    draining: Option<tokio::task::JoinHandle<Result<Outcome, cluster::ClusterError>>>,
-    drain_status: Arc<std::sync::Mutex<Option<String>>>,
-    not_before: Instant,
-    renewed: Instant,
     last_error: Option<String>,
     request_result: Option<String>,
     /// A one-shot request's removal failed: retried on the tick.
@@ -170,23 +143,13 @@ pub async fn run(
     ready_tx: watch::Sender<bool>,
 ) {
     let nodes: Api<Node> = Api::all(client.clone());
-    let mut drainer = Drainer::new(client.clone(), &opts.node);
-    drainer.poll = opts.drain_poll;
     let mut c = Controller {
         nodes: nodes.clone(),
-        lock: RebootLock::new(client.clone(), &opts.lock_namespace, &opts.node, opts.lease_duration),
-        drainer,
         events: Recorder::new(client, &opts.events_namespace, &opts.node),
         daemon,
         ready_tx,
         node: None,
         snap: status.borrow_and_update().clone(),
-        held: None,
-        drained: false,
-        draining: None,
-        drain_status: Arc::default(),
-        not_before: Instant::now(),
-        renewed: Instant::now(),
         last_error: None,
         request_result: None,
         retry_requests: false,
@@ -200,15 +163,11 @@ pub async fn run(
     let booted = c.snap.booted_version.clone().unwrap_or_else(|| "an unknown version".into());
     let (phase, note) = (c.snap.state.phase.name(), c.snap.state.note.clone());
     c.events.publish(Type::Normal, "AgentStarted", &format!("running {booted}; {phase}: {note}")).await;
-    match c.lock.held().await {
-        Ok(h) => c.held = h,
-        Err(e) => tracing::warn!("{e}"),
-    }
     let cfg = watcher::Config::default().fields(&format!("metadata.name={}", c.opts.node));
     let stream = watcher(nodes, cfg).default_backoff();
     tokio::pin!(stream);
-    // Timed work (renewing the lease, retrying the lock, polling an install's progress) only
-    // exists while something is under way: an idle agent wakes for nothing here.
+    // Timed work (retrying a request's removal, polling an install's progress) only exists
+    // while something is under way: an idle agent wakes for nothing here.
     let mut next_tick = Instant::now() + c.opts.retry;
     loop {
         tokio::select! {
@@ -228,10 +187,6 @@ pub async fn run(
                 c.snap = status.borrow_and_update().clone();
             }
             Some(t) = transitions.recv() => c.report_transition(t).await,
-            done = async { c.draining.as_mut().expect("guarded").await }, if c.draining.is_some() => {
-                c.draining = None;
-                c.drain_done(done).await;
-            }
             _ = tokio::time::sleep_until(next_tick), if c.busy() => {
                 next_tick = Instant::now() + c.opts.retry;
                 c.tick().await;
@@ -302,7 +257,13 @@ impl Controller {
         };
         self.retry_requests = false;
         if let (true, Some(u)) = (removed.contains(&ann::UPDATE), &r.update) {
+            let booted = self.snap.booted_version.as_deref().and_then(|b| b.parse::<semver::Version>().ok());
             self.request_result = Some(match u {
+                Ok(Some(v)) if booted.as_ref().is_some_and(|b| v < b) && !r.allow_downgrade => format!(
+                    "update {v}: refused, older than the booted {}; a downgrade needs {}=true as well",
+                    booted.as_ref().map_or(String::new(), ToString::to_string),
+                    ann::ALLOW_DOWNGRADE
+                ),
                 Ok(version) => {
                     let what = version.as_ref().map_or("latest".into(), ToString::to_string);
                     match self.ask(Request::Update { version: version.clone() }).await {
@@ -399,30 +360,12 @@ impl Controller {
 
     /// Whether timed work is due at all.
     fn busy(&self) -> bool {
-        self.retry_requests
-            || self.held.is_some()
-            || self.snap.reboot_wanted
-            || !matches!(self.snap.state.phase, Phase::Idle)
+        self.retry_requests || matches!(self.snap.state.phase, Phase::Installing { .. })
     }
 
     async fn tick(&mut self) {
         if self.retry_requests {
             self.one_shot_requests().await;
-        }
-        if let Some(name) = self.held.clone()
-            && self.renewed.elapsed() >= self.opts.lease_duration / 3
-            && !matches!(self.snap.state.phase, Phase::Rebooting { .. })
-        {
-            match self.lock.renew(&name).await {
-                Ok(true) => self.renewed = Instant::now(),
-                Ok(false) => {
-                    self.held = None;
-                    self.events
-                        .publish(Type::Warning, "LockLost", &format!("lease {name} was taken over"))
-                        .await;
-                }
-                Err(e) => tracing::warn!("{e}"),
-            }
         }
         if matches!(self.snap.state.phase, Phase::Installing { .. }) {
             // The daemon publishes the progress with its answer.
@@ -430,154 +373,36 @@ impl Controller {
         }
     }
 
-    fn wants_lock(&self) -> bool {
+    /// What to say in `reboot-request`.
+    fn reboot_request(&self) -> Option<RebootRequest> {
         match &self.snap.state.phase {
-            Phase::Staged { .. } => self.snap.reboot_wanted || self.drained || self.draining.is_some(),
-            Phase::Rebooting { .. } | Phase::Verifying { .. } => true,
-            Phase::Idle | Phase::Installing { .. } => false,
+            Phase::Staged { .. } if self.snap.reboot_wanted => Some(RebootRequest::Wanted),
+            Phase::Rebooting { .. } | Phase::Verifying { .. } => Some(RebootRequest::Holding),
+            _ => None,
         }
     }
 
+    /// Reboots once the coordinator allowed this very version (a leftover answer for another
+    /// version, or for a request withdrawn meanwhile, allows nothing).
     async fn reconcile(&mut self) {
-        if self.wants_lock() {
-            if self.snap.reboot_wanted && Instant::now() >= self.not_before {
-                self.prepare_reboot().await;
-            }
+        let Phase::Staged { version } = &self.snap.state.phase else { return };
+        if !self.snap.reboot_wanted {
             return;
         }
-        // Idle again (healthy, rolled back, withdrawn) on a Ready node: give back what we hold.
-        let ours = self.annotations().get(ann::CORDONED).is_some_and(|v| v == "true");
-        if (self.held.is_some() || ours) && self.ready() {
-            self.finish().await;
-        }
-    }
-
-    async fn prepare_reboot(&mut self) {
-        let r = self.requests();
-        if self.held.is_none() && !r.reboot_without_lock {
-            match self.lock.acquire(r.slots).await {
-                Ok(Some(a)) => {
-                    let how = a.taken_over.map_or(String::new(), |h| format!(" (recovered from {h})"));
-                    self.events
-                        .publish(Type::Normal, "RebootLockAcquired", &format!("holding {}{how}", a.name))
-                        .await;
-                    self.held = Some(a.name);
-                    self.renewed = Instant::now();
-                }
-                Ok(None) => {
-                    self.set_drain(format!("waiting for the reboot lock ({} slots, all held)", r.slots));
-                    self.not_before = Instant::now() + self.opts.retry;
-                    return;
-                }
-                Err(e) => {
-                    self.last_error = Some(e.to_string());
-                    self.not_before = Instant::now() + self.opts.retry;
-                    return;
-                }
-            }
-        }
-        if self.drained {
-            if let Some(name) = &self.held {
-                match self.lock.extend(name, self.opts.reboot_hold).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        self.held = None;
-                        self.drained = false;
-                        return;
-                    }
-                    Err(e) => {
-                        self.last_error = Some(e.to_string());
-                        return;
-                    }
-                }
-            }
-            self.drained = false;
-            self.set_drain("done".into());
-            self.write_status().await;
-            // Said before the reboot is allowed: once allowed, the machine may go down before
-            // this task hears of the transition.
-            let target = self.snap.state.phase.version().map_or("?".into(), ToString::to_string);
-            let how = self
-                .held
-                .as_ref()
-                .map_or("without the lock (reboot=allowed)".into(), |l| format!("holding {l}"));
-            self.events.publish(Type::Normal, "Rebooting", &format!("rebooting into {target}, {how}")).await;
-            if let Some(s) = self.ask(Request::AllowReboot).await {
-                self.snap = s;
-            }
+        let target = version.to_string();
+        let a = self.annotations();
+        let allowed = a.get(ann::REBOOT_ALLOWED);
+        if allowed != Some(&target) {
             return;
         }
-        if self.draining.is_none() {
-            let (drainer, timeout, status) =
-                (self.drainer.clone(), self.opts.drain_timeout, Arc::clone(&self.drain_status));
-            self.set_drain("cordoning".into());
-            self.events
-                .publish(Type::Normal, "Draining", "cordoning and evicting pods before the reboot")
-                .await;
-            self.draining = Some(tokio::spawn(async move {
-                drainer.cordon().await?;
-                let report = move |m: String| {
-                    *status.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(m)
-                };
-                drainer.drain(timeout, &report).await
-            }));
-        }
-    }
-
-    fn set_drain(&self, s: String) {
-        *self.drain_status.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(s);
-    }
-
-    async fn drain_done(
-        &mut self,
-        done: Result<Result<Outcome, cluster::ClusterError>, tokio::task::JoinError>,
-    ) {
-        match done {
-            Ok(Ok(Outcome::Done { evicted })) => {
-                self.drained = true;
-                self.set_drain(format!("drained ({evicted} pods evicted)"));
-                self.events.publish(Type::Normal, "Drained", &format!("{evicted} pods evicted")).await;
-            }
-            Ok(Ok(Outcome::TimedOut { blocking })) => {
-                let why = format!(
-                    "drain did not finish in {}s, reboot put off: {}",
-                    self.opts.drain_timeout.as_secs(),
-                    blocking.join("; ")
-                );
-                self.set_drain(format!("blocked: {}", blocking.join("; ")));
-                self.last_error = Some(why.clone());
-                self.events.publish(Type::Warning, "DrainBlocked", &why).await;
-                self.finish().await;
-                self.not_before = Instant::now() + self.opts.drain_timeout;
-            }
-            Ok(Err(e)) => {
-                self.last_error = Some(e.to_string());
-                self.not_before = Instant::now() + self.opts.retry;
-            }
-            Err(e) => self.last_error = Some(format!("drain task: {e}")),
-        }
-    }
-
-    /// Uncordons (if we cordoned) and releases the lock.
-    async fn finish(&mut self) {
-        match self.drainer.uncordon_if_ours().await {
-            Ok(true) => self.events.publish(Type::Normal, "Uncordoned", "the node takes pods again").await,
-            Ok(false) => {}
-            Err(e) => return self.last_error = Some(e.to_string()),
-        }
-        if let Some(name) = self.held.clone() {
-            match self.lock.release(&name).await {
-                Ok(()) => {
-                    self.held = None;
-                    self.events
-                        .publish(Type::Normal, "RebootLockReleased", &format!("released {name}"))
-                        .await;
-                }
-                Err(e) => self.last_error = Some(e.to_string()),
-            }
-        }
-        if matches!(self.snap.state.phase, Phase::Idle) {
-            *self.drain_status.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        let how =
+            a.get(ann::LOCK).map_or("without the lock (reboot=allowed)".into(), |l| format!("holding {l}"));
+        // Said before the reboot is allowed: once allowed, the machine may go down before this
+        // task hears of the transition.
+        self.write_status().await;
+        self.events.publish(Type::Normal, "Rebooting", &format!("rebooting into {target}, {how}")).await;
+        if let Some(s) = self.ask(Request::AllowReboot).await {
+            self.snap = s;
         }
     }
 
@@ -612,14 +437,11 @@ impl Controller {
         if let Some(r) = &self.request_result {
             want.insert(ann::REQUEST_RESULT, r.clone());
         }
-        if let Some(l) = &self.held {
-            want.insert(ann::LOCK, l.clone());
-        }
-        if let Some(d) = self.drain_status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
-            want.insert(ann::DRAIN, d);
+        if let Some(r) = self.reboot_request() {
+            want.insert(ann::REBOOT_REQUEST, r.as_str().to_owned());
         }
         let current = node.metadata.annotations.clone().unwrap_or_default();
-        let patch = ann::status_patch(&current, &want, ann::STATUS_KEYS);
+        let patch = ann::status_patch(&current, &want, ann::AGENT_KEYS);
         let label = s.booted_version.as_deref().map(ann::label_value);
         let labels = node.metadata.labels.clone().unwrap_or_default();
         let label_changed = label.is_some() && labels.get(ann::VERSION_LABEL) != label.as_ref();

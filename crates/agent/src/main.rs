@@ -159,8 +159,17 @@ fn run(args: Args) -> Result<()> {
                     .context("the Node's name (kubernetes.node-name unset, and no host name)")?,
             };
             let client = cluster::client(k.kubeconfig.as_deref()).await?;
-            let opts = agent::kube::Options::new(&k, env.settings.health_deadline, node.clone());
-            tracing::info!(node = %node, "Kubernetes mode: lock in namespace {}", k.lock_namespace);
+            let opts = agent::kube::Options::new(&k, node.clone());
+            tracing::info!(
+                node = %node,
+                "Kubernetes mode with {}: reboots wait for the coordinator",
+                k.kubeconfig.as_ref().map_or("the inferred credentials".into(), |p| p.display().to_string())
+            );
+            for key in &k.retired {
+                tracing::warn!(
+                    "{key} is ignored: the coordinator holds the reboot lock and drains now (its own flags)"
+                );
+            }
             tokio::spawn(agent::kube::run(
                 client,
                 opts,

@@ -1,11 +1,14 @@
 //! A simulated cluster: many real agents (the daemon and its Kubernetes mode, in process, each
-//! on its own GPT disk-image file) against one test API server (`test-apiserver`, a test
-//! double of the Kubernetes API: see its crate docs for what it covers).
+//! on its own GPT disk-image file) and the real coordinator, against one test API server
+//! (`test-apiserver`, a test double of the Kubernetes API: see its crate docs for what it
+//! covers). Every agent talks with its own node identity (`system:node:<name>`), the
+//! coordinator with its ServiceAccount and the RBAC of `integration/kubernetes/coordinator.yaml`:
+//! the double refuses what the real API server would refuse them.
 //!
-//! The harness plays what is not the agent: the kubelet (a Node's Ready condition, with a
-//! fresh heartbeat after each boot, not Ready while the machine is down), the power button
-//! (a reboot stops the node's agent, runs the boot path's slot choice on its disk, and starts
-//! the agent again from the chosen slot) and the operator (`kubectl annotate`).
+//! The harness plays what is neither: the kubelet (a Node's Ready condition, with a fresh
+//! heartbeat after each boot, not Ready while the machine is down), the power button (a
+//! reboot stops the node's agent, runs the boot path's slot choice on its disk, and starts the
+//! agent again from the chosen slot) and the operator (`kubectl annotate`).
 
 mod common;
 
@@ -21,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use test_apiserver::Identity;
 use test_apiserver::{ApiServer, Change, Kind, Options};
 
 const PREFIX: &str = "v1.acl-update.dev/";
@@ -65,6 +69,37 @@ fn set_ready(server: &ApiServer, node: &str, ready: bool) {
     });
 }
 
+/// Starts the API server with the coordinator's RBAC applied.
+async fn api_server(opts: Options) -> ApiServer {
+    let server = ApiServer::start(opts).await.unwrap();
+    server.apply_rbac(RBAC);
+    server
+}
+
+const RBAC: &str =
+    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../integration/kubernetes/coordinator.yaml"));
+
+/// One replica of the coordinator Deployment (its ServiceAccount's token), until aborted.
+fn coordinator(
+    server: &ApiServer,
+    replica: &str,
+    tune: impl FnOnce(&mut coordinator::Options),
+) -> tokio::task::JoinHandle<()> {
+    let token = server.token_for(Identity::ServiceAccount {
+        namespace: "acl-update".into(),
+        name: "acl-coordinator".into(),
+    });
+    let client = cluster::token_client(&server.url(), &token).unwrap();
+    let mut o = coordinator::Options::new(replica);
+    o.lease_duration = Duration::from_secs(2);
+    o.reboot_hold = Duration::from_secs(20);
+    o.drain_timeout = Duration::from_secs(3);
+    o.drain_poll = Duration::from_millis(200);
+    o.retry = Duration::from_millis(200);
+    tune(&mut o);
+    tokio::spawn(coordinator::run(client, o, std::future::pending()))
+}
+
 impl SimNode {
     fn new(f: &Fixture, sgdisk: &std::path::Path, name: &str, extra: &str) -> SimNode {
         let dir = f.path(name);
@@ -81,8 +116,7 @@ impl SimNode {
                  [health]\nrequired-dir = \"{dir}/none\"\nwanted-dir = \"{dir}/none\"\nsystemd = false\n\
                  kubelet = \"off\"\ndeadline = \"60s\"\n\
                  [agent]\nstate-dir = \"{dir}/state\"\n\
-                 [kubernetes]\nenabled = true\nnode-name = \"{name}\"\nlease-duration = \"2s\"\n\
-                 drain-timeout = \"3s\"\n",
+                 [kubernetes]\nenabled = true\nnode-name = \"{name}\"\n",
                 f.path("repo").display(),
                 f.path("keys").display(),
                 dir = dir.display(),
@@ -134,11 +168,13 @@ impl SimNode {
             let agent = tokio::spawn(daemon::run(env, rx, async move {
                 let _ = off_rx.await;
             }));
-            let mut opts = agent::kube::Options::new(&k, settings.health_deadline, self.name.clone());
-            opts.drain_poll = Duration::from_millis(200);
+            let mut opts = agent::kube::Options::new(&k, self.name.clone());
+            opts.retry = Duration::from_millis(200);
             // This simulated machine booted just now.
             opts.booted_at = Timestamp::now();
-            let client = cluster::plain_client(&server.url()).unwrap();
+            // The node's own credentials, as the kubelet's kubeconfig gives them.
+            let token = server.token_for(Identity::Node(self.name.clone()));
+            let client = cluster::token_client(&server.url(), &token).unwrap();
             let kube =
                 tokio::spawn(agent::kube::run(client, opts, tx, status.subscribe(), transitions_rx, feed));
             // The kubelet comes up after the agent.
@@ -191,6 +227,8 @@ impl Watch {
                 set(&mut self.cordoned, &name, cordoned);
                 set(&mut self.down, &name, down);
             }
+            // The reboot lock's slots (not the coordinator's leader Lease).
+            Kind::Lease if !name.starts_with("acl-reboot-") => {}
             Kind::Lease => match c.object["spec"]["holderIdentity"].as_str() {
                 Some(h) if c.kind_of_change != "DELETED" => {
                     self.holders.insert(name, h.to_owned());
@@ -337,6 +375,9 @@ fn reasons(server: &ApiServer, node: &str) -> Vec<String> {
         .collect()
 }
 
+/// Twenty nodes, two at a time, with per-node identities and two coordinator replicas; the
+/// leader is killed (no release, its drains die with it) while it drains a node, and the other
+/// replica finishes the job: no slot lost, no node left cordoned, never more than two down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_nodes_update_two_at_a_time() {
     let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
@@ -346,7 +387,7 @@ async fn twenty_nodes_update_two_at_a_time() {
         eviction_grace: Duration::from_millis(100),
         ..Options::default()
     };
-    let server = ApiServer::start(opts).await.unwrap();
+    let server = api_server(opts).await;
     let watch = follow(&server);
     let names: Vec<String> = (0..20).map(|i| format!("node-{i:02}")).collect();
     let blocked = "node-07";
@@ -359,6 +400,10 @@ async fn twenty_nodes_update_two_at_a_time() {
     }
     // One pod whose budget allows no disruption: only its node must wait.
     pod_without_disruptions(&server, blocked);
+    let two = |o: &mut coordinator::Options| o.max_rebooting = 2;
+    let first = coordinator(&server, "coordinator-a", two);
+    until("coordinator-a leads", 10, || leader(&server).as_deref() == Some("coordinator-a")).await;
+    let second = coordinator(&server, "coordinator-b", two);
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut lives = Vec::new();
@@ -375,6 +420,11 @@ async fn twenty_nodes_update_two_at_a_time() {
     .await;
     let labels = server.get(Kind::Node, "", "node-00").unwrap()["metadata"]["labels"].clone();
     assert_eq!(labels[key("version")], "1.0.0", "{labels}");
+    // Idle: what the agents and the coordinator ask of the API server per minute.
+    let idle_before = requests_per_identity(&server, &names);
+    let idle_started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let idle = rate_per_minute(&idle_before, &requests_per_identity(&server, &names), idle_started.elapsed());
 
     // etcd compacts under the watches now and then.
     let compactor = tokio::spawn({
@@ -386,12 +436,39 @@ async fn twenty_nodes_update_two_at_a_time() {
             }
         }
     });
-    // The operator: update the whole pool, two at a time.
+    // The operator: update the whole pool (the coordinator lets two reboot at a time).
     watch.lock().unwrap().reset();
+    let busy_before = requests_per_identity(&server, &names);
     let started = std::time::Instant::now();
     for n in &names {
-        annotate(&server, n, &[("update", "latest"), ("max-rebooting", "2")]);
+        annotate(&server, n, &[("update", "latest")]);
     }
+    // Kill the leader while it drains the blocked node (its drain cannot finish).
+    until("the leader drains the blocked node", 120, || {
+        annotation(&server, blocked, "drain").is_some_and(|d| d.starts_with("draining"))
+    })
+    .await;
+    let held_at_kill: BTreeMap<String, String> = watch.lock().unwrap().holders.clone();
+    let killed = leader(&server).unwrap();
+    let mut replicas =
+        BTreeMap::from([("coordinator-a".to_owned(), first), ("coordinator-b".to_owned(), second)]);
+    replicas.remove(&killed).unwrap().abort();
+    let killed_at = std::time::Instant::now();
+    let (survivor, second) = replicas.into_iter().next().unwrap();
+    eprintln!("killed the leader {killed} while it drained {blocked}");
+    until("the other replica leads", 30, || leader(&server).as_deref() == Some(survivor.as_str())).await;
+    let takeover = killed_at.elapsed();
+    assert!(takeover >= Duration::from_secs(1), "the survivor waited for the Lease to expire: {takeover:?}");
+    // Every slot held at the kill was still held by the same node when the new leader came,
+    // or given back by it after that node finished.
+    for (lease, holder) in &held_at_kill {
+        let now = server.get(Kind::Lease, "acl-update", lease).unwrap()["spec"]["holderIdentity"].clone();
+        assert!(
+            now == holder.as_str() || now.is_null() && done(&server, holder),
+            "{lease}: {holder} -> {now}"
+        );
+    }
+
     until("every node but the blocked one is updated", 300, || {
         names.iter().filter(|n| *n != blocked).all(|n| done(&server, n))
     })
@@ -399,40 +476,39 @@ async fn twenty_nodes_update_two_at_a_time() {
     let others = started.elapsed();
     // The blocked node is still on 1.0.0, and says why.
     assert_eq!(annotation(&server, blocked, "booted-version").as_deref(), Some("1.0.0"));
-    // It may have got the lock last and still be in its first drain: its deadline comes.
     until("the blocked node reports the blocked drain", 30, || {
         reasons(&server, blocked).iter().any(|r| r == "DrainBlocked")
     })
     .await;
     assert!(!done(&server, blocked));
-    // The reason stays in last-error; `drain` moves on to the next attempt (waiting for the
-    // lock, cordoning, draining: each names the pod once it is refused again).
-    // The Event is written before the status (same loop pass): wait for the annotation.
-    let error = || annotation(&server, blocked, "last-error").unwrap_or_default();
-    until("last-error names the blocking pod", 10, || error().contains("prod/db-0: Cannot evict pod")).await;
-    assert!(annotation(&server, blocked, "drain").is_some());
+    let drain = || annotation(&server, blocked, "drain").unwrap_or_default();
+    until("drain names the blocking pod", 10, || drain().contains("prod/db-0: Cannot evict pod")).await;
     assert_eq!(annotation(&server, blocked, "state").as_deref(), Some("staged"));
 
     // The budget allows it now: the blocked node follows.
     server.modify(Kind::Pdb, "prod", "db", |p| p["spec"]["minAvailable"] = json!(0));
     until("the blocked node is updated", 120, || done(&server, blocked)).await;
     let all = started.elapsed();
+    let updating = rate_per_minute(&busy_before, &requests_per_identity(&server, &names), all);
     compactor.abort();
     let w = std::mem::take(&mut *watch.lock().unwrap());
     stop.store(true, Ordering::SeqCst);
     for l in lives {
         l.await.unwrap();
     }
+    second.abort();
 
     eprintln!(
         "20 nodes: 19 updated in {:.1} s, the PDB-blocked one {:.1} s after the start; at most {} cordoned, \
-         {} down, {} lock holders at once",
+         {} down, {} lock holders at once; the leader was killed mid-drain and the other replica led {:.1} s later",
         others.as_secs_f64(),
         all.as_secs_f64(),
         w.max_cordoned,
         w.max_down,
-        w.max_holders
+        w.max_holders,
+        takeover.as_secs_f64(),
     );
+    eprintln!("requests per minute (idle | during the update): {}", table(&idle, &updating));
     assert!(w.max_cordoned <= 2, "{} nodes were cordoned at once", w.max_cordoned);
     assert!(w.max_holders <= 2, "{} lock holders at once", w.max_holders);
     assert!(w.max_down <= 2, "{} nodes were down at once", w.max_down);
@@ -442,7 +518,9 @@ async fn twenty_nodes_update_two_at_a_time() {
         assert!(node["spec"]["unschedulable"].is_null(), "{n} left cordoned");
         assert_eq!(node["metadata"]["labels"][key("version")], "2.0.0");
         assert!(node["metadata"]["annotations"][key("update")].is_null(), "{n}: the request was taken");
-        assert!(node["metadata"]["annotations"][key("cordoned")].is_null());
+        for k in ["cordoned", "reboot-allowed", "reboot-request", "lock", "drain"] {
+            assert!(node["metadata"]["annotations"][key(k)].is_null(), "{n}: {k} left behind");
+        }
         let r = reasons(&server, n);
         for want in [
             "AgentStarted",
@@ -451,6 +529,7 @@ async fn twenty_nodes_update_two_at_a_time() {
             "RebootLockAcquired",
             "Draining",
             "Drained",
+            "RebootAllowed",
             "Rebooting",
             "VerifyingBoot",
             "UpdateSucceeded",
@@ -462,38 +541,98 @@ async fn twenty_nodes_update_two_at_a_time() {
         // DaemonSet pods stay, the others were evicted.
         assert!(server.get(Kind::Pod, "prod", &format!("logs-{n}")).is_some());
         assert!(server.get(Kind::Pod, "prod", &format!("web-{n}")).is_none());
+        // A node's identity was never refused: the agent asks for nothing beyond its Node.
+        let mine = server.requests_of(&Identity::Node(n.clone()));
+        assert!(mine.keys().all(|k| !k.starts_with("40")), "{n}: {mine:?}");
+        let kinds: BTreeSet<&str> = mine.keys().filter_map(|k| k.split_whitespace().nth(1)).collect();
+        assert!(kinds.iter().all(|k| *k == "Node" || *k == "Event"), "{n} asked for {kinds:?}");
     }
-    // Every lease is free again.
-    for l in server.list(Kind::Lease) {
+    // Every lock slot is free again.
+    for l in server
+        .list(Kind::Lease)
+        .iter()
+        .filter(|l| l["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("acl-reboot-")))
+    {
         assert!(l["spec"]["holderIdentity"].is_null(), "{l}");
     }
     // The watches were cut every 3 s (the double's limit) and resumed, and the history was
-    // compacted under them: resumed watches got 410 Gone and the agents listed again.
+    // compacted under them: resumed watches got 410 Gone and the clients listed again.
     let req = server.requests();
     let n = |k: &str| req.get(k).copied().unwrap_or(0);
     eprintln!("requests: {req:?}");
     assert!(n("WATCH Node") > 40 && n("410 Node") > 0 && n("LIST Node") > 20, "{req:?}");
     assert!(n("POST Pod/eviction") >= 20, "{req:?}");
-    // The RBAC manifest grants exactly what the agents used.
-    let used: BTreeSet<(String, String)> = req.keys().filter_map(|k| verb_resource(k)).collect();
-    let granted = rbac_grants(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../integration/kubernetes/rbac.yaml"
-        ))
-        .unwrap(),
+    // The coordinator's RBAC grants exactly what it used, and it was never refused.
+    let sa = Identity::ServiceAccount { namespace: "acl-update".into(), name: "acl-coordinator".into() };
+    let theirs = server.requests_of(&sa);
+    eprintln!("coordinator's requests: {theirs:?}");
+    assert!(theirs.keys().all(|k| !k.starts_with("40")), "{theirs:?}");
+    let used: BTreeSet<(String, String)> = theirs.keys().filter_map(|k| verb_resource(k)).collect();
+    assert_eq!(
+        used,
+        rbac_grants(RBAC),
+        "used (left) vs granted by integration/kubernetes/coordinator.yaml (right)"
     );
-    assert_eq!(used, granted, "used (left) vs granted by integration/kubernetes/rbac.yaml (right)");
+}
+
+/// The current coordinator leader.
+fn leader(server: &ApiServer) -> Option<String> {
+    server.get(Kind::Lease, "acl-update", "acl-coordinator-0")?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Request counts: "node" (all agents together) and "coordinator".
+fn requests_per_identity(server: &ApiServer, nodes: &[String]) -> BTreeMap<&'static str, u64> {
+    let total = |m: BTreeMap<String, u64>| {
+        m.iter().filter(|(k, _)| !k.starts_with("40")).map(|(_, v)| v).sum::<u64>()
+    };
+    let agents: u64 = nodes.iter().map(|n| total(server.requests_of(&Identity::Node(n.clone())))).sum();
+    let sa = Identity::ServiceAccount { namespace: "acl-update".into(), name: "acl-coordinator".into() };
+    BTreeMap::from([("agents", agents), ("coordinator", total(server.requests_of(&sa)))])
+}
+
+/// Per minute between two counts; the agents' figure per node.
+fn rate_per_minute(
+    before: &BTreeMap<&'static str, u64>,
+    after: &BTreeMap<&'static str, u64>,
+    took: Duration,
+) -> BTreeMap<&'static str, f64> {
+    let minutes = took.as_secs_f64() / 60.0;
+    after
+        .iter()
+        .map(|(k, v)| {
+            let per = if *k == "agents" { 20.0 } else { 1.0 };
+            #[allow(clippy::cast_precision_loss)]
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0)) as f64;
+            (*k, d / per / minutes)
+        })
+        .collect()
+}
+
+fn table(idle: &BTreeMap<&'static str, f64>, busy: &BTreeMap<&'static str, f64>) -> String {
+    let g = |m: &BTreeMap<&'static str, f64>, k| m.get(k).copied().unwrap_or(0.0);
+    format!(
+        "per agent {:.1} | {:.1}; coordinator {:.1} | {:.1}",
+        g(idle, "agents"),
+        g(busy, "agents"),
+        g(idle, "coordinator"),
+        g(busy, "coordinator")
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_deleted_while_holding_the_lock_does_not_block_the_others() {
     let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
     let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
-    let server = ApiServer::start(Options::default()).await.unwrap();
+    let server = api_server(Options::default()).await;
     let names: Vec<String> = (0..4).map(|i| format!("node-{i}")).collect();
     // A lease that outlives the test: only the holder's disappearance can free it.
-    let extra = "[kubernetes]\nlease-duration = \"600s\"\ndrain-timeout = \"600s\"\n";
+    let c = coordinator(&server, "coordinator-a", |o| {
+        o.lease_duration = Duration::from_secs(600);
+        o.drain_timeout = Duration::from_secs(600);
+    });
+    let extra = "";
     for n in &names {
         server.create(Kind::Node, node_object(n)).unwrap();
     }
@@ -529,6 +668,7 @@ async fn a_node_deleted_while_holding_the_lock_does_not_block_the_others() {
     for (_, l) in lives {
         l.await.unwrap();
     }
+    c.abort();
     let recovered = server
         .list(Kind::Event)
         .into_iter()
@@ -541,7 +681,8 @@ async fn a_node_deleted_while_holding_the_lock_does_not_block_the_others() {
 async fn operator_actions_through_annotations() {
     let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
     let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
-    let server = ApiServer::start(Options::default()).await.unwrap();
+    let server = api_server(Options::default()).await;
+    let c = coordinator(&server, "coordinator-a", |_| {});
     // Every write of the version label is refused at first (as a 422 for a bad value would be):
     // the status annotations, written in their own patch, still arrive.
     server.fail_requests("PATCH Node", "\"labels\"", usize::MAX);
@@ -586,8 +727,27 @@ async fn operator_actions_through_annotations() {
     until("both resumed", 30, || names.iter().all(|n| state(n).as_deref() == Some("idle"))).await;
     annotate(&server, "node-a", &[("update", "2.0.0"), ("reboot", "allowed")]);
     until("node-a runs 2.0.0", 60, || done(&server, "node-a")).await;
-    assert!(server.list(Kind::Lease).iter().all(|l| l["spec"]["holderIdentity"].is_null()), "no lock taken");
+    let slots_held = || {
+        server
+            .list(Kind::Lease)
+            .iter()
+            .filter(|l| l["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("acl-reboot-")))
+            .filter(|l| !l["spec"]["holderIdentity"].is_null())
+            .count()
+    };
+    assert_eq!(slots_held(), 0, "no lock taken");
+    assert!(reasons(&server, "node-a").iter().any(|r| r == "Drained"), "drained all the same");
     assert_eq!(annotation(&server, "node-b", "booted-version").as_deref(), Some("1.0.0"), "only node-a");
+
+    // A downgrade asked for by version needs allow-downgrade as well.
+    annotate(&server, "node-a", &[("update", "1.0.0")]);
+    until("the downgrade is refused", 30, || {
+        annotation(&server, "node-a", "request-result").is_some_and(|r| r.contains("update 1.0.0: refused"))
+    })
+    .await;
+    let result = annotation(&server, "node-a", "request-result").unwrap();
+    assert!(result.contains("v1.acl-update.dev/allow-downgrade=true"), "{result}");
+    assert_eq!(state("node-a").as_deref(), Some("idle"));
 
     // Roll node-a back now. While the request's removal cannot be stored (500, not applied),
     // the agent does not act: acting first, the request survived the reboot it caused and
@@ -628,4 +788,5 @@ async fn operator_actions_through_annotations() {
     for l in lives {
         l.await.unwrap();
     }
+    c.abort();
 }

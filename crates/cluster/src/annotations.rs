@@ -1,30 +1,40 @@
-//! The annotation contract between operators and the agent, defined once.
+//! The annotation contract between operators, the host agent and the coordinator, defined
+//! once.
 //!
 //! Every key shares one versioned prefix, [`PREFIX`]; a later incompatible contract gets
 //! `v2.` and both can be read during a migration. Operators write the *request* keys; the
-//! agent writes the *status* keys and never touches the others. One-shot requests (`update`,
+//! agent writes its *status* keys ([`AGENT_KEYS`]) and the coordinator its own
+//! ([`COORDINATOR_KEYS`]); nobody touches another's keys. One-shot requests (`update`,
 //! `rollback`) are removed by the agent when it takes them, in a patch conditioned on the
 //! Node's `resourceVersion`, so a request written meanwhile is never lost. Standing settings
-//! (`paused`, `reboot`, `max-rebooting`) stay and are applied whenever they change.
+//! (`paused`, `reboot`) stay and are applied whenever they change.
+//!
+//! The agent runs with its node's own credentials and may write only its own Node, so every
+//! key on a Node may have been written by that node: the coordinator takes from a Node only
+//! what the node may decide for itself (that it wants to reboot; `reboot=allowed`, skipping
+//! the lock for itself alone). Limits that protect the cluster, such as how many nodes reboot
+//! at once, are the coordinator's own settings.
 //!
 //! | key (after the prefix) | written by | values | meaning |
 //! |---|---|---|---|
 //! | `update` | operator | `latest` or a version | install now, past waves and backoff (one-shot) |
+//! | `allow-downgrade` | operator | `true` | lets `update=<version>` name a version older than the booted one |
 //! | `rollback` | operator | `next-boot` or `now` | boot the other slot next, or reboot into it now (one-shot) |
 //! | `paused` | operator | `true` / `false` | stop / resume all update activity |
-//! | `reboot` | operator | `lock` (default) / `allowed` | take the cluster lock before rebooting, or reboot without it |
-//! | `max-rebooting` | operator | 1-64 (default 1) | how many nodes may hold the reboot lock at once |
+//! | `reboot` | operator | `lock` (default) / `allowed` | take the cluster lock before rebooting, or reboot without it (still drained) |
 //! | `state` | agent | `idle`, `installing`, `staged`, `rebooting`, `verifying` | the agent's phase (`paused` when paused) |
 //! | `progress` | agent | `37%` | the install's progress |
 //! | `booted-version` | agent | a version | what this node runs |
 //! | `target-version` | agent | a version | what is being installed, staged or verified |
 //! | `last-check` | agent | RFC 3339 time | the last repository check |
 //! | `note` | agent | text | the last decision |
-//! | `last-error` | agent | text | the last failure (install, health, drain) |
+//! | `last-error` | agent | text | the last failure (install, health) |
 //! | `request-result` | agent | text | what became of the last one-shot request |
-//! | `lock` | agent | a Lease name | the reboot lock this node holds |
-//! | `drain` | agent | text | cordon and eviction progress, or what blocks it |
-//! | `cordoned` | agent | `true` | the agent cordoned this node (and will uncordon it) |
+//! | `reboot-request` | agent | `wanted` / `holding` | an update is staged and may reboot now / the node is rebooting or checking its health: keep its lock |
+//! | `reboot-allowed` | coordinator | a version | the node is drained and holds a lock slot: it may reboot into this version |
+//! | `lock` | coordinator | a Lease name | the reboot lock slot held for this node |
+//! | `drain` | coordinator | text | cordon and eviction progress, or what blocks it |
+//! | `cordoned` | coordinator | `true` | the coordinator cordoned this node (and will uncordon it) |
 //!
 //! One label, `version` (the booted version), because selecting nodes by version is what
 //! operators do with it (`kubectl get nodes -l v1.acl-update.dev/version=2.0.0`).
@@ -49,8 +59,8 @@ pub const ROLLBACK: &str = key!("rollback");
 pub const PAUSED: &str = key!("paused");
 /// Operator: `lock` / `allowed`.
 pub const REBOOT: &str = key!("reboot");
-/// Operator: how many lock slots exist.
-pub const MAX_REBOOTING: &str = key!("max-rebooting");
+/// Operator: lets `update` name an older version.
+pub const ALLOW_DOWNGRADE: &str = key!("allow-downgrade");
 /// Agent: the phase.
 pub const STATE: &str = key!("state");
 /// Agent: install progress.
@@ -67,16 +77,20 @@ pub const NOTE: &str = key!("note");
 pub const LAST_ERROR: &str = key!("last-error");
 /// Agent: the fate of the last one-shot request.
 pub const REQUEST_RESULT: &str = key!("request-result");
-/// Agent: the lock held.
+/// Agent: `wanted` (may reboot now) or `holding` (rebooting or verifying).
+pub const REBOOT_REQUEST: &str = key!("reboot-request");
+/// Coordinator: the version the node may reboot into (drained, lock held).
+pub const REBOOT_ALLOWED: &str = key!("reboot-allowed");
+/// Coordinator: the lock slot held for the node.
 pub const LOCK: &str = key!("lock");
-/// Agent: drain status.
+/// Coordinator: drain status.
 pub const DRAIN: &str = key!("drain");
-/// Agent: this agent cordoned the node.
+/// Coordinator: it cordoned the node.
 pub const CORDONED: &str = key!("cordoned");
 /// Label: the booted version.
 pub const VERSION_LABEL: &str = key!("version");
 
-/// The most lock slots an operator may ask for.
+/// The most lock slots the coordinator may be given.
 pub const MAX_SLOTS: u32 = 64;
 
 /// What the operator asks for in one Node's annotations.
@@ -90,19 +104,23 @@ pub struct Requests {
     pub paused: Option<Result<bool, String>>,
     /// Reboot without the lock.
     pub reboot_without_lock: bool,
-    /// Lock slots (1 when unset or unreadable).
-    pub slots: u32,
+    /// `update` may name a version older than the booted one.
+    pub allow_downgrade: bool,
     /// Problems with the standing settings, for `last-error`.
     pub problems: Vec<String>,
 }
 
 /// Reads the operator's keys.
 pub fn requests(a: &BTreeMap<String, String>) -> Requests {
-    let mut r = Requests { slots: 1, ..Requests::default() };
-    r.update = a.get(UPDATE).map(|v| match v.trim() {
-        "latest" => Ok(None),
-        v => v.parse().map(Some).map_err(|e| format!("{UPDATE}={v:?}: not \"latest\" or a version ({e})")),
-    });
+    let mut r = Requests {
+        update: a.get(UPDATE).map(|v| match v.trim() {
+            "latest" => Ok(None),
+            v => {
+                v.parse().map(Some).map_err(|e| format!("{UPDATE}={v:?}: not \"latest\" or a version ({e})"))
+            }
+        }),
+        ..Requests::default()
+    };
     r.rollback = a.get(ROLLBACK).map(|v| match v.trim() {
         "now" => Ok(true),
         "next-boot" => Ok(false),
@@ -121,13 +139,10 @@ pub fn requests(a: &BTreeMap<String, String>) -> Requests {
         Some("allowed") => r.reboot_without_lock = true,
         Some(v) => r.problems.push(format!("{REBOOT}={v:?}: not \"lock\" or \"allowed\"; the lock decides")),
     }
-    if let Some(v) = a.get(MAX_REBOOTING) {
-        match v.trim().parse::<u32>() {
-            Ok(n) if (1..=MAX_SLOTS).contains(&n) => r.slots = n,
-            _ => {
-                r.problems.push(format!("{MAX_REBOOTING}={v:?}: not a number from 1 to {MAX_SLOTS}; using 1"))
-            }
-        }
+    match a.get(ALLOW_DOWNGRADE).map(|v| v.trim()) {
+        None | Some("false") => {}
+        Some("true") => r.allow_downgrade = true,
+        Some(v) => r.problems.push(format!("{ALLOW_DOWNGRADE}={v:?}: not \"true\" or \"false\"")),
     }
     r
 }
@@ -155,9 +170,40 @@ pub fn status_patch(
     patch
 }
 
-/// The status keys the agent owns and rewrites (not `cordoned`, which the drain owns).
-pub const STATUS_KEYS: &[&str] =
-    &[STATE, PROGRESS, BOOTED, TARGET, LAST_CHECK, NOTE, LAST_ERROR, REQUEST_RESULT, LOCK, DRAIN];
+/// The status keys the agent owns and rewrites.
+pub const AGENT_KEYS: &[&str] =
+    &[STATE, PROGRESS, BOOTED, TARGET, LAST_CHECK, NOTE, LAST_ERROR, REQUEST_RESULT, REBOOT_REQUEST];
+
+/// The keys the coordinator owns (`cordoned` is written with the cordon itself).
+pub const COORDINATOR_KEYS: &[&str] = &[REBOOT_ALLOWED, LOCK, DRAIN];
+
+/// What the agent says about rebooting, in `reboot-request`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebootRequest {
+    /// An update is staged and its window is open: drain me and give me a slot.
+    Wanted,
+    /// Rebooting or checking the new boot's health: keep my slot.
+    Holding,
+}
+
+impl RebootRequest {
+    /// The annotation's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RebootRequest::Wanted => "wanted",
+            RebootRequest::Holding => "holding",
+        }
+    }
+
+    /// Reads the annotation (anything else: no request).
+    pub fn parse(v: Option<&str>) -> Option<Self> {
+        match v? {
+            "wanted" => Some(RebootRequest::Wanted),
+            "holding" => Some(RebootRequest::Holding),
+            _ => None,
+        }
+    }
+}
 
 /// A label value for a version: Kubernetes label values allow `[A-Za-z0-9._-]`, 63 at most, so
 /// build metadata's `+` becomes `_`.
@@ -179,9 +225,10 @@ mod tests {
 
     #[test]
     fn keys_share_one_versioned_prefix() {
-        for k in [UPDATE, ROLLBACK, PAUSED, REBOOT, MAX_REBOOTING, CORDONED, VERSION_LABEL]
+        for k in [UPDATE, ALLOW_DOWNGRADE, ROLLBACK, PAUSED, REBOOT, CORDONED, VERSION_LABEL]
             .iter()
-            .chain(STATUS_KEYS)
+            .chain(AGENT_KEYS)
+            .chain(COORDINATOR_KEYS)
         {
             let (prefix, name) = k.split_once('/').unwrap();
             assert_eq!(format!("{prefix}/"), PREFIX);
@@ -192,12 +239,16 @@ mod tests {
 
     #[test]
     fn reads_requests_and_names_bad_values() {
-        let r =
-            requests(&map(&[(UPDATE, "latest"), (ROLLBACK, "now"), (PAUSED, "true"), (MAX_REBOOTING, "2")]));
+        let r = requests(&map(&[
+            (UPDATE, "latest"),
+            (ROLLBACK, "now"),
+            (PAUSED, "true"),
+            (ALLOW_DOWNGRADE, "true"),
+        ]));
         assert_eq!(r.update, Some(Ok(None)));
         assert_eq!(r.rollback, Some(Ok(true)));
         assert_eq!(r.paused, Some(Ok(true)));
-        assert_eq!((r.slots, r.reboot_without_lock, r.problems.len()), (2, false, 0));
+        assert_eq!((r.allow_downgrade, r.reboot_without_lock, r.problems.len()), (true, false, 0));
 
         let r = requests(&map(&[(UPDATE, " 2.1.0 "), (ROLLBACK, "next-boot"), (REBOOT, "allowed")]));
         assert_eq!(r.update, Some(Ok(Some("2.1.0".parse().unwrap()))));
@@ -208,14 +259,14 @@ mod tests {
             (UPDATE, "newest"),
             (ROLLBACK, "yes"),
             (PAUSED, "1"),
-            (MAX_REBOOTING, "0"),
+            (ALLOW_DOWNGRADE, "yes"),
             (REBOOT, "x"),
         ]));
         assert!(r.update.unwrap().unwrap_err().contains("v1.acl-update.dev/update=\"newest\""));
         assert!(r.rollback.unwrap().is_err());
-        assert_eq!(r.slots, 1);
+        assert!(!r.allow_downgrade);
         assert_eq!(r.problems.len(), 3, "{:?}", r.problems);
-        assert_eq!(requests(&BTreeMap::new()), Requests { slots: 1, ..Requests::default() });
+        assert_eq!(requests(&BTreeMap::new()), Requests::default());
     }
 
     #[test]
@@ -223,20 +274,24 @@ mod tests {
         let current = map(&[(STATE, "idle"), (NOTE, "up to date"), (PROGRESS, "100%"), (UPDATE, "latest")]);
         let wanted: BTreeMap<&str, String> =
             [(STATE, "installing".to_owned()), (NOTE, "up to date".to_owned())].into();
-        let p = status_patch(&current, &wanted, STATUS_KEYS);
+        let p = status_patch(&current, &wanted, AGENT_KEYS);
         assert_eq!(serde_json::Value::Object(p), serde_json::json!({STATE: "installing", PROGRESS: null}));
         let same: BTreeMap<&str, String> =
             [(STATE, "idle".to_owned()), (NOTE, "up to date".to_owned()), (PROGRESS, "100%".to_owned())]
                 .into();
-        assert!(status_patch(&current, &same, STATUS_KEYS).is_empty());
+        assert!(status_patch(&current, &same, AGENT_KEYS).is_empty());
+        assert_eq!(RebootRequest::parse(Some("wanted")), Some(RebootRequest::Wanted));
+        assert_eq!(RebootRequest::parse(Some(RebootRequest::Holding.as_str())), Some(RebootRequest::Holding));
+        assert_eq!(RebootRequest::parse(Some("please")), None);
     }
 
     #[test]
     fn the_operator_docs_list_every_key() {
         let doc = include_str!("../../../docs/kubernetes.md");
-        for k in [UPDATE, ROLLBACK, PAUSED, REBOOT, MAX_REBOOTING, CORDONED, VERSION_LABEL]
+        for k in [UPDATE, ALLOW_DOWNGRADE, ROLLBACK, PAUSED, REBOOT, CORDONED, VERSION_LABEL]
             .iter()
-            .chain(STATUS_KEYS)
+            .chain(AGENT_KEYS)
+            .chain(COORDINATOR_KEYS)
         {
             assert!(doc.contains(&format!("`{k}`")), "docs/kubernetes.md does not list {k}");
         }

@@ -39,12 +39,26 @@ pub struct Recorder {
     api: Api<Event>,
     node: String,
     uid: Option<String>,
+    /// Who writes: `source.component`, `reportingComponent`, `reportingInstance`.
+    reporter: (String, String, String),
 }
 
 impl Recorder {
     /// Events about `node` in `namespace`.
     pub fn new(client: kube::Client, namespace: &str, node: &str) -> Self {
-        Self { api: Api::namespaced(client, namespace), node: node.to_owned(), uid: None }
+        Self {
+            api: Api::namespaced(client, namespace),
+            node: node.to_owned(),
+            uid: None,
+            reporter: ("acl-agentd".into(), "acl-update.dev/agent".into(), node.to_owned()),
+        }
+    }
+
+    /// The same Events, written by the coordinator (`instance`: its pod) instead of the agent.
+    #[must_use]
+    pub fn by_coordinator(mut self, instance: &str) -> Self {
+        self.reporter = ("acl-coordinator".into(), "acl-update.dev/coordinator".into(), instance.to_owned());
+        self
     }
 
     /// The Node's uid, once known (Events then stay with this Node, not a same-named new one).
@@ -76,13 +90,16 @@ impl Recorder {
                 }
                 .into(),
             ),
-            source: Some(EventSource { component: Some("acl-agentd".into()), host: Some(self.node.clone()) }),
+            source: Some(EventSource {
+                component: Some(self.reporter.0.clone()),
+                host: Some(self.node.clone()),
+            }),
             first_timestamp: Some(Time(now)),
             last_timestamp: Some(Time(now)),
             event_time: Some(MicroTime(now)),
             count: Some(1),
-            reporting_component: Some("acl-update.dev/agent".into()),
-            reporting_instance: Some(self.node.clone()),
+            reporting_component: Some(self.reporter.1.clone()),
+            reporting_instance: Some(self.reporter.2.clone()),
             action: Some(reason.into()),
             ..Event::default()
         };

@@ -68,3 +68,11 @@ pub fn plain_client(url: &str) -> Result<Client, ClusterError> {
     let uri = url.parse().map_err(|e| ClusterError::Credentials(format!("{url}: {e}")))?;
     build(kube::Config::new(uri))
 }
+
+/// A client for an API server URL with a bearer token (the test double's identities).
+pub fn token_client(url: &str, token: &str) -> Result<Client, ClusterError> {
+    let uri = url.parse().map_err(|e| ClusterError::Credentials(format!("{url}: {e}")))?;
+    let mut config = kube::Config::new(uri);
+    config.auth_info.token = Some(token.to_owned().into());
+    build(config)
+}

@@ -30,9 +30,12 @@ use kube::api::{Api, PostParams};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// The name prefix of the reboot lock's Leases.
+pub const REBOOT_PREFIX: &str = "acl-reboot-";
+
 /// The Lease name of slot `i`.
 pub fn lease_name(i: u32) -> String {
-    format!("acl-reboot-{i}")
+    format!("{REBOOT_PREFIX}{i}")
 }
 
 /// Why a slot can or cannot be taken.
@@ -79,6 +82,10 @@ pub struct RebootLock {
     me: String,
     duration: Duration,
     observed: Observed,
+    /// The Leases' name prefix: [`REBOOT_PREFIX`], or another semaphore's (leader election).
+    prefix: String,
+    /// Holders are Nodes: a holder whose Node is gone is recovered at once.
+    holders_are_nodes: bool,
     /// How far this node's wall clock is off (tests of skewed clocks); used only for the
     /// times written into Leases.
     clock_offset: SignedDuration,
@@ -98,7 +105,32 @@ impl RebootLock {
             duration,
             observed: Observed::default(),
             clock_offset: SignedDuration::ZERO,
+            prefix: REBOOT_PREFIX.to_owned(),
+            holders_are_nodes: true,
         }
+    }
+
+    /// Leader election among replicas named `me`: one slot, the Lease `<prefix>0`, whose
+    /// holders are pods, not Nodes (only expiry recovers it).
+    pub fn leader_election(
+        client: kube::Client,
+        namespace: &str,
+        prefix: &str,
+        me: &str,
+        duration: Duration,
+    ) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            holders_are_nodes: false,
+            ..Self::new(client, namespace, me, duration)
+        }
+    }
+
+    /// The same lock for another holder, sharing what this one has observed of the Leases:
+    /// the coordinator holds slots on behalf of nodes, and judges expiry with one memory.
+    #[must_use]
+    pub fn for_holder(&self, holder: &str) -> Self {
+        Self { me: holder.to_owned(), ..self.clone() }
     }
 
     /// This lock as seen by a node whose wall clock is `offset` off (tests of skewed clocks).
@@ -132,7 +164,7 @@ impl RebootLock {
             .items
             .into_iter()
             .find(|l| {
-                l.metadata.name.as_deref().is_some_and(|n| n.starts_with("acl-reboot-"))
+                l.metadata.name.as_deref().is_some_and(|n| n.starts_with(&self.prefix))
                     && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(&self.me)
             })
             .and_then(|l| l.metadata.name))
@@ -147,7 +179,7 @@ impl RebootLock {
         }
         let now = self.now();
         for i in 0..slots {
-            let name = lease_name(i);
+            let name = format!("{}{i}", self.prefix);
             let existing = self.leases.get_opt(&name).await.map_err(api(format!("read lease {name}")))?;
             let Some(mut lease) = existing else {
                 let lease = Lease {
@@ -164,6 +196,7 @@ impl RebootLock {
             let taken_over = match availability(&lease, &self.me, unchanged_for) {
                 Availability::Free | Availability::Ours => None,
                 Availability::Expired { holder } => Some(holder),
+                Availability::Held { .. } if !self.holders_are_nodes => continue,
                 Availability::Held { holder } => {
                     // A holder whose Node is gone will never release it.
                     match self.nodes.get_opt(&holder).await.map_err(api(format!("read node {holder}")))? {

@@ -173,22 +173,26 @@ pub struct Kubernetes {
     pub enabled: bool,
     pub kubeconfig: String,
     pub node_name: String,
-    pub lock_namespace: String,
-    pub lease_duration: String,
-    pub drain_timeout: String,
     pub events_namespace: String,
+    /// Retired: the coordinator holds the lock and drains now (its own flags). Still read, so
+    /// that a node's older files keep loading; the agent warns that they are ignored.
+    pub lock_namespace: Option<String>,
+    /// Retired (see `lock_namespace`).
+    pub lease_duration: Option<String>,
+    /// Retired (see `lock_namespace`).
+    pub drain_timeout: Option<String>,
 }
 
 impl Default for Kubernetes {
     fn default() -> Self {
         Self {
             enabled: false,
-            kubeconfig: String::new(),
+            kubeconfig: "/var/lib/kubelet/kubeconfig".into(),
             node_name: String::new(),
-            lock_namespace: "acl-update".into(),
-            lease_duration: "60s".into(),
-            drain_timeout: "10m".into(),
             events_namespace: "default".into(),
+            lock_namespace: None,
+            lease_duration: None,
+            drain_timeout: None,
         }
     }
 }

@@ -93,14 +93,10 @@ pub struct KubeSettings {
     pub kubeconfig: Option<PathBuf>,
     /// The Node's name, or `None` for the host name.
     pub node_name: Option<String>,
-    /// The namespace of the lock's Leases.
-    pub lock_namespace: String,
-    /// After this long without renewal, a lock holder is presumed gone.
-    pub lease_duration: Duration,
-    /// The longest a drain may take before the reboot is put off.
-    pub drain_timeout: Duration,
     /// The namespace of the Node's Events.
     pub events_namespace: String,
+    /// Retired keys the files still set (ignored; the agent warns).
+    pub retired: Vec<&'static str>,
 }
 
 /// When the built-in kubelet health check runs.
@@ -272,37 +268,18 @@ impl Settings {
             ));
         }
         let kubernetes = if k.enabled {
-            for (key, ns) in [
-                ("kubernetes.lock-namespace", &k.lock_namespace),
-                ("kubernetes.events-namespace", &k.events_namespace),
-            ] {
-                let ok = !ns.is_empty()
-                    && ns.len() <= 63
-                    && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && !ns.starts_with('-')
-                    && !ns.ends_with('-');
-                if !ok {
-                    return Err(bad(
-                        key,
-                        format!("{ns:?} is not a namespace name (lower-case letters, digits, '-')"),
-                    ));
-                }
-            }
             Some(KubeSettings {
                 kubeconfig: opt_path(&k.kubeconfig),
                 node_name: (!k.node_name.trim().is_empty()).then(|| k.node_name.trim().to_owned()),
-                lock_namespace: k.lock_namespace.clone(),
-                lease_duration: duration(
-                    "kubernetes.lease-duration",
-                    &k.lease_duration,
-                    Duration::from_secs(1),
-                )?,
-                drain_timeout: duration(
-                    "kubernetes.drain-timeout",
-                    &k.drain_timeout,
-                    Duration::from_secs(1),
-                )?,
                 events_namespace: k.events_namespace.clone(),
+                retired: [
+                    ("kubernetes.lock-namespace", k.lock_namespace.is_some()),
+                    ("kubernetes.lease-duration", k.lease_duration.is_some()),
+                    ("kubernetes.drain-timeout", k.drain_timeout.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(key, set)| set.then_some(key))
+                .collect(),
             })
         } else {
             None

@@ -92,16 +92,8 @@ fn invalid_values_are_named_with_key_and_origin() {
             "time zone \"Mars/Olympus\"",
         ),
         (
-            "[updates]\nrepository = \"file:///r\"\n[kubernetes]\nenabled = true\nlock-namespace = \"Kube_System\"\n",
-            "kubernetes.lock-namespace: \"Kube_System\" is not a namespace name",
-        ),
-        (
             "[updates]\nrepository = \"file:///r\"\n[kubernetes]\nenabled = true\nevents-namespace = \"acl-update\"\n",
             "kubernetes.events-namespace: \"acl-update\": Events about a Node must go to \"default\" or \"kube-system\"",
-        ),
-        (
-            "[updates]\nrepository = \"file:///r\"\n[kubernetes]\nenabled = true\ndrain-timeout = \"soon\"\n",
-            "kubernetes.drain-timeout: \"soon\" is not a duration",
         ),
     ];
     for (text, expect) in cases {
@@ -143,6 +135,18 @@ fn kubernetes_mode_is_off_by_default_and_read_when_enabled() {
     let k = Settings::from_loaded(&load(&Sources::under(dir.path())).unwrap()).unwrap().kubernetes.unwrap();
     assert_eq!(k.node_name.as_deref(), Some("w1"));
     assert_eq!(k.kubeconfig.as_deref(), Some(std::path::Path::new("/etc/acl-update/kubeconfig")));
-    assert_eq!((k.lock_namespace.as_str(), k.events_namespace.as_str()), ("acl-update", "default"));
-    assert_eq!((k.lease_duration.as_secs(), k.drain_timeout.as_secs()), (60, 300));
+    assert_eq!(k.events_namespace, "default");
+    // A file from before the coordinator still loads; its retired keys are named.
+    assert_eq!(k.retired, ["kubernetes.drain-timeout"]);
+    let dir = root_with(&[(
+        "/etc/acl-update/config.toml",
+        "[updates]\nrepository = \"file:///r\"\n[kubernetes]\nenabled = true\n",
+    )]);
+    let k = Settings::from_loaded(&load(&Sources::under(dir.path())).unwrap()).unwrap().kubernetes.unwrap();
+    assert_eq!(
+        k.kubeconfig.as_deref(),
+        Some(std::path::Path::new("/var/lib/kubelet/kubeconfig")),
+        "the node's own"
+    );
+    assert!(k.retired.is_empty());
 }

@@ -166,7 +166,9 @@ proptest! {
             .map(|(k, v)| (ANNOTATIONS[k].to_owned(), String::from_utf8_lossy(&v).into_owned()))
             .collect();
         let r = cluster::annotations::requests(&map);
-        prop_assert!(r.slots >= 1 && r.slots <= cluster::annotations::MAX_SLOTS);
+        // A value that is not exactly "true" never allows a downgrade.
+        prop_assert!(!r.allow_downgrade || map.get(cluster::annotations::ALLOW_DOWNGRADE).is_some_and(|v| v.trim() == "true"));
+        let _ = cluster::annotations::RebootRequest::parse(map.get(cluster::annotations::REBOOT_REQUEST).map(String::as_str));
     }
 
     #[test]
@@ -182,7 +184,9 @@ const ANNOTATIONS: &[&str] = &[
     cluster::annotations::ROLLBACK,
     cluster::annotations::PAUSED,
     cluster::annotations::REBOOT,
-    cluster::annotations::MAX_REBOOTING,
+    cluster::annotations::ALLOW_DOWNGRADE,
+    cluster::annotations::REBOOT_REQUEST,
+    cluster::annotations::REBOOT_ALLOWED,
     cluster::annotations::LOCK,
 ];
 

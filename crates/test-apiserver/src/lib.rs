@@ -139,6 +139,8 @@ struct Store {
     compacted: u64,
     next_uid: u64,
     requests: BTreeMap<String, u64>,
+    /// The same counts per identity (its user name), with refusals as `"403 VERB kind"`.
+    requests_by: BTreeMap<String, BTreeMap<String, u64>>,
     credentials: std::collections::BTreeSet<String>,
     faults: Vec<Fault>,
     /// Bearer tokens and whose they are; none: no authorization at all.
@@ -372,6 +374,12 @@ impl ApiServer {
     /// watches refused as too old.
     pub fn requests(&self) -> BTreeMap<String, u64> {
         self.store().requests.clone()
+    }
+
+    /// [`ApiServer::requests`] of one identity (by its token), with every request refused
+    /// (401, 403) also counted as `"403 VERB kind"`.
+    pub fn requests_of(&self, identity: &Identity) -> BTreeMap<String, u64> {
+        self.store().requests_by.get(&identity.user()).cloned().unwrap_or_default()
     }
 
     /// Every distinct `Authorization` header seen (the double checks no credentials; tests
@@ -611,7 +619,21 @@ impl ApiServer {
         if let Some(a) = &authorization {
             self.store().credentials.insert(a.clone());
         }
-        self.authorize(authorization.as_deref(), &t, &method, &q)?;
+        let user = {
+            let st = self.store();
+            let token = authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or_default();
+            st.tokens.get(token).map(Identity::user)
+        };
+        let allowed = self.authorize(authorization.as_deref(), &t, &method, &q);
+        if let Some(user) = user {
+            let mut st = self.store();
+            let counts = st.requests_by.entry(user).or_default();
+            *counts.entry(verb.clone()).or_default() += 1;
+            if let Err(e) = &allowed {
+                *counts.entry(format!("{} {verb}", e.code.as_u16())).or_default() += 1;
+            }
+        }
+        allowed?;
         let ctype = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         {

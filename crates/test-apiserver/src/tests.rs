@@ -275,11 +275,11 @@ async fn identities_are_authorized_as_the_real_server_would() {
         json!({"metadata": {"name": "node-a", "namespace": "kube-node-lease"}, "spec": {}}),
     )
     .unwrap();
-    s.apply_rbac(include_str!("../../../integration/kubernetes/rbac.yaml"));
+    s.apply_rbac(include_str!("../../../integration/kubernetes/coordinator.yaml"));
     let node_a = s.token_for(Identity::Node("node-a".into()));
     let sa = s.token_for(Identity::ServiceAccount {
         namespace: "acl-update".into(),
-        name: "acl-update-agent".into(),
+        name: "acl-coordinator".into(),
     });
     let merge = "application/merge-patch+json";
     let ann = json!({"metadata": {"annotations": {"x": "1"}}});
@@ -326,24 +326,34 @@ async fn identities_are_authorized_as_the_real_server_would() {
             Some(own_lease),
             200,
         ),
-        ("sa:acl-update-agent", "PATCH", "/api/v1/nodes/node-b", merge, Some(ann.clone()), 200),
+        ("system:node:node-a", "DELETE", "/api/v1/nodes/node-b", "application/json", None, 403),
+        ("sa:acl-coordinator", "PATCH", "/api/v1/nodes/node-b", merge, Some(ann.clone()), 200),
         (
-            "sa:acl-update-agent",
+            "sa:acl-coordinator",
             "POST",
             "/api/v1/namespaces/prod/pods/web-b/eviction",
             "application/json",
             Some(json!({})),
             201,
         ),
-        ("sa:acl-update-agent", "PUT", lease_path, "application/json", Some(lease), 200),
-        ("sa:acl-update-agent", "DELETE", "/api/v1/nodes/node-b", "application/json", None, 403),
+        ("sa:acl-coordinator", "PUT", lease_path, "application/json", Some(lease), 200),
+        (
+            "sa:acl-coordinator",
+            "GET",
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/node-a",
+            "application/json",
+            None,
+            403,
+        ),
+        ("sa:acl-coordinator", "DELETE", "/api/v1/nodes/node-b", "application/json", None, 403),
+        ("sa:acl-coordinator", "DELETE", "/api/v1/namespaces/prod/pods/web-a", "application/json", None, 403),
         ("nobody", "GET", "/api/v1/nodes/node-a", "application/json", None, 401),
     ];
     eprintln!("| identity | verb | path | answer |\n|---|---|---|---|");
     for (who, method, path, ctype, body, want) in rows {
         let token = match who {
             "system:node:node-a" => Some(node_a.as_str()),
-            "sa:acl-update-agent" => Some(sa.as_str()),
+            "sa:acl-coordinator" => Some(sa.as_str()),
             _ => Some("not-a-token"),
         };
         let (code, st) = h.send_as(token, method, path, ctype, body).await;
