@@ -105,6 +105,11 @@ fn test(sh: &xshell::Shell) -> Result<()> {
     tools::ensure(sh, &tools::TEST_TOOLS)?;
     xshell::cmd!(sh, "cargo fmt --all -- --check").run()?;
     xshell::cmd!(sh, "cargo clippy --workspace --all-targets --locked -- -D warnings").run()?;
+    // aclctl talks to the agent through crate localapi and links nothing of Kubernetes.
+    let tree = xshell::cmd!(sh, "cargo tree --locked -p aclctl -e normal --prefix none").read()?;
+    if let Some(l) = tree.lines().find(|l| l.starts_with("kube") || l.starts_with("k8s-openapi")) {
+        bail!("aclctl depends on {l}: it must reach the agent only through crate localapi");
+    }
     {
         let _env = sh.push_env("RUSTDOCFLAGS", "-D warnings");
         xshell::cmd!(sh, "cargo doc --workspace --no-deps --locked").quiet().run()?;

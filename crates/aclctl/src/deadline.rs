@@ -149,7 +149,7 @@ fn settings(root: &Path) -> Result<config::Settings> {
 
 /// Adds the event to the agent's history, so `aclctl history` tells it after the reboot.
 fn record(state_dir: &Path, message: &str) {
-    let entry = agent::history::Entry {
+    let entry = localapi::history::Entry {
         time: jiff::Timestamp::now(),
         phase: "boot-deadline".into(),
         message: message.into(),
@@ -157,7 +157,7 @@ fn record(state_dir: &Path, message: &str) {
     use std::os::unix::fs::DirBuilderExt as _;
     // The agent that would have made the state directory may never have run.
     let made = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir);
-    if let Err(e) = made.and_then(|()| agent::history::append(state_dir, &entry)) {
+    if let Err(e) = made.and_then(|()| localapi::history::append(state_dir, &entry)) {
         eprintln!("boot-deadline: could not record it in {}: {e}", state_dir.display());
     }
 }

@@ -3,9 +3,9 @@
 //! slot is staged; `aclctl rollback` goes through the agent when one runs, so its state
 //! machine knows.
 
-use agent::api::{self, Answer};
-use agent::machine::{Phase, Request};
 use anyhow::{Context as _, Result, bail};
+use localapi::{self as api, Answer};
+use localapi::{Phase, Request};
 use std::path::Path;
 use std::time::Duration;
 
@@ -70,7 +70,7 @@ pub(crate) fn update(
         match &state.phase {
             Phase::Idle if a.checking => {}
             Phase::Installing { version, .. } => {
-                let p = a.progress.unwrap_or(agent::daemon::Progress {
+                let p = a.progress.unwrap_or(localapi::Progress {
                     total: 0,
                     done: 0,
                     reused: 0,

@@ -174,7 +174,7 @@ enum Command {
     /// marks it bad and reboots into the other slot, when that one can boot. Run by
     /// acl-boot-deadline.service on every boot, independently of the agent.
     BootDeadline {
-        /// The disk (default: [agent] disk, else the running system's disk).
+        /// The disk (default: the agent configuration's disk setting, else the running system's disk).
         #[arg(long)]
         disk: Option<PathBuf>,
         /// The booted slot (default: from the kernel command line).
@@ -302,7 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let args = update::UpdateArgs { parallel, ca_file, ..source.args(repo, version, tries)? };
-            if follow::try_call(&socket, agent::machine::Request::Status)?.is_some() {
+            if follow::try_call(&socket, localapi::Request::Status)?.is_some() {
                 anyhow::bail!(
                     "an agent runs on this node ({}): run `aclctl update` without --repo to have it \
                      update, or stop it first; two writers must not share a slot",
@@ -352,7 +352,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::History { state_dir, lines, json } => {
-            let entries = agent::history::read(&state_dir, lines);
+            let entries = localapi::history::read(&state_dir, lines);
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else if entries.is_empty() {
@@ -364,9 +364,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Pause(a) => ask_agent(&a, agent::machine::Request::Pause),
-        Command::Resume(a) => ask_agent(&a, agent::machine::Request::Resume),
-        Command::Check(a) => ask_agent(&a, agent::machine::Request::CheckNow),
+        Command::Pause(a) => ask_agent(&a, localapi::Request::Pause),
+        Command::Resume(a) => ask_agent(&a, localapi::Request::Resume),
+        Command::Check(a) => ask_agent(&a, localapi::Request::CheckNow),
         Command::Rollback { target, now, socket, json } => rollback(&target, now, &socket, json),
         Command::BootDeadline { disk, booted, config_root } => {
             deadline::run(&config_root, disk.as_deref(), booted)
@@ -378,14 +378,14 @@ fn run(cli: Cli) -> Result<()> {
 /// `aclctl rollback`: through the agent when one answers (after checking on the disk that
 /// there is a good slot to go back to), else on the disk directly.
 fn rollback(target: &Target, now: bool, socket: &std::path::Path, json: bool) -> Result<()> {
-    if follow::try_call(socket, agent::machine::Request::Status)?.is_some() {
+    if follow::try_call(socket, localapi::Request::Status)?.is_some() {
         let (disk, booted) = open(target, false)?;
         let current = booted.slot().context("cannot tell which slot runs (give --booted)")?;
         choice::rollback(&disk.slots(), current)
             .map_err(|source| DiskError::Transition { path: disk.path().to_owned(), source })?;
         drop(disk);
         let a = AgentArgs { socket: socket.to_owned(), json };
-        return ask_agent(&a, agent::machine::Request::Rollback { now });
+        return ask_agent(&a, localapi::Request::Rollback { now });
     }
     if now && target.disk.is_some() {
         anyhow::bail!("--now reboots this machine: it needs the running system's disk, not --disk");
@@ -400,7 +400,7 @@ fn rollback(target: &Target, now: bool, socket: &std::path::Path, json: bool) ->
 }
 
 /// Sends one request to the running agent and prints its state afterwards.
-fn ask_agent(a: &AgentArgs, request: agent::machine::Request) -> Result<()> {
+fn ask_agent(a: &AgentArgs, request: localapi::Request) -> Result<()> {
     let answer = follow::call(&a.socket, request)?;
     let state = answer.state.context("the agent sent no state")?;
     if a.json {

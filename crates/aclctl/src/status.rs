@@ -36,7 +36,7 @@ pub(crate) struct Status {
     next_boot: Option<Slot>,
     slots: Vec<SlotStatus>,
     /// The running agent's state, when one answers on its socket.
-    agent: Option<agent::machine::State>,
+    agent: Option<localapi::State>,
 }
 
 #[derive(Debug, Serialize)]
@@ -138,7 +138,7 @@ impl Status {
         self.agent = rt
             .ok()
             .and_then(|rt| {
-                let call = agent::api::call(socket, agent::machine::Request::Status);
+                let call = localapi::call(socket, localapi::Request::Status);
                 rt.block_on(async {
                     tokio::time::timeout(std::time::Duration::from_secs(2), call).await.ok()?.ok()
                 })

@@ -13,42 +13,12 @@
 //! carries the state after the request and, while an install runs, its progress (what
 //! `aclctl update --follow` draws its bar from).
 
-use crate::daemon::{ApiRequest, Progress};
-use crate::machine::{Request, State};
-use serde::{Deserialize, Serialize};
+use crate::daemon::ApiRequest;
+use crate::machine::Request;
+pub use localapi::{Answer, RequestLine, call};
 use std::path::Path;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::{mpsc, oneshot};
-
-/// A request line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RequestLine {
-    /// What is asked.
-    pub request: Request,
-}
-
-/// An answer line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Answer {
-    /// Whether the request was taken.
-    pub ok: bool,
-    /// The agent's state after it.
-    pub state: Option<State>,
-    /// A repository check is running.
-    #[serde(default)]
-    pub checking: bool,
-    /// The running install's progress.
-    #[serde(default)]
-    pub progress: Option<Progress>,
-    /// Why not, when not ok.
-    pub error: Option<String>,
-}
-
-impl Answer {
-    fn refused(why: String) -> Self {
-        Self { ok: false, state: None, checking: false, progress: None, error: Some(why) }
-    }
-}
 
 /// Listens on `path` (replacing a stale socket) and forwards requests to the daemon.
 pub async fn serve(path: &Path, daemon: mpsc::Sender<ApiRequest>) -> std::io::Result<()> {
@@ -98,19 +68,4 @@ pub async fn serve(path: &Path, daemon: mpsc::Sender<ApiRequest>) -> std::io::Re
             }
         });
     }
-}
-
-/// Sends one request to the agent at `path` and returns its answer (for `aclctl`).
-pub async fn call(path: &Path, request: Request) -> std::io::Result<Answer> {
-    let sock = tokio::net::UnixStream::connect(path).await?;
-    let (r, mut w) = sock.into_split();
-    let mut line = serde_json::to_vec(&RequestLine { request }).expect("request serialises");
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    let answer = BufReader::new(r)
-        .lines()
-        .next_line()
-        .await?
-        .ok_or_else(|| std::io::Error::other("the agent closed the connection"))?;
-    serde_json::from_str(&answer).map_err(std::io::Error::other)
 }

@@ -131,20 +131,7 @@ pub struct Snapshot {
     pub reboot_wanted: bool,
 }
 
-/// How far the running install is.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Progress {
-    /// The image size (0 until the manifest has been read).
-    pub total: u64,
-    /// Image bytes in place in the target slot.
-    pub done: u64,
-    /// Of those, bytes copied from the running slot.
-    pub reused: u64,
-    /// Of those, bytes found already written by an interrupted install.
-    pub resumed: u64,
-    /// Image bytes read back and verified after writing.
-    pub verified: u64,
-}
+pub use localapi::Progress;
 
 /// Shared between the install task and the loop.
 #[derive(Debug, Default)]

@@ -392,7 +392,9 @@ impl Controller {
         let target = version.to_string();
         let a = self.annotations();
         let allowed = a.get(ann::REBOOT_ALLOWED);
-        if allowed != Some(&target) {
+        // The permit counts with the slot it was given with (or the operator's reboot=allowed).
+        let slot = a.contains_key(ann::LOCK) || self.requests().reboot_without_lock;
+        if allowed != Some(&target) || !slot {
             return;
         }
         let how =

@@ -6,8 +6,9 @@
 
 pub mod api;
 pub mod daemon;
-pub mod history;
 pub mod kube;
 pub mod machine;
 pub mod metrics;
 pub mod persist;
+
+pub use localapi::history;

@@ -40,99 +40,11 @@
 use jiff::{SignedDuration, Timestamp};
 use policy::{Decision, Failure, Wanted};
 use semver::Version;
-use serde::{Deserialize, Serialize};
 use slot::choice::Slot;
 
-/// Where the agent is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "phase", rename_all = "kebab-case")]
-pub enum Phase {
-    /// Nothing in progress.
-    Idle,
-    /// Writing `version` into the other slot.
-    Installing {
-        /// The release.
-        version: Version,
-        /// The SHA-256 of its manifest, as named by the index the check accepted: the install
-        /// takes exactly that manifest, whatever the repository says by then (absent in state
-        /// files written before it was recorded).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        manifest: Option<manifest::Sha256Digest>,
-    },
-    /// Installed and set to boot next; waiting for the reboot to be allowed.
-    Staged {
-        /// The release.
-        version: Version,
-    },
-    /// Reboot asked for; the next start sees which slot booted.
-    Rebooting {
-        /// The version expected to boot.
-        version: Version,
-    },
-    /// Running an unconfirmed slot; health checks decide before `deadline`.
-    Verifying {
-        /// The version running.
-        version: Version,
-        /// The time by which it must pass.
-        deadline: Timestamp,
-    },
-}
-
-impl Phase {
-    /// The phase's name as in the state file (`idle`, `installing`, ...).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Phase::Idle => "idle",
-            Phase::Installing { .. } => "installing",
-            Phase::Staged { .. } => "staged",
-            Phase::Rebooting { .. } => "rebooting",
-            Phase::Verifying { .. } => "verifying",
-        }
-    }
-
-    /// The version this phase is about, if any.
-    pub fn version(&self) -> Option<&Version> {
-        match self {
-            Phase::Idle => None,
-            Phase::Installing { version, .. }
-            | Phase::Staged { version }
-            | Phase::Rebooting { version }
-            | Phase::Verifying { version, .. } => Some(version),
-        }
-    }
-}
-
-/// Everything the agent keeps across restarts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct State {
-    /// The phase.
-    pub phase: Phase,
-    /// When the repository was last checked.
-    pub last_check: Option<Timestamp>,
-    /// The last decision or error, for the operator.
-    pub note: String,
-    /// Versions that failed here (backoff, then skipped).
-    pub failures: Vec<Failure>,
-    /// Operator pause: no checks, installs or reboots.
-    pub paused: bool,
-    /// A repository check is running. Not persisted: a check cut short by a crash is simply
-    /// started again after the restart, instead of waiting a whole interval.
-    #[serde(skip)]
-    pub checking: bool,
-}
-
-impl Default for State {
-    fn default() -> Self {
-        Self {
-            phase: Phase::Idle,
-            last_check: None,
-            note: String::new(),
-            failures: Vec::new(),
-            paused: false,
-            checking: false,
-        }
-    }
-}
+/// The local API's types, defined with it in crate `localapi` (so that `aclctl` does not link
+/// what the agent links) and used by the machine as they are.
+pub use localapi::{Phase, Request, State};
 
 /// What the running system looks like at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,34 +113,6 @@ pub enum Event {
     },
     /// An operator asked for something.
     Operator(Request),
-}
-
-/// An operator's request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Request {
-    /// Nothing: just report the state.
-    Status,
-    /// Check the repository now.
-    CheckNow,
-    /// Stop all update activity.
-    Pause,
-    /// Resume.
-    Resume,
-    /// Go back to the other slot: it boots next; with `now`, reboot into it at once.
-    Rollback {
-        /// Reboot now (else at the next reboot).
-        now: bool,
-    },
-    /// Install the latest release (`version: null`) or exactly `version`, now, whatever the
-    /// mode (except off), waves and backoff say; the reboot still waits for its window.
-    Update {
-        /// The version, or the latest.
-        version: Option<Version>,
-    },
-    /// The staged update may reboot now: in Kubernetes mode, the cluster lock is held and the
-    /// node drained. The same as [`Event::RebootAllowed`].
-    AllowReboot,
 }
 
 /// Something the daemon must do, after persisting the new state.

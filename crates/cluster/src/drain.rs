@@ -6,8 +6,8 @@
 //! at once, and they tolerate the cordon) and mirror pods (static pods the kubelet owns) are
 //! left alone, as are pods that have finished.
 //!
-//! The agent marks the Node when it cordons it ([`CORDONED`]) in the same patch, and uncordons
-//! only a Node carrying that mark: a node an operator cordoned stays cordoned.
+//! The coordinator marks the Node when it cordons it ([`CORDONED`]) in the same patch, and
+//! uncordons only a Node carrying that mark: a node an operator cordoned stays cordoned.
 
 use crate::annotations::CORDONED;
 use crate::{ClusterError, api};

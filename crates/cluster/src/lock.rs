@@ -1,8 +1,8 @@
 //! The cluster-wide reboot lock: a counting semaphore of `coordination.k8s.io/v1` Leases.
 //!
-//! Slot `i` of the semaphore is the Lease `acl-reboot-<i>` in the lock namespace; a node may
-//! take any of slots `0..N`, where N is its `max-rebooting` annotation (so N nodes reboot at
-//! once at most, for the largest N any node was given). The holder is the Node's name. A taker
+//! Slot `i` of the semaphore is the Lease `acl-reboot-<i>` in the lock namespace; a slot is
+//! taken from `0..N`, where N is the coordinator's `--max-rebooting` (so N nodes reboot at once
+//! at most). The holder is the Node's name: the coordinator takes slots on the nodes' behalf. A taker
 //! reads the Lease and writes it back with the `resourceVersion` it read: of two nodes racing
 //! for one slot, one gets `409 Conflict` and tries the next slot. Like kube-scheduler's leader
 //! election, this relies on the API server's optimistic concurrency, not on clocks agreeing.

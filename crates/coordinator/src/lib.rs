@@ -17,11 +17,17 @@
 //! 4. back to idle (healthy, or rolled back) on a Ready node, it withdraws the request, and the
 //!    coordinator uncordons (only a node it cordoned), releases the slot and removes its keys.
 //!
+//! A slot is renewed only while its node is drained; the permit lengthens it once, to
+//! `--reboot-hold`, and nothing renews it after that, so no node holds a slot longer than a
+//! drain plus the hold, whatever it writes on its Node. A permit is removed as soon as it is
+//! spent (`holding`), withdrawn, or outlived its slot ([`plan`]).
+//!
 //! Everything the coordinator knows is in the cluster: which Lease names which node, the
-//! cordon mark, `reboot-allowed`. A new leader picks up where a dead one stopped: it renews
-//! the slots of nodes still under way before it takes any slot for another (a slot whose
-//! renewals stopped during the hand-over would otherwise look expired), drains again a node
-//! whose drain was cut off (evicting what is left), and finishes the others.
+//! cordon mark, `reboot-allowed`. A new leader picks up where a dead one stopped: it judges
+//! expiry by its own observations, which start when it starts, so no slot looks expired to it
+//! before a whole duration has passed; within one pass it renews the slots of nodes being
+//! drained before it takes any slot for another; it drains again a node whose drain was cut
+//! off (evicting what is left), and finishes the others.
 //!
 //! Leader election is one slot of the same Lease semaphore ([`cluster::lock`]) under the name
 //! `acl-coordinator-0`, renewed every third of its duration. A leader that cannot renew within
@@ -111,6 +117,11 @@ pub async fn run(client: Client, opts: Options, shutdown: impl Future<Output = (
         };
         match won {
             Ok(Some(a)) => {
+                // A real write before leading: `acquire` returns a Lease this replica still
+                // names without writing it, and the other replica may be about to take it.
+                if !matches!(leader.renew(&a.name).await, Ok(true)) {
+                    continue;
+                }
                 tracing::info!(
                     "leading as {} ({}{})",
                     opts.identity,
@@ -244,7 +255,10 @@ impl Leader {
         loop {
             // Wake for a due pass, and to check the leadership's freshness as often as it is
             // renewed.
-            let mut wake = pass_due.min(Instant::now() + renew_every);
+            let mut wake = Instant::now() + renew_every;
+            if listed {
+                wake = wake.min(pass_due);
+            }
             if dirty {
                 wake = wake.min(last_pass + gap);
             }
@@ -435,8 +449,9 @@ impl Leader {
             Step::Wait => {}
             Step::Acquire => return self.acquire(name, n).await,
             Step::Drain => self.drain(name, n),
-            Step::Renew { hold } => self.renew(name, n, v, hold).await,
+            Step::Renew => self.renew(name, n, v).await,
             Step::Allow => self.allow(name, n, v).await,
+            Step::Revoke => self.patch(name, serde_json::json!({ann::REBOOT_ALLOWED: null})).await,
             Step::Finish => {
                 self.give_back(name, n, true).await;
                 self.tracks.remove(name);
@@ -489,15 +504,14 @@ impl Leader {
         }));
     }
 
-    async fn renew(&mut self, name: &str, n: &Node, v: &View, hold: bool) {
+    async fn renew(&mut self, name: &str, n: &Node, v: &View) {
         let Some(lease) = &v.lease else { return };
         let every = self.opts.lease_duration / 3;
         let t = self.tracks.entry(name.to_owned()).or_default();
         if t.renewed.is_some_and(|r| r.elapsed() < every) {
             return;
         }
-        let length = if hold { self.opts.reboot_hold } else { self.opts.lease_duration };
-        match self.lock.for_holder(name).extend(lease, length).await {
+        match self.lock.for_holder(name).extend(lease, self.opts.lease_duration).await {
             Ok(true) => t.renewed = Some(Instant::now()),
             Ok(false) => {
                 self.events(name, n)

@@ -32,17 +32,19 @@ struct Args {
     /// How long a drain may take before the node is put off (and retried after as long).
     #[arg(long, default_value = "10m", value_parser = duration)]
     drain_timeout: Duration,
-    /// Where Events about Nodes are written: "default" or "kube-system".
+    /// Where Events about Nodes are written: "default" or "kube-system" (coordinator.yaml grants
+    /// "default"; grant the other namespace too before choosing it).
     #[arg(long, default_value = "default")]
     events_namespace: String,
 }
 
+/// A duration from 1 s to 7 days.
 fn duration(s: &str) -> Result<Duration, String> {
     let d: jiff::SignedDuration =
         s.parse().map_err(|e| format!("{s:?}: not a duration like 60s or 10m ({e})"))?;
     let d = Duration::try_from(d).map_err(|_| format!("{s:?}: must not be negative"))?;
-    if d < Duration::from_secs(1) {
-        return Err(format!("{s:?}: at least 1s"));
+    if d < Duration::from_secs(1) || d > Duration::from_secs(7 * 24 * 3600) {
+        return Err(format!("{s:?}: from 1s to 7 days"));
     }
     Ok(d)
 }

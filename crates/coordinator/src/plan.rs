@@ -4,13 +4,22 @@
 //!
 //! | node says | lock slot | drain | goes to |
 //! |---|---|---|---|
-//! | `wanted`, `reboot-allowed` names its target | held | - | [`Step::Renew`] (it is about to reboot) |
+//! | `wanted`, `reboot-allowed` names its target | held (or `reboot=allowed`) | - | [`Step::Wait`]: it is about to reboot |
+//! | `wanted`, `reboot-allowed` names its target | gone (the hold ran out) | - | [`Step::Revoke`] |
+//! | `wanted`, `reboot-allowed` names another version | - | - | [`Step::Revoke`] |
 //! | `wanted`, no slot, lock needed | none | - | [`Step::Acquire`] (unless put off after a blocked drain) |
-//! | `wanted` | held, or `reboot=allowed` | running | [`Step::Renew`] short |
+//! | `wanted` | held, or `reboot=allowed` | running | [`Step::Renew`] |
 //! | `wanted` | held, or `reboot=allowed` | finished | [`Step::Allow`] |
 //! | `wanted` | held, or `reboot=allowed` | not started | [`Step::Drain`] |
-//! | `holding` | held | - | [`Step::Renew`] held across the reboot, but not while the node is down (`rebooting`) |
+//! | `holding` or nothing, with a `reboot-allowed` | - | - | [`Step::Revoke`]: spent or withdrawn |
+//! | `holding` | - | - | [`Step::Wait`] |
 //! | nothing | anything of ours left (slot, cordon, one of our keys) | - | [`Step::Finish`] once the Node is Ready |
+//!
+//! A slot is renewed only while its node is drained (at most `--drain-timeout`). [`Step::Allow`]
+//! lengthens it once, to `--reboot-hold`, and nothing renews it after that: however a node
+//! behaves, it holds a slot for at most a drain plus the hold. A permit is taken back as soon
+//! as it is spent, withdrawn, or outlived its slot, so a permit never outlives the slot it was
+//! given with.
 //!
 //! A node can write only its own Node, so what it says there is trusted only for itself: it
 //! can ask to be drained and rebooted, and skip the lock for itself (`reboot=allowed`). How
@@ -57,12 +66,11 @@ pub enum Step {
     /// Cordon it and evict its pods.
     Drain,
     /// Keep its slot alive: `hold` for the reboot's length, else the ordinary duration.
-    Renew {
-        /// Across a reboot and its health checks.
-        hold: bool,
-    },
+    Renew,
     /// Lengthen its slot to the reboot's hold and write `reboot-allowed`.
     Allow,
+    /// Remove `reboot-allowed`.
+    Revoke,
     /// Uncordon (if we cordoned), release its slot, remove our annotations.
     Finish,
 }
@@ -72,12 +80,13 @@ pub fn decide(v: &View) -> Step {
     let granted = v.lease.is_some() || v.without_lock;
     match v.request {
         Some(RebootRequest::Wanted) => {
-            if v.allowed.is_some() && v.allowed == v.target {
-                if v.lease.is_some() { Step::Renew { hold: true } } else { Step::Wait }
+            if v.allowed.is_some() {
+                let current = v.allowed == v.target;
+                if current && granted { Step::Wait } else { Step::Revoke }
             } else if !granted {
                 if v.put_off { Step::Wait } else { Step::Acquire }
             } else if v.draining {
-                if v.lease.is_some() { Step::Renew { hold: false } } else { Step::Wait }
+                if v.lease.is_some() { Step::Renew } else { Step::Wait }
             } else if v.drained {
                 Step::Allow
             } else if v.put_off {
@@ -86,15 +95,10 @@ pub fn decide(v: &View) -> Step {
                 Step::Drain
             }
         }
-        Some(RebootRequest::Holding) => {
-            if v.lease.is_some() && !v.rebooting {
-                Step::Renew { hold: true }
-            } else {
-                Step::Wait
-            }
-        }
+        Some(RebootRequest::Holding) | None if v.allowed.is_some() => Step::Revoke,
+        Some(RebootRequest::Holding) => Step::Wait,
         None => {
-            let ours = v.lease.is_some() || v.cordoned_by_us || v.allowed.is_some() || v.marked;
+            let ours = v.lease.is_some() || v.cordoned_by_us || v.marked;
             if ours && v.ready { Step::Finish } else { Step::Wait }
         }
     }
@@ -138,29 +142,32 @@ mod tests {
         for v in all_views() {
             let s = decide(&v);
             let granted = v.lease.is_some() || v.without_lock;
-            // A reboot is allowed only for a node that asks, holds a slot (or may skip it) and
-            // whose drain finished.
+            let wanted = v.request == Some(RebootRequest::Wanted);
+            // A reboot is allowed only for a node that asks, holds a slot (or may skip it),
+            // whose drain finished, and that has no permit yet.
             if s == Step::Allow {
-                assert!(v.request == Some(RebootRequest::Wanted) && granted && v.drained, "{v:?}");
+                assert!(wanted && granted && v.drained && v.allowed.is_none(), "{v:?}");
             }
             // A node is drained only when it asks and holds a slot (or may skip it).
             if s == Step::Drain {
-                assert!(v.request == Some(RebootRequest::Wanted) && granted && !v.put_off, "{v:?}");
+                assert!(wanted && granted && !v.put_off && v.allowed.is_none(), "{v:?}");
             }
             // Nothing is taken back from a node that still needs it, nor while it is not Ready.
             if s == Step::Finish {
-                assert!(v.request.is_none() && v.ready, "{v:?}");
+                assert!(v.request.is_none() && v.ready && v.allowed.is_none(), "{v:?}");
             }
             // A slot is taken only for a node that asks, has none, and needs one.
             if s == Step::Acquire {
-                assert!(v.request == Some(RebootRequest::Wanted) && !granted && !v.put_off, "{v:?}");
+                assert!(wanted && !granted && !v.put_off && v.allowed.is_none(), "{v:?}");
             }
-            // Renewing needs a slot; a node that is down is not renewed (its hold covers it).
-            if let Step::Renew { .. } = s {
-                assert!(
-                    v.lease.is_some() && !(v.request == Some(RebootRequest::Holding) && v.rebooting),
-                    "{v:?}"
-                );
+            // Only a drain keeps a slot alive: a reboot's hold is written once, by Allow.
+            if s == Step::Renew {
+                assert!(wanted && v.lease.is_some() && v.draining, "{v:?}");
+            }
+            // A permit stands only while its node asks for that version and holds its slot.
+            let permit_stands = wanted && v.allowed.is_some() && v.allowed == v.target && granted;
+            if v.allowed.is_some() && !permit_stands {
+                assert_eq!(s, Step::Revoke, "{v:?}");
             }
         }
     }
@@ -178,19 +185,21 @@ mod tests {
         v.lease = Some("acl-reboot-0".into());
         assert_eq!(decide(&v), Step::Drain);
         v.draining = true;
-        assert_eq!(decide(&v), Step::Renew { hold: false });
+        assert_eq!(decide(&v), Step::Renew);
         v.draining = false;
         v.drained = true;
         assert_eq!(decide(&v), Step::Allow);
         v.allowed = Some("2.0.0".into());
         v.drained = false;
-        assert_eq!(decide(&v), Step::Renew { hold: true });
+        assert_eq!(decide(&v), Step::Wait, "about to reboot: the hold covers it, nobody renews");
         v.request = Some(RebootRequest::Holding);
         v.rebooting = true;
         v.ready = false;
-        assert_eq!(decide(&v), Step::Wait, "down: nobody renews, the hold covers the reboot");
+        assert_eq!(decide(&v), Step::Revoke, "the permit is spent");
+        v.allowed = None;
+        assert_eq!(decide(&v), Step::Wait);
         v.rebooting = false;
-        assert_eq!(decide(&v), Step::Renew { hold: true }, "verifying");
+        assert_eq!(decide(&v), Step::Wait, "verifying: still the hold");
         v.request = None;
         assert_eq!(decide(&v), Step::Wait, "not Ready yet");
         v.ready = true;
@@ -198,16 +207,18 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_allow_for_another_version_is_not_a_reboot_permit() {
+    fn a_permit_never_outlives_its_slot_or_its_request() {
         let v = View {
             request: Some(RebootRequest::Wanted),
-            target: Some("3.0.0".into()),
+            target: Some("2.0.0".into()),
             allowed: Some("2.0.0".into()),
             ..View::default()
         };
-        assert_eq!(decide(&v), Step::Acquire, "drained again for the new version");
-        let v = View { lease: Some("acl-reboot-0".into()), ..v };
-        assert_eq!(decide(&v), Step::Drain);
+        assert_eq!(decide(&v), Step::Revoke, "the hold ran out before the node rebooted");
+        let v = View { target: Some("3.0.0".into()), lease: Some("acl-reboot-0".into()), ..v };
+        assert_eq!(decide(&v), Step::Revoke, "a permit for another version");
+        let v = View { request: None, ready: false, ..v };
+        assert_eq!(decide(&v), Step::Revoke, "withdrawn: taken back even while the node is not Ready");
     }
 
     #[test]
@@ -220,7 +231,8 @@ mod tests {
         };
         assert_eq!(decide(&v), Step::Drain);
         assert_eq!(decide(&View { drained: true, ..v.clone() }), Step::Allow);
-        assert_eq!(decide(&View { draining: true, ..v }), Step::Wait);
+        assert_eq!(decide(&View { draining: true, ..v.clone() }), Step::Wait);
+        assert_eq!(decide(&View { allowed: Some("2.0.0".into()), ..v }), Step::Wait);
     }
 
     #[test]
