@@ -131,6 +131,9 @@ struct Controller {
     request_result: Option<String>,
     /// A one-shot request's removal failed: retried on the tick.
     retry_requests: bool,
+    /// A status write failed in a way that may pass (5xx, 429, the connection): retried on
+    /// the tick, or the Node would show a stale state until something else changed.
+    retry_status: bool,
 }
 
 /// Runs Kubernetes mode until the daemon stops.
@@ -153,6 +156,7 @@ pub async fn run(
         last_error: None,
         request_result: None,
         retry_requests: false,
+        retry_status: false,
         opts,
     };
     // The daemon publishes its first state as its loop starts.
@@ -360,7 +364,7 @@ impl Controller {
 
     /// Whether timed work is due at all.
     fn busy(&self) -> bool {
-        self.retry_requests || matches!(self.snap.state.phase, Phase::Installing { .. })
+        self.retry_requests || self.retry_status || matches!(self.snap.state.phase, Phase::Installing { .. })
     }
 
     async fn tick(&mut self) {
@@ -459,11 +463,18 @@ impl Controller {
                 serde_json::json!({"metadata": {"labels": {ann::VERSION_LABEL: label}}}),
             ));
         }
+        self.retry_status = false;
         for (what, body) in bodies {
             match self.nodes.patch(&self.opts.node, &PatchParams::default(), &Patch::Merge(&body)).await {
                 // Keep our copy current so the next diff is against what we wrote.
                 Ok(n) => self.node = Some(n),
-                Err(e) => tracing::warn!("writing the {what} of node {}: {e}", self.opts.node),
+                Err(e) => {
+                    // A refusal (4xx, e.g. a label value the server will never take) is not
+                    // retried; what may pass is.
+                    let refused = matches!(&e, cluster::kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 429);
+                    self.retry_status |= !refused;
+                    tracing::warn!("writing the {what} of node {}: {e}", self.opts.node);
+                }
             }
         }
     }

@@ -702,11 +702,16 @@ async fn operator_actions_through_annotations() {
     assert!(label("node-a").is_null());
     server.clear_faults();
 
-    // Pause everything: an update asked for meanwhile is refused, and says so.
+    // Pause everything: an update asked for meanwhile is refused, and says so. The first
+    // writes of the paused state fail (500, not applied): the agents write them again by
+    // themselves, with nothing else changing on the Node.
+    let before = server.failed_requests();
+    server.fail_requests("PATCH Node", "\"v1.acl-update.dev/state\":\"paused\"", 4);
     for n in names {
         annotate(&server, n, &[("paused", "true")]);
     }
     until("both are paused", 30, || names.iter().all(|n| state(n).as_deref() == Some("paused"))).await;
+    assert_eq!(server.failed_requests() - before, 4, "the status writes failed first");
     annotate(&server, "node-a", &[("update", "latest")]);
     until("the request is answered", 30, || annotation(&server, "node-a", "request-result").is_some()).await;
     let result = annotation(&server, "node-a", "request-result").unwrap();
