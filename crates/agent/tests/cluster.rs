@@ -795,3 +795,56 @@ async fn operator_actions_through_annotations() {
     }
     c.abort();
 }
+
+/// The API server hiccups the way real ones do: watches cut by an `ERROR` event carrying a 500
+/// Status, writes answered 503, 429 (priority and fairness) and 504, evictions and Lease
+/// updates failing now and then. The agents and the coordinator ride it out: the update
+/// completes, and nothing is left cordoned or held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_on_writes_and_mid_watch_are_ridden_out() {
+    let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new(&sgdisk, false, &["2.0.0"]);
+    let opts = Options { max_watch: Duration::from_secs(2), ..Options::default() };
+    let server = api_server(opts).await;
+    let c = coordinator(&server, "coordinator-a", |_| {});
+    let names = ["node-a", "node-b"];
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut lives = Vec::new();
+    for n in names {
+        server.create(Kind::Node, node_object(n)).unwrap();
+        server.create(Kind::Pod, pod(&format!("web-{n}"), n, "web")).unwrap();
+        let node = SimNode::new(&f, &sgdisk, n, "");
+        lives.push(tokio::spawn(node.live(server.clone(), Arc::clone(&stop))));
+    }
+    until("both agents report", 60, || {
+        names.iter().all(|n| annotation(&server, n, "state").as_deref() == Some("idle"))
+    })
+    .await;
+    let before = server.failed_requests();
+    server.fail_watches(Kind::Node, 6, 500);
+    server.fail_requests_with("PATCH Node", "", 3, 503);
+    server.fail_requests_with("PATCH Node", "", 3, 429);
+    server.fail_requests_with("POST Pod/eviction", "", 2, 504);
+    server.fail_requests_with("PUT Lease", "", 2, 503);
+    for n in names {
+        annotate(&server, n, &[("update", "latest")]);
+    }
+    until("both nodes are updated", 120, || names.iter().all(|n| done(&server, n))).await;
+    let hits = server.failed_requests() - before;
+    stop.store(true, Ordering::SeqCst);
+    for l in lives {
+        l.await.unwrap();
+    }
+    c.abort();
+    assert_eq!(hits, 16, "every injected failure was met");
+    for n in names {
+        let node = server.get(Kind::Node, "", n).unwrap();
+        assert!(node["spec"]["unschedulable"].is_null(), "{n} left cordoned");
+        for k in ["cordoned", "reboot-allowed", "reboot-request", "lock", "drain", "update"] {
+            assert!(node["metadata"]["annotations"][key(k)].is_null(), "{n}: {k} left behind");
+        }
+    }
+    assert!(
+        server.get(Kind::Lease, "acl-update", "acl-reboot-0").unwrap()["spec"]["holderIdentity"].is_null()
+    );
+}

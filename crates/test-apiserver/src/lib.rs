@@ -18,7 +18,7 @@
 //! | validation | label values (`422 Invalid`); Events with an `eventTime` about a cluster-scoped object only in `default` or `kube-system`, message at most 1024 bytes, reporting fields required; a Lease PUT without `metadata.resourceVersion` (`422`, as Leases allow no unconditional update); nothing else about object schemas |
 //! | identities | bearer tokens from [`ApiServer::token_for`]: a node's own identity (`system:node:<name>`) judged by the Node authorizer's and NodeRestriction's rules, a ServiceAccount by the RBAC rules granted to it ([`ApiServer::apply_rbac`] reads the repository's manifests); `401` without a known token, `403 Forbidden` with the real wording; off until the first token is issued (module `authz`) |
 //! | no-op writes | an update or patch that changes nothing bumps no resourceVersion and sends no watch event, as the real storage layer does |
-//! | faults | tests may have chosen requests (verb and body text) answered `500 InternalError` without being applied ([`ApiServer::fail_requests`]): a write the client sent and the server never made |
+//! | faults | tests may have chosen requests (verb and body text) answered `500 InternalError`, `429`, `503` or `504` without being applied ([`ApiServer::fail_requests`], [`ApiServer::fail_requests_with`]): a write the client sent and the server never made; and watches cut by an `ERROR` event carrying such a Status ([`ApiServer::fail_watches`]) |
 //!
 //! Tests change the cluster directly (`create`, `modify`, `delete`, `compact`) as controllers
 //! and kubelets would, and follow every change in order with [`ApiServer::subscribe`].
@@ -156,6 +156,20 @@ struct Fault {
     body_contains: String,
     left: usize,
     hits: usize,
+    /// The HTTP status answered (500, 429, 503, 504).
+    code: u16,
+    /// A watch that starts, sends what it has, then an `ERROR` event with `code`, and ends.
+    mid_watch: bool,
+}
+
+fn fault_error(code: u16) -> ApiError {
+    let (status, reason) = match code {
+        429 => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
+        503 => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+        504 => (StatusCode::GATEWAY_TIMEOUT, "Timeout"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+    };
+    err(status, reason, "injected by the test")
 }
 
 /// The running double.
@@ -392,11 +406,32 @@ impl ApiServer {
     /// `"PATCH Node"`) whose body contains `body_contains` with `500 InternalError`, without
     /// applying them: a write the client sent and the server never made.
     pub fn fail_requests(&self, verb: &str, body_contains: &str, times: usize) {
+        self.fail_requests_with(verb, body_contains, times, 500);
+    }
+
+    /// [`ApiServer::fail_requests`] with another status: `429` (priority and fairness
+    /// throttling), `503`, `504`, or `500`.
+    pub fn fail_requests_with(&self, verb: &str, body_contains: &str, times: usize, code: u16) {
         self.store().faults.push(Fault {
             verb: verb.to_owned(),
             body_contains: body_contains.to_owned(),
             left: times,
             hits: 0,
+            code,
+            mid_watch: false,
+        });
+    }
+
+    /// The next `times` watches of `kind` start normally, then get an `ERROR` event carrying a
+    /// Status with `code` (as a real server sends for an internal error mid-stream) and end.
+    pub fn fail_watches(&self, kind: Kind, times: usize, code: u16) {
+        self.store().faults.push(Fault {
+            verb: format!("WATCH {}", kind.name()),
+            body_contains: String::new(),
+            left: times,
+            hits: 0,
+            code,
+            mid_watch: true,
         });
     }
 
@@ -639,12 +674,14 @@ impl ApiServer {
         {
             let mut st = self.store();
             let text = String::from_utf8_lossy(&body);
-            if let Some(f) =
-                st.faults.iter_mut().find(|f| f.left > 0 && f.verb == verb && text.contains(&f.body_contains))
+            if let Some(f) = st
+                .faults
+                .iter_mut()
+                .find(|f| f.left > 0 && !f.mid_watch && f.verb == verb && text.contains(&f.body_contains))
             {
                 f.left -= 1;
                 f.hits += 1;
-                return Err(err(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "injected by the test"));
+                return Err(fault_error(f.code));
             }
         }
         let parse = || -> Result<Value, ApiError> {
@@ -863,7 +900,7 @@ impl ApiServer {
             q.get("resourceVersion").filter(|v| !v.is_empty() && *v != "0").and_then(|v| v.parse().ok());
         let mut cursor = {
             let mut st = self.store();
-            match from {
+            let cursor = match from {
                 Some(rv) if rv < st.compacted => {
                     *st.requests.entry(format!("410 {}", kind.name())).or_default() += 1;
                     let e = err(
@@ -884,6 +921,17 @@ impl ApiServer {
                     }
                     st.rv
                 }
+            };
+            let verb = format!("WATCH {}", kind.name());
+            if cursor != u64::MAX
+                && let Some(f) = st.faults.iter_mut().find(|f| f.left > 0 && f.mid_watch && f.verb == verb)
+            {
+                f.left -= 1;
+                f.hits += 1;
+                let _ = tx.try_send(json!({"type": "ERROR", "object": status_body(&fault_error(f.code))}));
+                u64::MAX
+            } else {
+                cursor
             }
         };
         let me = self.clone();
