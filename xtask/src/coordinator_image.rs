@@ -46,10 +46,8 @@ pub(crate) fn cli(sh: &Shell, args: &[&str]) -> Result<()> {
 
 /// Builds the binary with `profile` and the image layout into `out`; the manifest's digest.
 pub(crate) fn build(sh: &Shell, profile: Profile, out: &Path) -> Result<String> {
-    match profile {
-        Profile::Release => cmd!(sh, "cargo build --quiet --release --locked -p coordinator").run()?,
-        Profile::Dev => crate::image::build_binaries(sh, Profile::Dev)?,
-    }
+    let p = profile.name();
+    cmd!(sh, "cargo build --quiet --profile {p} --locked -p coordinator").run()?;
     let bin = profile.bin(&sh.current_dir(), "acl-coordinator");
     let rootfs = out.with_extension("rootfs");
     let _ = std::fs::remove_dir_all(&rootfs);

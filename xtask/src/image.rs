@@ -218,15 +218,8 @@ fn stem(p: &Path) -> String {
 
 /// Builds what images and the first stage contain, with `profile`.
 pub(crate) fn build_binaries(sh: &Shell, profile: Profile) -> Result<()> {
-    match profile {
-        Profile::Release => {
-            cmd!(sh, "cargo build --quiet --release --locked -p agent -p aclctl -p boot -p publish").run()?;
-        }
-        // Exactly what `cargo nextest run --workspace` builds (the same features, dev-dependencies
-        // included), so that after the tests this compiles nothing. Building a few packages
-        // alone unifies features differently and recompiles kube and more (130 s in CI).
-        Profile::Dev => cmd!(sh, "cargo build --quiet --workspace --all-targets --locked").run()?,
-    }
+    let p = profile.name();
+    cmd!(sh, "cargo build --quiet --profile {p} --locked -p agent -p aclctl -p boot -p publish").run()?;
     Ok(())
 }
 
