@@ -1,8 +1,11 @@
 //! Cordon, drain through the Eviction API, uncordon.
 //!
 //! As `kubectl drain` does: pods are evicted (never deleted), so PodDisruptionBudgets are
-//! honoured: the API server answers `429` while evicting a pod would break its budget, and we
-//! ask again until the drain's deadline. DaemonSet pods (their controller would put them back
+//! honoured: the API server answers `429` while evicting a pod would break its budget (or while
+//! the disruption controller has not yet processed the budget's latest spec, then with
+//! `Retry-After`), and we ask again, no sooner than the server asked, until the drain's
+//! deadline. An evicted pod is waited for until it is gone: through its grace period, and for
+//! ever if a finalizer never clears (the drain then times out naming it). DaemonSet pods (their controller would put them back
 //! at once, and they tolerate the cordon) and mirror pods (static pods the kubelet owns) are
 //! left alone, as are pods that have finished.
 //!
@@ -32,6 +35,17 @@ pub fn skip_reason(pod: &Pod) -> Option<&'static str> {
     match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
         Some("Succeeded" | "Failed") => Some("finished"),
         _ => None,
+    }
+}
+
+/// Why a pod being deleted is still there.
+fn terminating(p: &Pod) -> String {
+    match p.metadata.finalizers.as_deref() {
+        Some(f) if !f.is_empty() => format!("terminating, held by finalizer {}", f.join(", ")),
+        _ => match p.metadata.deletion_grace_period_seconds {
+            Some(g) if g > 0 => format!("terminating (grace period {g}s)"),
+            _ => "terminating".into(),
+        },
     }
 }
 
@@ -142,10 +156,12 @@ impl Drainer {
                 return Ok(Outcome::Done { evicted });
             }
             let mut blocking = Vec::new();
+            // The longest any refusal asked us to wait (`Retry-After`).
+            let mut retry_after = Duration::ZERO;
             for p in &pods {
                 let name = pod_name(p);
                 if p.metadata.deletion_timestamp.is_some() {
-                    blocking.push(format!("{name}: terminating"));
+                    blocking.push(format!("{name}: {}", terminating(p)));
                     continue;
                 }
                 let ns = p.metadata.namespace.as_deref().unwrap_or("default");
@@ -160,7 +176,15 @@ impl Drainer {
                     Ok(_) => evicted += 1,
                     Err(kube::Error::Api(s)) if s.is_not_found() => {}
                     Err(kube::Error::Api(s)) if s.code == 429 => {
-                        blocking.push(format!("{name}: {}", s.message));
+                        let details = s.details.as_ref();
+                        let cause = details.and_then(|d| d.causes.first()).map(|c| c.message.as_str());
+                        retry_after = retry_after.max(Duration::from_secs(
+                            details.map_or(0, |d| u64::from(d.retry_after_seconds)),
+                        ));
+                        blocking.push(match cause {
+                            Some(c) => format!("{name}: {} ({c})", s.message.trim_end_matches('.')),
+                            None => format!("{name}: {}", s.message),
+                        });
                     }
                     Err(e) => blocking.push(format!("{name}: {e}")),
                 }
@@ -177,7 +201,8 @@ impl Drainer {
                 return Ok(Outcome::TimedOut { blocking });
             }
             if !blocking.is_empty() {
-                tokio::time::sleep(self.poll.min(deadline.saturating_duration_since(Instant::now()))).await;
+                let wait = self.poll.max(retry_after);
+                tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
             }
         }
     }

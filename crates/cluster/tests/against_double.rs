@@ -250,3 +250,92 @@ async fn a_kubeconfig_file_gives_the_server_and_the_token() {
     assert!(e.contains("nope"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn budget(name: &str, app: &str, min: i64) -> Value {
+    json!({"metadata": {"name": name, "namespace": "prod"},
+           "spec": {"minAvailable": min, "selector": {"matchLabels": {"app": app}}}})
+}
+
+/// A budget the disruption controller has not processed yet: the real server answers 429 with
+/// `Retry-After: 10`. The drain waits those 10 s instead of asking every round, then evicts.
+#[tokio::test]
+async fn a_budget_being_processed_is_asked_again_after_retry_after() {
+    let opts = Options { pdb_sync_delay: Duration::from_secs(2), ..Options::default() };
+    let s = ApiServer::start(opts).await.unwrap();
+    let c = cluster::plain_client(&s.url()).unwrap();
+    s.create(Kind::Node, node("n1")).unwrap();
+    s.create(Kind::Pod, pod("db-1", "n1", "db")).unwrap();
+    s.create(Kind::Pod, pod("db-2", "n2", "db")).unwrap();
+    s.create(Kind::Pdb, budget("db", "db", 1)).unwrap();
+    let mut d = Drainer::new(c, "n1");
+    d.poll = Duration::from_millis(100);
+    let said = std::sync::Mutex::new(Vec::new());
+    let started = std::time::Instant::now();
+    let out = d.drain(Duration::from_secs(30), &|m| said.lock().unwrap().push(m)).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(out, Outcome::Done { evicted: 1 });
+    let tries = s.requests().get("POST Pod/eviction").copied().unwrap_or(0);
+    // The first try came before the controller (2 s): refused with Retry-After 10; the next
+    // one, 10 s later, passed. Polling every 100 ms would have made about 20 tries.
+    assert_eq!(tries, 2, "eviction requests");
+    assert!(took >= Duration::from_secs(10), "asked again after {took:?}");
+    let said = said.lock().unwrap();
+    assert!(said.iter().any(|m| m.contains("is still being processed by the server")), "{said:?}");
+}
+
+/// The budget as the disruption controller keeps it: each eviction takes one from
+/// `status.disruptionsAllowed` at once (and names the pod in `disruptedPods`), so two evictions
+/// in quick succession cannot both pass on a budget that allows one.
+#[tokio::test]
+async fn evictions_are_counted_against_the_budget_status() {
+    let opts = Options { eviction_grace: Duration::from_secs(1), ..Options::default() };
+    let s = ApiServer::start(opts).await.unwrap();
+    let c = cluster::plain_client(&s.url()).unwrap();
+    s.create(Kind::Node, node("n1")).unwrap();
+    for p in ["web-1", "web-2"] {
+        s.create(Kind::Pod, pod(p, "n1", "web")).unwrap();
+    }
+    s.create(Kind::Pod, pod("web-3", "n2", "web")).unwrap();
+    s.create(Kind::Pdb, budget("web", "web", 2)).unwrap();
+    let st = s.get(Kind::Pdb, "prod", "web").unwrap()["status"].clone();
+    assert_eq!(
+        (st["disruptionsAllowed"].as_i64(), st["currentHealthy"].as_i64()),
+        (Some(1), Some(3)),
+        "{st}"
+    );
+    let mut d = Drainer::new(c, "n1");
+    d.poll = Duration::from_millis(100);
+    let out = d.drain(Duration::from_millis(600), &|_| {}).await.unwrap();
+    let Outcome::TimedOut { blocking } = out else { panic!("{out:?}") };
+    // One pod was evicted (terminating, its grace period running), the other refused.
+    assert_eq!(blocking.len(), 2, "{blocking:?}");
+    assert!(blocking.iter().any(|b| b.contains("terminating (grace period 1s)")), "{blocking:?}");
+    assert!(blocking.iter().any(|b| b.contains("needs 2 healthy pods and has 2 currently")), "{blocking:?}");
+    // A replica comes up elsewhere: the drain finishes.
+    s.create(Kind::Pod, pod("web-4", "n2", "web")).unwrap();
+    assert_eq!(d.drain(Duration::from_secs(10), &|_| {}).await.unwrap(), Outcome::Done { evicted: 1 });
+}
+
+/// A pod whose finalizer never clears is never gone: the drain waits for it until its
+/// deadline and names the finalizer; once the finalizer is removed, the pod goes.
+#[tokio::test]
+async fn a_finalizer_that_never_clears_times_the_drain_out() {
+    let (s, c) = server().await;
+    s.create(Kind::Node, node("n1")).unwrap();
+    let mut held = pod("stuck", "n1", "batch");
+    held["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    s.create(Kind::Pod, held).unwrap();
+    let mut d = Drainer::new(c.clone(), "n1");
+    d.poll = Duration::from_millis(100);
+    let out = d.drain(Duration::from_millis(800), &|_| {}).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::TimedOut {
+            blocking: vec!["prod/stuck: terminating, held by finalizer example.com/hold".into()]
+        }
+    );
+    assert_eq!(s.requests().get("POST Pod/eviction").copied(), Some(1), "evicted once, then waited for");
+    s.modify(Kind::Pod, "prod", "stuck", |p| p["metadata"]["finalizers"] = json!([]));
+    assert!(s.get(Kind::Pod, "prod", "stuck").is_none(), "gone once its finalizer cleared");
+    assert_eq!(d.drain(Duration::from_secs(1), &|_| {}).await.unwrap(), Outcome::Done { evicted: 0 });
+}

@@ -13,12 +13,27 @@
 //! | optimistic concurrency | one cluster-wide `resourceVersion` counter (like etcd's revision); an update or patch that names a `metadata.resourceVersion` other than the stored one gets `409 Conflict` |
 //! | list | `resourceVersion` of the list; `fieldSelector` `metadata.name=` and `spec.nodeName=` (others are refused with 400, never ignored); no paging (all items, no `continue`) |
 //! | watch | from a `resourceVersion`: every change after it, in order, as newline-delimited JSON; `BOOKMARK` events when `allowWatchBookmarks=true`; ends after `timeoutSeconds` or the server's own limit (clients must reconnect); a version older than the kept history gets an `ERROR` event with a `410 Expired` Status, as the real server does after etcd compaction |
-//! | eviction | `POST pods/{name}/eviction`: `429 TooManyRequests` while a PodDisruptionBudget (`minAvailable` or `maxUnavailable`, integer, `matchLabels`) would be violated; when several budgets match, `201 Created` carrying a `Failure` Status with code 500 (as the real server answers: the refusal is the created object, not an error); else the pod is deleted (after an optional grace delay, with `deletionTimestamp` set meanwhile) |
+//! | eviction | `POST pods/{name}/eviction`, as pkg/registry/core/pod/storage/eviction.go: a pod being deleted or not running is deleted without asking its budget; under two PodDisruptionBudgets, `201 Created` carrying a `Failure` Status with code 500 (the refusal is the created object, not an error); under one, judged by the budget's **status**: `429` with `Retry-After: 10` while `status.observedGeneration` is behind `metadata.generation`, `429` naming desired and current healthy pods while `disruptionsAllowed` is 0, else one disruption is taken at once and the pod named in `disruptedPods`. The pod is then deleted gracefully |
+//! | disruption controller | budgets' status (`observedGeneration`, `disruptionsAllowed`, `currentHealthy`, `desiredHealthy`, `expectedPods`, `disruptedPods`) recomputed after every change of a pod or budget, at once or after [`Options::pdb_sync_delay`]; healthy means phase `Running`, not being deleted and not in `disruptedPods` (the real controller reads the Ready condition); `minAvailable` / `maxUnavailable` as integers only, `matchLabels` only |
+//! | deletion | a pod with a grace period (its `spec.terminationGracePeriodSeconds`, else [`Options::eviction_grace`]) or finalizers gets `deletionTimestamp` and stays until the grace period is over and its last finalizer is removed (never, if nobody removes it) |
 //! | status | errors are `v1.Status` objects with `reason` and `code` as the real server sends them |
 //! | validation | label values (`422 Invalid`); Events with an `eventTime` about a cluster-scoped object only in `default` or `kube-system`, message at most 1024 bytes, reporting fields required; a Lease PUT without `metadata.resourceVersion` (`422`, as Leases allow no unconditional update); nothing else about object schemas |
 //! | identities | bearer tokens from [`ApiServer::token_for`]: a node's own identity (`system:node:<name>`) judged by the Node authorizer's and NodeRestriction's rules, a ServiceAccount by the RBAC rules granted to it ([`ApiServer::apply_rbac`] reads the repository's manifests); `401` without a known token, `403 Forbidden` with the real wording; off until the first token is issued (module `authz`) |
 //! | no-op writes | an update or patch that changes nothing bumps no resourceVersion and sends no watch event, as the real storage layer does |
-//! | faults | tests may have chosen requests (verb and body text) answered `500 InternalError`, `429`, `503` or `504` without being applied ([`ApiServer::fail_requests`], [`ApiServer::fail_requests_with`]): a write the client sent and the server never made; and watches cut by an `ERROR` event carrying such a Status ([`ApiServer::fail_watches`]) |
+//! | faults | tests may have chosen requests (verb and body text) answered `500 InternalError`, `429`, `503` or `504` without being applied ([`ApiServer::fail_requests`], [`ApiServer::fail_requests_with`]): a write the client sent and the server never made; connections closed without an answer, before or after the write was made ([`ApiServer::reset_requests`]); and watches cut by an `ERROR` event carrying such a Status ([`ApiServer::fail_watches`]) or by a lost connection mid-stream ([`ApiServer::reset_watches`]) |
+//!
+//! Where it differs from kube-apiserver (what a client of ours could notice):
+//! - RBAC rules are matched by resource and verb; `apiGroups` and `resourceNames` are not
+//!   checked, and [`rbac_from_manifest`] reads flow-style YAML lists only.
+//! - One merge-patch content type; no strategic merge, JSON patch or server-side apply; no
+//!   `managedFields`; a `PUT` may change `status` (the real server keeps it for the status
+//!   subresource).
+//! - No paging, no label selectors, two field selectors; `resourceVersionMatch` is ignored.
+//! - No priority and fairness: 429s come only from injected faults and budgets.
+//! - Budgets: integers only (no percentages), `matchLabels` only, no
+//!   `unhealthyPodEvictionPolicy`; pods count as healthy by phase, not by the Ready condition.
+//! - Deletions: no `DeleteOptions` (preconditions, propagation, a grace period given by the
+//!   client), no garbage collector; `delete` from a test removes at once.
 //!
 //! Tests change the cluster directly (`create`, `modify`, `delete`, `compact`) as controllers
 //! and kubelets would, and follow every change in order with [`ApiServer::subscribe`].
@@ -34,7 +49,6 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -113,8 +127,12 @@ pub struct Options {
     pub max_watch: Duration,
     /// How often a watch sends a bookmark when asked to.
     pub bookmark_every: Duration,
-    /// How long an evicted pod stays (with `deletionTimestamp`) before it is gone.
+    /// How long an evicted pod stays (with `deletionTimestamp`) before it is gone, unless
+    /// the pod names its own `spec.terminationGracePeriodSeconds`.
     pub eviction_grace: Duration,
+    /// How long the disruption controller takes to bring budgets' status up to date after a
+    /// change of pods or budgets (zero: at once).
+    pub pdb_sync_delay: Duration,
 }
 
 impl Default for Options {
@@ -124,6 +142,7 @@ impl Default for Options {
             max_watch: Duration::from_secs(30),
             bookmark_every: Duration::from_secs(1),
             eviction_grace: Duration::ZERO,
+            pdb_sync_delay: Duration::ZERO,
         }
     }
 }
@@ -143,6 +162,8 @@ struct Store {
     requests_by: BTreeMap<String, BTreeMap<String, u64>>,
     credentials: std::collections::BTreeSet<String>,
     faults: Vec<Fault>,
+    /// The disruption controller is writing (its writes do not wake it again).
+    syncing: bool,
     /// Bearer tokens and whose they are; none: no authorization at all.
     tokens: BTreeMap<String, Identity>,
     /// RBAC grants per ServiceAccount (namespace, name).
@@ -156,11 +177,36 @@ struct Fault {
     body_contains: String,
     left: usize,
     hits: usize,
-    /// The HTTP status answered (500, 429, 503, 504).
-    code: u16,
-    /// A watch that starts, sends what it has, then an `ERROR` event with `code`, and ends.
+    what: Failure,
+    /// A watch that starts, sends what it has, then fails as `what` says.
     mid_watch: bool,
 }
+
+/// How a faulty request fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Answered with this HTTP status (500, 429, 503, 504), not applied; a watch gets an
+    /// `ERROR` event carrying it.
+    Status(u16),
+    /// The connection is closed without an answer (a reset, a proxy or load balancer dying).
+    /// `applied`: the server made the write first, so the client never learns that it did.
+    Reset {
+        /// Whether the request was carried out before the connection went.
+        applied: bool,
+    },
+}
+
+/// What the service answers: a response, or a connection closed without one.
+#[derive(Debug)]
+struct ConnectionReset;
+
+impl std::fmt::Display for ConnectionReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection reset by the test double")
+    }
+}
+
+impl std::error::Error for ConnectionReset {}
 
 fn fault_error(code: u16) -> ApiError {
     let (status, reason) = match code {
@@ -193,10 +239,14 @@ pub struct ApiError {
     code: StatusCode,
     reason: &'static str,
     message: String,
+    /// `details.causes` as `(type, message)`.
+    causes: Vec<(&'static str, String)>,
+    /// `Retry-After` (header and `details.retryAfterSeconds`).
+    retry_after: Option<u64>,
 }
 
 fn err(code: StatusCode, reason: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError { code, reason, message: message.into() }
+    ApiError { code, reason, message: message.into(), causes: Vec::new(), retry_after: None }
 }
 
 fn not_found(kind: Kind, name: &str) -> ApiError {
@@ -204,16 +254,32 @@ fn not_found(kind: Kind, name: &str) -> ApiError {
 }
 
 fn status_body(e: &ApiError) -> Value {
-    json!({
+    let mut v = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": e.message, "reason": e.reason, "code": e.code.as_u16(),
-    })
+    });
+    if !e.causes.is_empty() {
+        v["details"]["causes"] =
+            e.causes.iter().map(|(t, m)| json!({"reason": t, "message": m})).collect::<Vec<_>>().into();
+    }
+    if let Some(s) = e.retry_after {
+        v["details"]["retryAfterSeconds"] = json!(s);
+    }
+    v
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+fn error_response(e: &ApiError) -> Response<Body> {
+    let mut r = full(e.code, &status_body(e));
+    if let Some(s) = e.retry_after {
+        r.headers_mut().insert("retry-after", s.into());
+    }
+    r
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
 
 fn full(code: StatusCode, v: &Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).map_err(|e| match e {}).boxed());
     *r.status_mut() = code;
     r.headers_mut().insert("content-type", "application/json".parse().expect("static header"));
     r
@@ -237,6 +303,10 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
+}
+
+fn now_text() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 fn name_of(v: &Value) -> String {
@@ -359,7 +429,7 @@ impl ApiServer {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let s = s.clone();
-                        async move { Ok::<_, Infallible>(s.handle(req).await) }
+                        async move { s.handle(req).await }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
@@ -412,26 +482,37 @@ impl ApiServer {
     /// [`ApiServer::fail_requests`] with another status: `429` (priority and fairness
     /// throttling), `503`, `504`, or `500`.
     pub fn fail_requests_with(&self, verb: &str, body_contains: &str, times: usize, code: u16) {
-        self.store().faults.push(Fault {
-            verb: verb.to_owned(),
-            body_contains: body_contains.to_owned(),
-            left: times,
-            hits: 0,
-            code,
-            mid_watch: false,
-        });
+        self.add_fault(verb, body_contains, times, Failure::Status(code), false);
+    }
+
+    /// Closes the connection of the next `times` requests of `verb` whose body contains
+    /// `body_contains` without answering. With `applied`, the server carries the request out
+    /// first: a write that was made, whose client never heard so (it must find out by reading,
+    /// and must not do twice what it meant to do once).
+    pub fn reset_requests(&self, verb: &str, body_contains: &str, times: usize, applied: bool) {
+        self.add_fault(verb, body_contains, times, Failure::Reset { applied }, false);
     }
 
     /// The next `times` watches of `kind` start normally, then get an `ERROR` event carrying a
     /// Status with `code` (as a real server sends for an internal error mid-stream) and end.
     pub fn fail_watches(&self, kind: Kind, times: usize, code: u16) {
+        self.add_fault(&format!("WATCH {}", kind.name()), "", times, Failure::Status(code), true);
+    }
+
+    /// The next `times` watches of `kind` start normally, send what they have, then lose their
+    /// connection in the middle of the stream (no final chunk).
+    pub fn reset_watches(&self, kind: Kind, times: usize) {
+        self.add_fault(&format!("WATCH {}", kind.name()), "", times, Failure::Reset { applied: true }, true);
+    }
+
+    fn add_fault(&self, verb: &str, body_contains: &str, times: usize, what: Failure, mid_watch: bool) {
         self.store().faults.push(Fault {
-            verb: format!("WATCH {}", kind.name()),
-            body_contains: String::new(),
+            verb: verb.to_owned(),
+            body_contains: body_contains.to_owned(),
             left: times,
             hits: 0,
-            code,
-            mid_watch: true,
+            what,
+            mid_watch,
         });
     }
 
@@ -547,8 +628,29 @@ impl ApiServer {
         Ok(self.commit(st, key, object, "ADDED"))
     }
 
-    fn commit(&self, st: &mut Store, key: Key, mut object: Value, what: &'static str) -> Value {
+    fn commit(&self, st: &mut Store, key: Key, mut object: Value, mut what: &'static str) -> Value {
+        if key.0 == Kind::Pdb && what != "DELETED" {
+            // `generation` counts changes of the spec (the status is the controller's).
+            let stored = st.objects.get(&key);
+            let generation = match stored {
+                None => 1,
+                Some(old) if old["spec"] != object["spec"] => {
+                    old["metadata"]["generation"].as_i64().unwrap_or(1) + 1
+                }
+                Some(old) => old["metadata"]["generation"].as_i64().unwrap_or(1),
+            };
+            object["metadata"]["generation"] = json!(generation);
+        }
+        // An object whose deletion is due goes as soon as no finalizer holds it.
+        if what == "MODIFIED"
+            && !object["metadata"]["deletionTimestamp"].is_null()
+            && object["metadata"]["deletionGracePeriodSeconds"].as_u64() == Some(0)
+            && object["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty)
+        {
+            what = "DELETED";
+        }
         st.rv += 1;
+        let kind = key.0;
         object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
         let change = Change { kind_of_change: what, kind: key.0, object: object.clone(), rv: st.rv };
         if what == "DELETED" {
@@ -563,7 +665,26 @@ impl ApiServer {
         }
         let _ = self.inner.changes.send(change);
         self.inner.version.send_replace(st.rv);
+        if matches!(kind, Kind::Pod | Kind::Pdb) && !st.syncing {
+            self.budgets_changed(st);
+        }
         object
+    }
+
+    /// Has the disruption controller catch up: at once, or after [`Options::pdb_sync_delay`]
+    /// (meanwhile a budget whose spec changed answers evictions with 429 and `Retry-After`).
+    fn budgets_changed(&self, st: &mut Store) {
+        let delay = self.inner.opts.pdb_sync_delay;
+        if delay.is_zero() {
+            self.sync_budgets(st);
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut st = me.store();
+            me.sync_budgets(&mut st);
+        });
     }
 
     /// 401 without a known token, 403 for what its identity may not do; nothing while no
@@ -629,14 +750,26 @@ impl ApiServer {
         Some(self.commit(st, key, v, "DELETED"))
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        match self.route(req).await {
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, ConnectionReset> {
+        let mut reset = None;
+        let answer = match self.route(req, &mut reset).await {
             Ok(r) => r,
-            Err(e) => full(e.code, &status_body(&e)),
+            Err(e) => error_response(&e),
+        };
+        match reset {
+            // Served (or not) and then the connection goes: the client hears nothing.
+            Some(_) => Err(ConnectionReset),
+            None => Ok(answer),
         }
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    /// Serves a request. A fault that resets the connection sets `reset` (`Some(true)` when
+    /// the request is carried out first).
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        reset: &mut Option<bool>,
+    ) -> Result<Response<Body>, ApiError> {
         let t = parse_path(req.uri().path()).ok_or_else(|| {
             err(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource")
         })?;
@@ -681,7 +814,14 @@ impl ApiServer {
             {
                 f.left -= 1;
                 f.hits += 1;
-                return Err(fault_error(f.code));
+                match f.what {
+                    Failure::Status(code) => return Err(fault_error(code)),
+                    Failure::Reset { applied: false } => {
+                        *reset = Some(false);
+                        return Err(fault_error(500));
+                    }
+                    Failure::Reset { applied: true } => *reset = Some(true),
+                }
             }
         }
         let parse = || -> Result<Value, ApiError> {
@@ -780,6 +920,13 @@ impl ApiServer {
                 validate(t.kind, &next)?;
                 Ok(full(StatusCode::OK, &self.commit_unless_same(&mut st, key, &current, next)))
             }
+            (&Method::DELETE, Some(name), None) if t.kind == Kind::Pod => {
+                let mut st = self.store();
+                let key = (t.kind, ns.clone(), name.to_owned());
+                let v = st.objects.get(&key).cloned().ok_or_else(|| not_found(t.kind, name))?;
+                self.delete_gracefully(&mut st, key);
+                Ok(full(StatusCode::OK, &v))
+            }
             (&Method::DELETE, Some(name), None) => {
                 let v = self.delete(t.kind, &ns, name).ok_or_else(|| not_found(t.kind, name))?;
                 Ok(full(StatusCode::OK, &v))
@@ -805,80 +952,185 @@ impl ApiServer {
         }
     }
 
-    /// Evicts a pod; `Some(message)` for a refusal the real server sends as a 201 carrying a
-    /// Failure Status.
+    /// Evicts a pod as pkg/registry/core/pod/storage/eviction.go does; `Some(message)` for a
+    /// refusal the real server sends as a 201 carrying a Failure Status.
     fn evict(&self, ns: &str, name: &str) -> Result<Option<&'static str>, ApiError> {
         let mut st = self.store();
         let key = (Kind::Pod, ns.to_owned(), name.to_owned());
         let pod = st.objects.get(&key).cloned().ok_or_else(|| not_found(Kind::Pod, name))?;
-        if !pod["metadata"]["deletionTimestamp"].is_null() {
+        // canIgnorePDB: a pod that is going anyway, or not running, is deleted without asking
+        // its budget.
+        let phase = pod["status"]["phase"].as_str().unwrap_or("Pending");
+        if !pod["metadata"]["deletionTimestamp"].is_null()
+            || matches!(phase, "Succeeded" | "Failed" | "Pending")
+        {
+            self.delete_gracefully(&mut st, key);
             return Ok(None);
         }
         let labels = &pod["metadata"]["labels"];
-        let budgets: Vec<&Value> = st
+        let budgets: Vec<(Key, Value)> = st
             .objects
             .iter()
             .filter(|(k, v)| k.0 == Kind::Pdb && k.1 == ns && labels_match(&v["spec"]["selector"], labels))
-            .map(|(_, v)| v)
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         if budgets.len() > 1 {
-            // The real server (pkg/registry/core/pod/storage/eviction.go) returns this Status as
-            // the created object, with no error: HTTP 201 carrying a Failure with code 500.
+            // The real server returns this Status as the created object, with no error: HTTP
+            // 201 carrying a Failure with code 500.
             return Ok(Some(
                 "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
             ));
         }
-        if let Some(pdb) = budgets.first() {
+        if let Some((pdb_key, pdb)) = budgets.into_iter().next() {
+            let pdb_name = name_of(&pdb);
+            let status = &pdb["status"];
+            let too_many = |cause: String, retry_after: Option<u64>| {
+                let mut e = err(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    "Cannot evict pod as it would violate the pod's disruption budget.",
+                );
+                e.causes.push(("DisruptionBudget", cause));
+                e.retry_after = retry_after;
+                e
+            };
+            // The disruption controller has not seen this generation of the budget yet.
+            if status["observedGeneration"].as_i64().unwrap_or(0)
+                < pdb["metadata"]["generation"].as_i64().unwrap_or(1)
+            {
+                return Err(too_many(
+                    format!("The disruption budget {pdb_name} is still being processed by the server."),
+                    Some(10),
+                ));
+            }
+            let allowed = status["disruptionsAllowed"].as_i64().unwrap_or(0);
+            if allowed < 0 {
+                return Err(err(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    format!(
+                        "poddisruptionbudgets.policy \"{pdb_name}\" is forbidden: pdb disruptions allowed is negative"
+                    ),
+                ));
+            }
+            if allowed == 0 {
+                return Err(too_many(
+                    format!(
+                        "The disruption budget {pdb_name} needs {} healthy pods and has {} currently",
+                        status["desiredHealthy"].as_i64().unwrap_or(0),
+                        status["currentHealthy"].as_i64().unwrap_or(0)
+                    ),
+                    None,
+                ));
+            }
+            // Taken from the budget now, and the pod named in `disruptedPods` so that the
+            // controller does not count it as healthy until it is gone.
+            let mut next = pdb.clone();
+            next["status"]["disruptionsAllowed"] = json!(allowed - 1);
+            next["status"]["disruptedPods"][name] = json!(now_text());
+            st.syncing = true;
+            self.commit(&mut st, pdb_key, next, "MODIFIED");
+            st.syncing = false;
+        }
+        self.delete_gracefully(&mut st, key);
+        Ok(None)
+    }
+
+    /// Deletes a pod as the kubelet would: at once without a grace period or finalizers;
+    /// otherwise it is marked (`deletionTimestamp`) and goes when its grace period is over,
+    /// or later, once its last finalizer is removed (never, if nobody removes it).
+    fn delete_gracefully(&self, st: &mut Store, key: Key) {
+        let Some(mut pod) = st.objects.get(&key).cloned() else { return };
+        let grace = pod["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .map_or(self.inner.opts.eviction_grace, Duration::from_secs);
+        let finalizers = pod["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        if grace.is_zero() && !finalizers {
+            self.remove(st, key);
+            return;
+        }
+        if pod["metadata"]["deletionTimestamp"].is_null() {
+            pod["metadata"]["deletionTimestamp"] = json!(now_text());
+            pod["metadata"]["deletionGracePeriodSeconds"] = json!(grace.as_secs());
+            self.commit(st, key.clone(), pod, "MODIFIED");
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let mut st = me.store();
+            // The kubelet's final delete (grace 0): the object goes unless finalizers hold it.
+            if let Some(mut pod) = st.objects.get(&key).cloned() {
+                pod["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                me.commit(&mut st, key, pod, "MODIFIED");
+            }
+        });
+    }
+
+    /// What the disruption controller (pkg/controller/disruption) keeps in every budget's
+    /// status: pods selected, healthy ones (Running, not being deleted, not just evicted), the
+    /// healthy pods the budget needs, and how many may go now.
+    fn sync_budgets(&self, st: &mut Store) {
+        let budgets: Vec<(Key, Value)> = st
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == Kind::Pdb)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let now = jiff::Timestamp::now();
+        for (key, pdb) in budgets {
             let selected: Vec<&Value> = st
                 .objects
                 .iter()
                 .filter(|(k, v)| {
                     k.0 == Kind::Pod
-                        && k.1 == ns
+                        && k.1 == key.1
                         && labels_match(&pdb["spec"]["selector"], &v["metadata"]["labels"])
                 })
                 .map(|(_, v)| v)
                 .collect();
+            // An eviction's mark lasts until the pod is being deleted, or 2 minutes (the
+            // controller's DeletionTimeout).
+            let mut disrupted = serde_json::Map::new();
+            for (pod, at) in pdb["status"]["disruptedPods"].as_object().into_iter().flatten() {
+                let live = selected
+                    .iter()
+                    .any(|p| name_of(p) == *pod && p["metadata"]["deletionTimestamp"].is_null());
+                let recent = at
+                    .as_str()
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .is_some_and(|t| now.duration_since(t) < jiff::SignedDuration::from_secs(120));
+                if live && recent {
+                    disrupted.insert(pod.clone(), at.clone());
+                }
+            }
             let expected = selected.len() as i64;
             let healthy = selected
                 .iter()
-                .filter(|p| p["metadata"]["deletionTimestamp"].is_null() && p["status"]["phase"] == "Running")
+                .filter(|p| {
+                    p["metadata"]["deletionTimestamp"].is_null()
+                        && p["status"]["phase"] == "Running"
+                        && !disrupted.contains_key(&name_of(p))
+                })
                 .count() as i64;
-            let allowed = match (pdb["spec"]["minAvailable"].as_i64(), pdb["spec"]["maxUnavailable"].as_i64())
+            let desired = match (pdb["spec"]["minAvailable"].as_i64(), pdb["spec"]["maxUnavailable"].as_i64())
             {
-                (Some(min), _) => healthy - min,
-                (None, Some(max)) => max - (expected - healthy),
-                (None, None) => healthy,
+                (Some(min), _) => min,
+                (None, Some(max)) => (expected - max).max(0),
+                (None, None) => expected,
             };
-            if allowed <= 0 {
-                return Err(err(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "TooManyRequests",
-                    format!(
-                        "Cannot evict pod as it would violate the pod's disruption budget. \
-                         (disruption budget {} needs {} healthy pods and has {healthy})",
-                        name_of(pdb),
-                        pdb["spec"]["minAvailable"].as_i64().unwrap_or(expected),
-                    ),
-                ));
-            }
+            let mut next = pdb.clone();
+            next["status"] = json!({
+                "observedGeneration": pdb["metadata"]["generation"].as_i64().unwrap_or(1),
+                "disruptionsAllowed": (healthy - desired).max(0),
+                "currentHealthy": healthy,
+                "desiredHealthy": desired,
+                "expectedPods": expected,
+                "disruptedPods": disrupted,
+            });
+            st.syncing = true;
+            self.commit_unless_same(st, key, &pdb, next);
+            st.syncing = false;
         }
-        let grace = self.inner.opts.eviction_grace;
-        if grace.is_zero() {
-            self.remove(&mut st, key);
-            return Ok(None);
-        }
-        let mut marked = pod;
-        marked["metadata"]["deletionTimestamp"] =
-            json!(jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
-        self.commit(&mut st, key.clone(), marked, "MODIFIED");
-        let me = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            let mut st = me.store();
-            me.remove(&mut st, key);
-        });
-        Ok(None)
     }
 
     fn watch(
@@ -898,6 +1150,8 @@ impl ApiServer {
         let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
         let from: Option<u64> =
             q.get("resourceVersion").filter(|v| !v.is_empty() && *v != "0").and_then(|v| v.parse().ok());
+        // A mid-stream reset: what is due is sent, then the connection goes.
+        let mut cut = false;
         let mut cursor = {
             let mut st = self.store();
             let cursor = match from {
@@ -928,8 +1182,17 @@ impl ApiServer {
             {
                 f.left -= 1;
                 f.hits += 1;
-                let _ = tx.try_send(json!({"type": "ERROR", "object": status_body(&fault_error(f.code))}));
-                u64::MAX
+                match f.what {
+                    Failure::Status(code) => {
+                        let _ =
+                            tx.try_send(json!({"type": "ERROR", "object": status_body(&fault_error(code))}));
+                        u64::MAX
+                    }
+                    Failure::Reset { .. } => {
+                        cut = true;
+                        cursor
+                    }
+                }
             } else {
                 cursor
             }
@@ -967,6 +1230,12 @@ impl ApiServer {
                         return;
                     }
                 }
+                if cut {
+                    // Let what was due reach the client first (hyper drops unflushed data).
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = tx.send(Value::Null).await;
+                    return;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep_until(end) => return,
                     _ = tokio::time::sleep_until(next_bookmark), if bookmarks => {
@@ -983,8 +1252,11 @@ impl ApiServer {
                 }
             }
         });
-        let stream =
-            tokio_stream(rx).map(|v| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{v}\n")))));
+        // `Null` stands for the reset: the body fails, and the connection is cut mid-chunk.
+        let stream = tokio_stream(rx).map(|v| match v {
+            Value::Null => Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "watch cut")),
+            v => Ok(Frame::data(Bytes::from(format!("{v}\n")))),
+        });
         let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
         r.headers_mut().insert("content-type", "application/json".parse().expect("static header"));
         Ok(r)

@@ -365,3 +365,99 @@ async fn identities_are_authorized_as_the_real_server_would() {
         }
     }
 }
+
+/// A reset closes the connection without an answer; before or after the write was made.
+#[tokio::test]
+async fn resets_close_the_connection_before_or_after_the_write() {
+    let s = ApiServer::start(Options::default()).await.unwrap();
+    s.create(Kind::Node, json!({"metadata": {"name": "n1"}})).unwrap();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let patch = |v: &str| {
+        Request::builder()
+            .method("PATCH")
+            .uri(format!("{}/api/v1/nodes/n1", s.url()))
+            .header("content-type", "application/merge-patch+json")
+            .body(Full::new(Bytes::from(json!({"metadata": {"labels": {"x": v}}}).to_string())))
+            .unwrap()
+    };
+    s.reset_requests("PATCH Node", "lost", 1, false);
+    assert!(client.request(patch("lost")).await.is_err(), "no answer");
+    assert!(s.get(Kind::Node, "", "n1").unwrap()["metadata"]["labels"]["x"].is_null(), "not applied");
+    s.reset_requests("PATCH Node", "made", 1, true);
+    assert!(client.request(patch("made")).await.is_err(), "no answer");
+    assert_eq!(s.get(Kind::Node, "", "n1").unwrap()["metadata"]["labels"]["x"], "made", "applied");
+    assert_eq!(client.request(patch("again")).await.unwrap().status(), 200, "served again");
+    // A watch cut mid-stream: what was due arrives, then the body fails.
+    let rv = s.resource_version();
+    s.modify(Kind::Node, "", "n1", |n| n["metadata"]["labels"]["y"] = json!("1"));
+    s.reset_watches(Kind::Node, 1);
+    let req = Request::builder()
+        .uri(format!("{}/api/v1/nodes?watch=true&resourceVersion={rv}", s.url()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = client.request(req).await.unwrap();
+    let mut body = r.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("\"MODIFIED\""));
+    assert!(body.frame().await.is_some_and(|f| f.is_err()), "cut, not ended");
+    assert_eq!(s.failed_requests(), 3);
+}
+
+/// Budgets as kube-apiserver and the disruption controller keep them: status from the spec
+/// and the pods, 429 with `Retry-After: 10` while a new spec is not processed, evictions
+/// counted in `disruptionsAllowed` and `disruptedPods` at once.
+#[tokio::test]
+async fn budgets_follow_their_status() {
+    let opts = Options { pdb_sync_delay: Duration::from_millis(300), ..Options::default() };
+    let s = ApiServer::start(opts).await.unwrap();
+    let http = Http::new(&s);
+    for p in ["a", "b", "c"] {
+        s.create(
+            Kind::Pod,
+            json!({"metadata": {"name": p, "namespace": "ns", "labels": {"app": "w"}},
+            "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}}),
+        )
+        .unwrap();
+    }
+    s.create(
+        Kind::Pdb,
+        json!({"metadata": {"name": "w", "namespace": "ns"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "w"}}}}),
+    )
+    .unwrap();
+    let evict = |p: &str| {
+        let path = format!("/api/v1/namespaces/ns/pods/{p}/eviction");
+        let body = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": p}});
+        (path, body)
+    };
+    let (path, body) = evict("a");
+    let (code, v) = http.send("POST", &path, "application/json", Some(body.clone())).await;
+    assert_eq!((code, v["details"]["retryAfterSeconds"].as_u64()), (429, Some(10)), "{v}");
+    assert!(v["details"]["causes"][0]["message"].as_str().unwrap().contains("still being processed"), "{v}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = s.get(Kind::Pdb, "ns", "w").unwrap()["status"].clone();
+    assert_eq!(
+        (st["disruptionsAllowed"].as_i64(), st["observedGeneration"].as_i64()),
+        (Some(2), Some(1)),
+        "{st}"
+    );
+    assert_eq!(http.send("POST", &path, "application/json", Some(body)).await.0, 201);
+    let st = s.get(Kind::Pdb, "ns", "w").unwrap()["status"].clone();
+    assert_eq!(st["disruptionsAllowed"], 1, "taken at once, before the controller runs: {st}");
+    let (path, body) = evict("b");
+    assert_eq!(http.send("POST", &path, "application/json", Some(body)).await.0, 201);
+    let (path, body) = evict("c");
+    let (code, v) = http.send("POST", &path, "application/json", Some(body)).await;
+    assert_eq!((code, v["details"]["retryAfterSeconds"].as_u64()), (429, None), "{v}");
+    assert!(
+        v["details"]["causes"][0]["message"].as_str().unwrap().contains("needs 1 healthy pods and has"),
+        "{v}"
+    );
+    // A spec change is a new generation: 429 with Retry-After again until processed.
+    s.modify(Kind::Pdb, "ns", "w", |p| p["spec"]["minAvailable"] = json!(0));
+    let (path, body) = evict("c");
+    let (code, v) = http.send("POST", &path, "application/json", Some(body.clone())).await;
+    assert_eq!((code, v["details"]["retryAfterSeconds"].as_u64()), (429, Some(10)), "{v}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(http.send("POST", &path, "application/json", Some(body)).await.0, 201);
+}
