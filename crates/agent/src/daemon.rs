@@ -94,6 +94,8 @@ pub struct Transition {
     pub to: &'static str,
     /// The note after.
     pub note: String,
+    /// What the step meant.
+    pub outcome: machine::Outcome,
 }
 
 /// Why the daemon stopped.
@@ -276,7 +278,7 @@ impl Daemon {
         if next != self.state {
             persist::save(&self.env.settings.state_dir, &next)?;
             if next.phase != self.state.phase || next.note != self.state.note {
-                self.record(&next);
+                self.record(&next, machine::outcome(&self.state, event, &next));
             }
             let now = self.env.platform.now();
             m.transition(&self.state, &next, self.since, now);
@@ -334,7 +336,7 @@ impl Daemon {
 
     /// Adds the new phase and note to the persistent history (a failure to record is logged,
     /// not fatal: the history is for people, the state file is what matters).
-    fn record(&self, next: &State) {
+    fn record(&self, next: &State, outcome: machine::Outcome) {
         let phase =
             serde_json::to_value(&next.phase).ok().and_then(|v| v["phase"].as_str().map(str::to_owned));
         let entry = crate::history::Entry {
@@ -348,6 +350,7 @@ impl Daemon {
                 from: self.state.phase.name(),
                 to: next.phase.name(),
                 note: next.note.clone(),
+                outcome,
             });
         }
         if let Err(e) = crate::history::append(&self.env.settings.state_dir, &entry) {

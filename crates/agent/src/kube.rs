@@ -11,7 +11,8 @@
 //! list's `resourceVersion`, follows bookmarks, and lists again after `410 Gone` or a broken
 //! connection, with backoff). From the Node it takes the operator's requests (the annotation
 //! contract of [`cluster::annotations`]) and passes them to the daemon as [`Request`]s; onto
-//! the Node it writes the status annotations, and an Event for every transition.
+//! the Node it writes the status annotations, and an Event for every transition. What to do
+//! is decided by the pure functions of [`plan`]; this module carries it out.
 //!
 //! Reboots: the daemon, when coordinated, does not reboot when its window opens but says
 //! `reboot_wanted`. This task writes `reboot-request=wanted`; the coordinator takes a lock slot
@@ -20,9 +21,11 @@
 //! verifying, the request says `holding`; back to idle, it is withdrawn, and the coordinator
 //! uncordons and releases.
 
+pub mod plan;
+
 use crate::daemon::{ApiRequest, Snapshot, Transition};
 use crate::machine::{Phase, Request};
-use cluster::annotations::{self as ann, RebootRequest, Requests};
+use cluster::annotations::{self as ann, Requests};
 use cluster::events::{Recorder, Type};
 use cluster::k8s_openapi::api::core::v1::Node;
 use cluster::kube::api::{Api, Patch, PatchParams};
@@ -127,8 +130,7 @@ struct Controller {
     ready_tx: watch::Sender<bool>,
     node: Option<Node>,
     snap: Snapshot,
-    last_error: Option<String>,
-    request_result: Option<String>,
+    memory: plan::Memory,
     /// A one-shot request's removal failed: retried on the tick.
     retry_requests: bool,
     /// A status write failed in a way that may pass (5xx, 429, the connection): retried on
@@ -153,8 +155,7 @@ pub async fn run(
         ready_tx,
         node: None,
         snap: status.borrow_and_update().clone(),
-        last_error: None,
-        request_result: None,
+        memory: plan::Memory::default(),
         retry_requests: false,
         retry_status: false,
         opts,
@@ -206,10 +207,6 @@ impl Controller {
         self.node.as_ref().and_then(|n| n.metadata.annotations.clone()).unwrap_or_default()
     }
 
-    fn requests(&self) -> Requests {
-        ann::requests(&self.annotations())
-    }
-
     fn ready(&self) -> bool {
         self.node.as_ref().is_some_and(|n| node_ready(n, self.opts.booted_at))
     }
@@ -222,77 +219,98 @@ impl Controller {
 
     async fn node_changed(&mut self, node: Node) {
         self.events.set_uid(node.metadata.uid.clone());
+        if self.node.is_none() && self.memory.request_result.is_none() {
+            // The answer to the last request survives a restart of the agent (and the reboot
+            // a rollback request causes).
+            self.memory.request_result =
+                node.metadata.annotations.as_ref().and_then(|a| a.get(ann::REQUEST_RESULT).cloned());
+        }
         self.node = Some(node);
         self.ready_tx.send_replace(self.ready());
-        let r = self.requests();
-        if let Some(Ok(p)) = r.paused
-            && p != self.snap.state.paused
-        {
-            let req = if p { Request::Pause } else { Request::Resume };
-            if let Some(s) = self.ask(req).await {
-                self.snap = s;
-            }
-        }
-        self.one_shot_requests().await;
     }
 
-    /// One-shot requests (`update`, `rollback`) are removed from the Node first and acted on
-    /// only once their removal is stored: at most once, never twice. Acting first and removing
-    /// after lost the removal when the action was a reboot (or the PATCH failed), and the
-    /// request came back after the reboot it caused: an endless A/B reboot loop (issue 14). A
-    /// removal that fails leaves the request in place for the next pass (the next Node event,
-    /// or the retry tick).
-    async fn one_shot_requests(&mut self) {
-        let r = self.requests();
-        let mut keys = Vec::new();
-        if r.update.is_some() {
-            keys.push(ann::UPDATE);
-        }
-        if r.rollback.is_some() {
-            keys.push(ann::ROLLBACK);
-        }
-        if keys.is_empty() {
-            self.retry_requests = false;
-            return;
-        }
-        let Some(removed) = self.take_requests(&keys).await else {
-            self.retry_requests = true;
-            return;
-        };
+    /// Carries out what [`plan::decide`] says for the Node and the daemon as they are now.
+    async fn reconcile(&mut self) {
         self.retry_requests = false;
-        if let (true, Some(u)) = (removed.contains(&ann::UPDATE), &r.update) {
-            let booted = self.snap.booted_version.as_deref().and_then(|b| b.parse::<semver::Version>().ok());
-            self.request_result = Some(match u {
-                Ok(Some(v)) if booted.as_ref().is_some_and(|b| v < b) && !r.allow_downgrade => format!(
-                    "update {v}: refused, older than the booted {}; a downgrade needs {}=true as well",
-                    booted.as_ref().map_or(String::new(), ToString::to_string),
-                    ann::ALLOW_DOWNGRADE
-                ),
-                Ok(version) => {
-                    let what = version.as_ref().map_or("latest".into(), ToString::to_string);
-                    match self.ask(Request::Update { version: version.clone() }).await {
-                        Some(s) => format!("update {what}: {}", s.state.note),
-                        None => format!("update {what}: the agent is stopping"),
+        for action in plan::decide(&self.annotations(), &self.snap, &self.memory) {
+            match action {
+                plan::Action::Tell(req) => {
+                    if let Some(s) = self.ask(req).await {
+                        self.snap = s;
                     }
                 }
-                Err(e) => e.clone(),
-            });
-        }
-        if let (true, Some(rb)) = (removed.contains(&ann::ROLLBACK), &r.rollback) {
-            self.request_result = Some(match rb {
-                Ok(now) => match self.ask(Request::Rollback { now: *now }).await {
-                    Some(s) => format!("rollback: {}", s.state.note),
-                    None => "rollback: the agent is stopping".into(),
-                },
-                Err(e) => e.clone(),
-            });
+                plan::Action::Reread => self.resolve_pending().await,
+                plan::Action::Take(keys) => {
+                    let r = ann::requests(&self.annotations());
+                    match self.take_requests(&r, &keys).await {
+                        Some(removed) => self.act_on(&r, &removed).await,
+                        None => self.retry_requests = true,
+                    }
+                }
+                plan::Action::Reboot { version, how } => {
+                    // The daemon's state may have moved while requests were carried out.
+                    if plan::reboot_permit(&self.annotations(), &self.snap).is_none() {
+                        continue;
+                    }
+                    // Said before the reboot is allowed: once allowed, the machine may go
+                    // down before this task hears of the transition.
+                    self.write_status().await;
+                    self.events
+                        .publish(Type::Normal, "Rebooting", &format!("rebooting into {version}, {how}"))
+                        .await;
+                    if let Some(s) = self.ask(Request::AllowReboot).await {
+                        self.snap = s;
+                    }
+                }
+            }
         }
     }
 
-    /// Removes one-shot requests, conditioned on the Node version they were read from; on a
-    /// conflict, removes only those still holding the value read. Returns the keys whose
-    /// removal is stored (those to act on), or `None` when the removal failed (try again).
-    async fn take_requests(&mut self, keys: &[&'static str]) -> Option<Vec<&'static str>> {
+    /// A removal whose answer was lost: a fresh read of the Node shows whether it was stored
+    /// (then its requests are acted on, once) or not (then they are taken again, if still
+    /// there).
+    async fn resolve_pending(&mut self) {
+        let Some(p) = self.memory.pending.clone() else { return };
+        match self.nodes.get(&self.opts.node).await {
+            Ok(n) => self.node = Some(n),
+            Err(e) => {
+                tracing::warn!("re-reading node {} after a lost answer: {e}", self.opts.node);
+                self.retry_requests = true;
+                return;
+            }
+        }
+        self.memory.pending = None;
+        if plan::stored(&p, &self.annotations()) {
+            self.act_on(&p.requests, &p.keys).await;
+        } else {
+            // Not stored: whatever is still there is taken on the next pass.
+            self.retry_requests = true;
+        }
+    }
+
+    /// Acts on requests whose removal is stored.
+    async fn act_on(&mut self, r: &Requests, removed: &[&'static str]) {
+        for c in plan::commands(r, removed, self.snap.booted_version.as_deref()) {
+            let result = match c {
+                plan::Command::Refuse(why) => why,
+                plan::Command::Ask { request, label } => match self.ask(request).await {
+                    Some(s) => {
+                        let note = s.state.note.clone();
+                        self.snap = s;
+                        format!("{label}: {note}")
+                    }
+                    None => format!("{label}: the agent is stopping"),
+                },
+            };
+            self.memory.request_result = Some(result);
+        }
+    }
+
+    /// Removes one-shot requests, conditioned on the Node version they were read from, with
+    /// the [`plan::marker`] in `request-result`; on a conflict, removes only those still
+    /// holding the value read. Returns the keys whose removal is stored (those to act on), or
+    /// `None` when the removal failed or its answer was lost (see [`plan::Pending`]).
+    async fn take_requests(&mut self, r: &Requests, keys: &[&'static str]) -> Option<Vec<&'static str>> {
         let mut node = self.node.clone()?;
         let acted: BTreeMap<&'static str, Option<String>> = keys
             .iter()
@@ -311,8 +329,10 @@ impl Controller {
             if remove.is_empty() {
                 return Some(Vec::new());
             }
-            let patch = serde_json::json!({"metadata": {
-                "resourceVersion": node.metadata.resource_version, "annotations": remove}});
+            let rv = node.metadata.resource_version.clone().unwrap_or_default();
+            let marker = plan::marker(&removing, &rv);
+            remove.insert(ann::REQUEST_RESULT.to_owned(), marker.clone().into());
+            let patch = serde_json::json!({"metadata": {"resourceVersion": rv, "annotations": remove}});
             match self.nodes.patch(&self.opts.node, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(n) => {
                     // What we act on next must not see the requests again before the watch
@@ -330,6 +350,13 @@ impl Controller {
                     }
                 }
                 Err(e) => {
+                    // Refused (4xx other than 429): not stored. Otherwise the write may have
+                    // been made and only its answer lost: a fresh read will tell.
+                    let refused = matches!(&e, cluster::kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 429);
+                    if !refused {
+                        self.memory.pending =
+                            Some(plan::Pending { marker, requests: r.clone(), keys: removing });
+                    }
                     tracing::warn!(
                         "removing the requests from node {} before acting on them: {e}",
                         self.opts.node
@@ -342,110 +369,36 @@ impl Controller {
     }
 
     async fn report_transition(&mut self, t: Transition) {
-        let note = t.note;
-        let failed =
-            note.contains("failed") || note.contains("rolling back") || note.contains("did not boot");
-        let reason = match (t.from, t.to) {
-            (_, "installing") => "UpdateInstalling",
-            (_, "staged") => "UpdateStaged",
-            // Announced by `prepare_reboot` before it allowed the reboot.
-            (_, "rebooting") => return,
-            (_, "verifying") => "VerifyingBoot",
-            ("verifying", "idle") if !failed => "UpdateSucceeded",
-            (_, "idle") if failed => "UpdateFailed",
-            _ => "Status",
-        };
-        if failed {
-            self.last_error = Some(note.clone());
+        let Some((kind, reason)) = plan::event(t.from, t.to, &t.outcome) else { return };
+        if kind == Type::Warning {
+            self.memory.last_error = Some(t.note.clone());
         }
-        let kind = if failed { Type::Warning } else { Type::Normal };
-        self.events.publish(kind, reason, &note).await;
+        self.events.publish(kind, reason, &t.note).await;
     }
 
     /// Whether timed work is due at all.
     fn busy(&self) -> bool {
-        self.retry_requests || self.retry_status || matches!(self.snap.state.phase, Phase::Installing { .. })
+        self.retry_requests
+            || self.retry_status
+            || self.memory.pending.is_some()
+            || matches!(self.snap.state.phase, Phase::Installing { .. })
     }
 
     async fn tick(&mut self) {
-        if self.retry_requests {
-            self.one_shot_requests().await;
-        }
         if matches!(self.snap.state.phase, Phase::Installing { .. }) {
             // The daemon publishes the progress with its answer.
             let _ = self.ask(Request::Status).await;
         }
     }
 
-    /// What to say in `reboot-request`.
-    fn reboot_request(&self) -> Option<RebootRequest> {
-        match &self.snap.state.phase {
-            Phase::Staged { .. } if self.snap.reboot_wanted => Some(RebootRequest::Wanted),
-            Phase::Rebooting { .. } | Phase::Verifying { .. } => Some(RebootRequest::Holding),
-            _ => None,
-        }
-    }
-
-    /// Reboots once the coordinator allowed this very version (a leftover answer for another
-    /// version, or for a request withdrawn meanwhile, allows nothing).
-    async fn reconcile(&mut self) {
-        let Phase::Staged { version } = &self.snap.state.phase else { return };
-        if !self.snap.reboot_wanted {
-            return;
-        }
-        let target = version.to_string();
-        let a = self.annotations();
-        let allowed = a.get(ann::REBOOT_ALLOWED);
-        // The permit counts with the slot it was given with (or the operator's reboot=allowed).
-        let slot = a.contains_key(ann::LOCK) || self.requests().reboot_without_lock;
-        if allowed != Some(&target) || !slot {
-            return;
-        }
-        let how =
-            a.get(ann::LOCK).map_or("without the lock (reboot=allowed)".into(), |l| format!("holding {l}"));
-        // Said before the reboot is allowed: once allowed, the machine may go down before this
-        // task hears of the transition.
-        self.write_status().await;
-        self.events.publish(Type::Normal, "Rebooting", &format!("rebooting into {target}, {how}")).await;
-        if let Some(s) = self.ask(Request::AllowReboot).await {
-            self.snap = s;
-        }
-    }
-
     /// Writes the status annotations (and the version label) that changed.
     async fn write_status(&mut self) {
         let Some(node) = &self.node else { return };
+        if !plan::writes_status(&self.memory) {
+            return;
+        }
         let s = &self.snap;
-        let mut want: BTreeMap<&'static str, String> = BTreeMap::new();
-        want.insert(ann::STATE, if s.state.paused { "paused".into() } else { s.state.phase.name().into() });
-        if let (Phase::Installing { .. }, Some(p)) = (&s.state.phase, &s.progress)
-            && p.total > 0
-        {
-            want.insert(ann::PROGRESS, format!("{}%", p.done.saturating_mul(100) / p.total));
-        }
-        if let Some(v) = &s.booted_version {
-            want.insert(ann::BOOTED, v.clone());
-        }
-        if let Some(v) = s.state.phase.version() {
-            want.insert(ann::TARGET, v.to_string());
-        }
-        if let Some(t) = s.state.last_check {
-            want.insert(ann::LAST_CHECK, t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
-        }
-        if !s.state.note.is_empty() {
-            want.insert(ann::NOTE, s.state.note.clone());
-        }
-        let latest_failure =
-            s.state.failures.iter().max_by_key(|f| f.last).map(|f| format!("{}: {}", f.version, f.reason));
-        if let Some(e) = self.last_error.clone().or(latest_failure) {
-            want.insert(ann::LAST_ERROR, e);
-        }
-        if let Some(r) = &self.request_result {
-            want.insert(ann::REQUEST_RESULT, r.clone());
-        }
-        if let Some(r) = self.reboot_request() {
-            want.insert(ann::REBOOT_REQUEST, r.as_str().to_owned());
-        }
+        let want = plan::status(s, &self.memory);
         let current = node.metadata.annotations.clone().unwrap_or_default();
         let patch = ann::status_patch(&current, &want, ann::AGENT_KEYS);
         let label = s.booted_version.as_deref().map(ann::label_value);

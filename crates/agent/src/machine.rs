@@ -161,6 +161,49 @@ pub struct Config {
     pub paused: bool,
 }
 
+/// What a step meant, typed, for whoever reports it (Kubernetes mode turns it into an Event's
+/// type and reason; nothing matches note text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A failure of this version was recorded: its install failed, its health checks failed or
+    /// ran out of time, or it did not boot.
+    Failed {
+        /// The version that failed.
+        version: Version,
+        /// Why, as recorded.
+        reason: String,
+    },
+    /// The step needed something the daemon could not do (the bad slot could not be marked
+    /// bad): nothing rebooted, the running slot stays.
+    Stuck,
+    /// A repository check failed (nothing changed; the next check may pass).
+    CheckFailed,
+    /// Anything else: progress, an operator's request, a decision.
+    Progress,
+}
+
+/// The [`Outcome`] of the step `before --event--> after`.
+pub fn outcome(before: &State, event: &Event, after: &State) -> Outcome {
+    match event {
+        Event::MarkBadFailed { .. } => return Outcome::Stuck,
+        Event::Checked { decision: Err(_), .. } => return Outcome::CheckFailed,
+        // The operator's rollback records the version it left, but nothing failed.
+        Event::RolledBack { .. } | Event::Operator(_) => return Outcome::Progress,
+        _ => {}
+    }
+    let recorded = after.failures.iter().find(|f| {
+        before
+            .failures
+            .iter()
+            .find(|b| b.version == f.version)
+            .is_none_or(|b| (b.count, b.last) != (f.count, f.last))
+    });
+    match recorded {
+        Some(f) => Outcome::Failed { version: f.version.clone(), reason: f.reason.clone() },
+        None => Outcome::Progress,
+    }
+}
+
 fn fail(state: &mut State, version: &Version, reason: &str, now: Timestamp) {
     match state.failures.iter_mut().find(|f| &f.version == version) {
         Some(f) => {

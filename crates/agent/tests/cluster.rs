@@ -797,9 +797,11 @@ async fn operator_actions_through_annotations() {
 }
 
 /// The API server hiccups the way real ones do: watches cut by an `ERROR` event carrying a 500
-/// Status, writes answered 503, 429 (priority and fairness) and 504, evictions and Lease
-/// updates failing now and then. The agents and the coordinator ride it out: the update
-/// completes, and nothing is left cordoned or held.
+/// Status or by a lost connection, writes answered 503, 429 (priority and fairness) and 504,
+/// evictions and Lease updates failing now and then, connections reset before a write is made
+/// and after (the client never hears that it was). The agents and the coordinator ride it
+/// out: the update completes, and nothing is left cordoned or held. Then a rollback request
+/// whose removal was stored but whose answer was lost is carried out exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_on_writes_and_mid_watch_are_ridden_out() {
     let Some(sgdisk) = testkit::tool("sgdisk", "gdisk") else { return };
@@ -821,6 +823,12 @@ async fn transient_errors_on_writes_and_mid_watch_are_ridden_out() {
     })
     .await;
     let before = server.failed_requests();
+    // Resets first: the faults are matched in the order they were added.
+    server.reset_requests("PATCH Node", "update\":null", 1, true);
+    server.reset_requests("PUT Lease", "", 1, true);
+    server.reset_requests("POST Pod/eviction", "", 1, true);
+    server.reset_requests("PATCH Node", "", 2, false);
+    server.reset_watches(Kind::Node, 4);
     server.fail_watches(Kind::Node, 6, 500);
     server.fail_requests_with("PATCH Node", "", 3, 503);
     server.fail_requests_with("PATCH Node", "", 3, 429);
@@ -831,12 +839,35 @@ async fn transient_errors_on_writes_and_mid_watch_are_ridden_out() {
     }
     until("both nodes are updated", 120, || names.iter().all(|n| done(&server, n))).await;
     let hits = server.failed_requests() - before;
+    assert_eq!(hits, 25, "every injected failure was met");
+    // A rollback whose removal is stored, its answer lost: done once, not lost, not twice.
+    let mut changes = server.subscribe();
+    server.reset_requests("PATCH Node", "rollback\":null", 1, true);
+    annotate(&server, "node-a", &[("rollback", "now")]);
+    until("node-a runs 1.0.0 again", 90, || {
+        annotation(&server, "node-a", "booted-version").as_deref() == Some("1.0.0")
+            && annotation(&server, "node-a", "state").as_deref() == Some("idle")
+    })
+    .await;
+    assert_eq!(server.failed_requests() - before, 26);
+    // Long enough for a replayed request to show as a second reboot.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (mut up, mut downs) = (true, 0);
+    while let Ok(c) = changes.try_recv() {
+        if c.kind == Kind::Node && c.object["metadata"]["name"] == "node-a" {
+            let ready = c.object["status"]["conditions"][0]["status"] == "True";
+            downs += usize::from(up && !ready);
+            up = ready;
+        }
+    }
+    assert_eq!(downs, 1, "one rollback request, one reboot");
+    let result = annotation(&server, "node-a", "request-result").unwrap_or_default();
+    assert!(result.starts_with("rollback: "), "{result}");
     stop.store(true, Ordering::SeqCst);
     for l in lives {
         l.await.unwrap();
     }
     c.abort();
-    assert_eq!(hits, 16, "every injected failure was met");
     for n in names {
         let node = server.get(Kind::Node, "", n).unwrap();
         assert!(node["spec"]["unschedulable"].is_null(), "{n} left cordoned");

@@ -368,3 +368,44 @@ fn a_pause_during_the_install_holds_the_reboot_and_says_so() {
     assert_eq!(a, vec![Action::Reboot]);
     assert_eq!(s.phase, Phase::Rebooting { version: v("2.0.0") });
 }
+
+/// Every step's outcome is typed: failures by what was recorded, never by the note's words.
+#[test]
+fn outcomes_are_typed() {
+    let outcomes = |events: &[Event]| {
+        let mut s = State::default();
+        let mut out = Vec::new();
+        for e in events {
+            let (n, _) = step(&s, e, &cfg());
+            out.push(outcome(&s, e, &n));
+            s = n;
+        }
+        out
+    };
+    let happy = outcomes(&happy_path());
+    assert!(happy.iter().all(|o| *o == Outcome::Progress), "{happy:?}");
+    let mut events = happy_path();
+    events[6] = Event::Health { result: Err("kubelet not ready".into()), now: t(9) };
+    let o = outcomes(&events);
+    assert_eq!(o[6], Outcome::Failed { version: v("2.0.0"), reason: "kubelet not ready".into() });
+    events.push(Event::MarkBadFailed { slot: Slot::A, reason: "the other slot is not bootable".into() });
+    assert_eq!(outcomes(&events)[7], Outcome::Stuck);
+    // A failed install, a slot that never booted, a deadline that passed.
+    let mut install = happy_path()[..4].to_vec();
+    install[3] = Event::Installed { result: Err("disk full".into()), now: t(5) };
+    assert!(matches!(&outcomes(&install)[3], Outcome::Failed { reason, .. } if reason == "disk full"));
+    let mut never = happy_path()[..6].to_vec();
+    never[5] = booted("1.0.0", true, t(7));
+    assert!(matches!(&outcomes(&never)[5], Outcome::Failed { version, .. } if *version == v("2.0.0")));
+    let mut late = happy_path()[..6].to_vec();
+    late.push(Event::Tick { now: t(30) });
+    assert!(matches!(&outcomes(&late)[6], Outcome::Failed { .. }), "{:?}", outcomes(&late));
+    // A failed check is not an update failure; neither is the operator's rollback.
+    let check = vec![
+        booted("1.0.0", true, t(0)),
+        Event::Tick { now: t(1) },
+        Event::Checked { decision: Err("connection refused".into()), requested: None, now: t(2) },
+        Event::RolledBack { from: Some(v("1.0.0")), now: t(3) },
+    ];
+    assert_eq!(outcomes(&check)[2..], [Outcome::CheckFailed, Outcome::Progress]);
+}
