@@ -125,12 +125,17 @@ impl Drainer {
         if !ours {
             return Ok(false);
         }
-        let patch = json!({"metadata": {"annotations": {CORDONED: null}}, "spec": {"unschedulable": null}});
-        self.nodes
-            .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(api(format!("uncordon node {}", self.node)))?;
-        Ok(true)
+        // Conditioned on the version read, as the cordon is: a change in between (an operator
+        // taking the node over) is read again before anything is undone.
+        let patch = json!({
+            "metadata": {"resourceVersion": node.metadata.resource_version, "annotations": {CORDONED: null}},
+            "spec": {"unschedulable": null},
+        });
+        match self.nodes.patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.is_conflict() => Box::pin(self.uncordon_if_ours()).await,
+            Err(e) => Err(api(format!("uncordon node {}", self.node))(e)),
+        }
     }
 
     /// The pods on the Node that a drain must evict.

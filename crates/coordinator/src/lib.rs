@@ -369,7 +369,6 @@ impl Leader {
             cordoned_by_us: a.get(ann::CORDONED).is_some_and(|v| v == "true"),
             marked: ann::COORDINATOR_KEYS.iter().any(|k| a.contains_key(*k)),
             ready: ready(n),
-            rebooting: a.get(ann::STATE).is_some_and(|s| s == "rebooting"),
             without_lock: requests.reboot_without_lock,
             draining: t.draining.is_some(),
             drained: t.drained,

@@ -44,8 +44,6 @@ pub struct View {
     pub marked: bool,
     /// Its Ready condition is True.
     pub ready: bool,
-    /// It says `rebooting` (down, or about to be).
-    pub rebooting: bool,
     /// `reboot=allowed`: no lock slot for it.
     pub without_lock: bool,
     /// A drain of it runs now.
@@ -115,7 +113,7 @@ mod tests {
         let versions = [None, Some("2.0.0".to_owned()), Some("3.0.0".to_owned())];
         for request in requests {
             for allowed in &versions {
-                for bits in 0u32..(1 << 9) {
+                for bits in 0u32..(1 << 8) {
                     let b = |i: u32| bits & (1 << i) != 0;
                     out.push(View {
                         request,
@@ -124,12 +122,11 @@ mod tests {
                         lease: b(0).then(|| "acl-reboot-0".into()),
                         cordoned_by_us: b(1),
                         ready: b(2),
-                        rebooting: b(3),
-                        without_lock: b(4),
-                        draining: b(5),
-                        drained: b(6),
-                        put_off: b(7),
-                        marked: b(8),
+                        without_lock: b(3),
+                        draining: b(4),
+                        drained: b(5),
+                        put_off: b(6),
+                        marked: b(7),
                     });
                 }
             }
@@ -193,12 +190,10 @@ mod tests {
         v.drained = false;
         assert_eq!(decide(&v), Step::Wait, "about to reboot: the hold covers it, nobody renews");
         v.request = Some(RebootRequest::Holding);
-        v.rebooting = true;
         v.ready = false;
         assert_eq!(decide(&v), Step::Revoke, "the permit is spent");
         v.allowed = None;
         assert_eq!(decide(&v), Step::Wait);
-        v.rebooting = false;
         assert_eq!(decide(&v), Step::Wait, "verifying: still the hold");
         v.request = None;
         assert_eq!(decide(&v), Step::Wait, "not Ready yet");
