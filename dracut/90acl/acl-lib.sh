@@ -15,3 +15,21 @@ acl_log() {
     echo "acl: $*" > /dev/kmsg
     echo "acl: $*" > /dev/console
 }
+
+# What the kernel's lockdown says ("none", "integrity" or "confidentiality"; the one in use is
+# in brackets). Secure Boot turns it on; the initramfs mounts securityfs to read it.
+acl_lockdown() {
+    [ -e /sys/kernel/security/lockdown ] || mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
+    cat /sys/kernel/security/lockdown 2>/dev/null || echo "unknown (no lockdown file)"
+}
+
+# This boot of the chosen slot failed before its kernel ran: its try is already spent (acl-boot
+# select spent it before choosing), so reboot at once and let the rule choose again. A slot that
+# keeps failing runs out of tries and the other one boots; waiting in a shell would spend none.
+acl_next_try() {
+    acl_log "$*; rebooting for the next try"
+    sync
+    echo b > /proc/sysrq-trigger
+    sleep 10
+    die "acl: $*"
+}

@@ -48,8 +48,17 @@ acl_stage1() {
     # Stage 2 is told only which disk and slot; it verifies the slot again itself.
     cmdline="$ACL_CMDLINE acl.stage=2 acl.disk=$disk acl.slot=$ACL_SLOT"
     cmdline="$cmdline root=/dev/mapper/acl-root rootfstype=erofs ro"
-    kexec -l /run/acl/slot/boot/vmlinuz --initrd=/run/acl/slot/boot/initrd.img \
-        --command-line="$cmdline" || die "acl: cannot load the kernel of slot $ACL_SLOT"
+    # kexec_file_load (-s), not kexec_load: the kernel reads the files itself and, when it is
+    # locked down (Secure Boot), starts only a kernel whose signature its keyrings trust (the
+    # distribution's signing key, or one the platform's db or MOK list holds). kexec_load
+    # hands over raw segments and a locked-down kernel refuses it outright.
+    acl_log "stage 1: lockdown: $(acl_lockdown)"
+    if ! err="$(kexec -s -l /run/acl/slot/boot/vmlinuz --initrd=/run/acl/slot/boot/initrd.img \
+        --command-line="$cmdline" 2>&1)"; then
+        umount /run/acl/slot
+        DM_DISABLE_UDEV=1 veritysetup close acl-slot
+        acl_next_try "stage 1: the kernel of slot $ACL_SLOT was not loaded (${err:-kexec failed})"
+    fi
     umount /run/acl/slot
     DM_DISABLE_UDEV=1 veritysetup close acl-slot
     acl_log "stage 1: starting the kernel of slot $ACL_SLOT"

@@ -11,12 +11,23 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use xshell::{Shell, cmd};
 
-const E2E_TOOLS: [crate::tools::Tool; 4] = [
+const E2E_TOOLS: [crate::tools::Tool; 6] = [
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("nginx", "nginx"),
     ("sgdisk", "gdisk"),
     ("mkfs.ext4", "e2fsprogs"),
+    // The EFI system partition of the Secure Boot machine.
+    ("mkfs.vfat", "dosfstools"),
+    ("mcopy", "mtools"),
 ];
+
+/// Debian's packages for the Secure Boot machine: the firmware (OVMF with Microsoft's keys
+/// enrolled), shim signed by Microsoft, GRUB signed by Debian.
+const SECURE_BOOT_DEBS: [&str; 3] = ["ovmf", "shim-signed", "grub-efi-amd64-signed"];
+
+/// The Secure Boot disk's EFI system partition: shim, GRUB, the first stage's kernel and
+/// initramfs (about 22 MiB), with room for a second set.
+const ESP_MIB: u64 = 64;
 
 /// The repository's port on the host; the guest reaches the host's loopback as 10.0.2.2
 /// (qemu's user network), and `image-recipes/node.toml` names http://10.0.2.2:18080/.
@@ -129,12 +140,45 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
 
     // A fresh disk: Flatcar's layout, 1.0.0 provisioned into A, an ext4 state partition.
     let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)?.set_len((2 * SLOT_MIB + 512) << 20)?;
+    fresh_disk(sh, &dir, &aclctl, &disk, 4)?;
+    state_partition(sh, &disk)?;
+    let logs = dir.join("console");
+    std::fs::create_dir_all(&logs)?;
+    let vm = e2e::vm::Vm {
+        disk,
+        vmlinuz: images.v1.vmlinuz.clone(),
+        initrd: images.v1.initrd.clone(),
+        logs: logs.clone(),
+        firmware: e2e::vm::Firmware::Direct,
+    };
+    let secure_boot = secure_boot_machine(sh, &dir, &aclctl, &images.v1, &logs)?;
+    let unit_files = ["acl-agentd.service", "acl-boot-deadline.service"]
+        .iter()
+        .map(|u| (format!("/lib/systemd/system/{u}"), root.join("systemd").join(u)))
+        .collect();
+    let mut r = Run {
+        lab: &lab,
+        images,
+        vm,
+        secure_boot: Some(secure_boot),
+        unit_files,
+        timings: Vec::new(),
+        failures: Vec::new(),
+    };
+    e2e::run(&mut r)?;
+    println!("e2e: {:.1} min in all", started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}
+
+/// A disk in Flatcar's layout with an EFI system partition of `esp_mib`, 1.0.0 (the newest
+/// release published) provisioned into slot A.
+fn fresh_disk(sh: &Shell, dir: &Path, aclctl: &Path, disk: &Path, esp_mib: u64) -> Result<()> {
+    std::fs::File::create(disk)?.set_len((2 * SLOT_MIB + esp_mib + 508) << 20)?;
     let usr = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
-    let slot = format!("+{SLOT_MIB}M");
+    let (slot, esp) = (format!("+{SLOT_MIB}M"), format!("+{esp_mib}M"));
     cmd!(
         sh,
-        "sgdisk -n 1:0:+4M -c 1:EFI-SYSTEM -t 1:EF00 -n 2:0:+1M -c 2:BIOS-BOOT -t 2:EF02
+        "sgdisk -n 1:0:{esp} -c 1:EFI-SYSTEM -t 1:EF00 -n 2:0:+1M -c 2:BIOS-BOOT -t 2:EF02
          -n 3:0:{slot} -c 3:USR-A -t 3:{usr} -n 4:0:{slot} -c 4:USR-B -t 4:{usr}
          -n 6:0:+2M -c 6:OEM -n 7:0:+1M -c 7:OEM-CONFIG -n 9:0:0 -c 9:ROOT {disk}"
     )
@@ -142,24 +186,86 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     .ignore_stdout()
     .run()?;
     let file_repo = format!("file://{}", dir.join("repo").display());
-    let prov_state = dir.join("provision-state");
+    let prov_state = dir.join(format!("provision-state-{}", stem_of(disk)));
     cmd!(sh, "{aclctl} provision --disk {disk} --repo {file_repo} --trust {dir}/trust --state-dir {prov_state} --tries 2")
         .run()?;
-    let (start, len) = partition_extent(sh, &disk, 9)?;
+    Ok(())
+}
+
+fn stem_of(p: &Path) -> String {
+    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The ext4 state file system on partition 9.
+fn state_partition(sh: &Shell, disk: &Path) -> Result<()> {
+    let (start, len) = partition_extent(sh, disk, 9)?;
     let offset = format!("offset={start}");
     let kib = format!("{}k", len / 1024);
     cmd!(sh, "mkfs.ext4 -q -F -L acl-state -E {offset} {disk} {kib}").run()?;
-    let logs = dir.join("console");
-    std::fs::create_dir_all(&logs)?;
-    let vm = e2e::vm::Vm { disk, vmlinuz: images.v1.vmlinuz.clone(), initrd: images.v1.initrd.clone(), logs };
-    let unit_files = ["acl-agentd.service", "acl-boot-deadline.service"]
-        .iter()
-        .map(|u| (format!("/lib/systemd/system/{u}"), root.join("systemd").join(u)))
-        .collect();
-    let mut r = Run { lab: &lab, images, vm, unit_files, timings: Vec::new(), failures: Vec::new() };
-    e2e::run(&mut r)?;
-    println!("e2e: {:.1} min in all", started.elapsed().as_secs_f64() / 60.0);
     Ok(())
+}
+
+/// The Secure Boot machine: OVMF (Secure Boot on, Microsoft's keys), and a fresh disk whose EFI
+/// system partition holds what a Debian-style installer puts there: shim as the removable-media
+/// loader `EFI/BOOT/BOOTX64.EFI`, Debian's signed GRUB beside it, `dracut/esp/grub.cfg`, and
+/// the first stage (1.0.0's signed kernel and its initramfs) under `acl/`. Everything signed
+/// comes from Debian's packages, as they are.
+fn secure_boot_machine(
+    sh: &Shell,
+    dir: &Path,
+    aclctl: &Path,
+    v1: &e2e::Image,
+    logs: &Path,
+) -> Result<e2e::vm::Vm> {
+    let root = crate::project_root();
+    let cache = root.join("target/image-cache");
+    std::fs::create_dir_all(&cache)?;
+    let sb = dir.join("secure-boot");
+    let pkgs = sb.join("pkgs");
+    std::fs::create_dir_all(&pkgs)?;
+    for name in SECURE_BOOT_DEBS {
+        let deb = crate::debs::fetch(sh, &cache, name)?;
+        cmd!(sh, "dpkg-deb -x {deb} {pkgs}").run()?;
+    }
+    let ovmf = pkgs.join("usr/share/OVMF");
+    let vars = sb.join("OVMF_VARS.fd");
+    std::fs::copy(ovmf.join("OVMF_VARS_4M.ms.fd"), &vars)?;
+    let disk = dir.join("secure-boot-disk.img");
+    fresh_disk(sh, dir, aclctl, &disk, ESP_MIB)?;
+    state_partition(sh, &disk)?;
+    let (start, len) = partition_extent(sh, &disk, 1)?;
+    let esp = sb.join("esp.img");
+    let _ = std::fs::remove_file(&esp);
+    let kib = (len / 1024).to_string();
+    cmd!(sh, "mkfs.vfat -C -n ACL-ESP {esp} {kib}").quiet().ignore_stdout().run()?;
+    let shim = pkgs.join("usr/lib/shim/shimx64.efi.signed");
+    let grub = pkgs.join("usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed");
+    let cfg = root.join("dracut/esp/grub.cfg");
+    let (vmlinuz, initrd) = (&v1.vmlinuz, &v1.initrd);
+    {
+        let _env = sh.push_env("MTOOLS_SKIP_CHECK", "1");
+        cmd!(sh, "mmd -i {esp} ::/EFI ::/EFI/BOOT ::/EFI/debian ::/acl").run()?;
+        cmd!(sh, "mcopy -i {esp} {shim} ::/EFI/BOOT/BOOTX64.EFI").run()?;
+        cmd!(sh, "mcopy -i {esp} {grub} ::/EFI/BOOT/grubx64.efi").run()?;
+        // Debian's GRUB looks for its configuration in EFI/debian; started from EFI/BOOT
+        // (removable media), beside itself.
+        cmd!(sh, "mcopy -i {esp} {cfg} ::/EFI/BOOT/grub.cfg").run()?;
+        cmd!(sh, "mcopy -i {esp} {cfg} ::/EFI/debian/grub.cfg").run()?;
+        cmd!(sh, "mcopy -i {esp} {vmlinuz} ::/acl/vmlinuz").run()?;
+        cmd!(sh, "mcopy -i {esp} {initrd} ::/acl/initrd.img").run()?;
+    }
+    let seek = (start / 512).to_string();
+    cmd!(sh, "dd if={esp} of={disk} bs=512 seek={seek} conv=notrunc,fsync status=none").run()?;
+    println!(
+        "Secure Boot machine: OVMF with Microsoft's keys, shim, Debian's signed GRUB, ESP of {ESP_MIB} MiB"
+    );
+    Ok(e2e::vm::Vm {
+        disk,
+        vmlinuz: v1.vmlinuz.clone(),
+        initrd: v1.initrd.clone(),
+        logs: logs.to_path_buf(),
+        firmware: e2e::vm::Firmware::SecureBoot { code: ovmf.join("OVMF_CODE_4M.secboot.fd"), vars },
+    })
 }
 
 /// Builds `recipe` as `version` into `images/<work>` with `cargo xtask image` in a process at

@@ -95,6 +95,8 @@ pub struct Run<'a, L: Lab> {
     pub images: Images,
     /// The machine.
     pub vm: vm::Vm,
+    /// The Secure Boot machine (its own disk), for the scenarios `s1` to `s3`; none: skipped.
+    pub secure_boot: Option<vm::Vm>,
     /// Repository files the image must hold byte for byte: (path in the guest, file here).
     pub unit_files: Vec<(String, PathBuf)>,
     /// Per scenario, its phases and how long each took.
@@ -122,21 +124,57 @@ impl<L: Lab> Run<'_, L> {
     pub fn bits(&self) -> Result<slot::Slots> {
         Ok(slot::Disk::open(&self.vm.disk, false)?.slots())
     }
+
+    /// The slot bits of the Secure Boot machine's disk.
+    pub fn secure_boot_bits(&self) -> Result<slot::Slots> {
+        let vm = self.secure_boot.as_ref().ok_or_else(|| anyhow::anyhow!("no Secure Boot machine"))?;
+        Ok(slot::Disk::open(&vm.disk, false)?.slots())
+    }
 }
 
-/// Runs every scenario in order, then prints the timing table.
+/// Runs every scenario in order, then prints the timing table. With
+/// `ACL_E2E_ONLY=secure-boot`, only the Secure Boot machine's scenarios (for work on the boot
+/// path; CI runs them all).
 pub fn run<L: Lab>(run: &mut Run<'_, L>) -> Result<()> {
+    if std::env::var("ACL_E2E_ONLY").is_ok_and(|v| v == "secure-boot") {
+        run.lab.publish(&run.images.get("3.0.0")?)?;
+        let sb = scenarios::s1_secure_boot_fresh_disk_and_health(run)?;
+        run.lab.publish(&run.images.get("4.0.0")?)?;
+        let sb = scenarios::s2_secure_boot_kernel_panic(run, sb)?;
+        run.lab.publish(&run.images.get("5.0.0")?)?;
+        scenarios::s3_secure_boot_update(run, sb)?;
+        return report(run);
+    }
     let b = scenarios::a_fresh_disk(run)?;
     let b = scenarios::i_sandbox(run, b)?;
     let b = scenarios::b_update(run, b)?;
     let b = scenarios::c_health_rollback(run, b)?;
+    // The Secure Boot machine follows the same releases, booted while the other one idles: a
+    // fresh disk and a failed health check (3.0.0), a kernel panic (4.0.0), an update that is
+    // confirmed (5.0.0). Paused in between, so that it installs nothing on its own meanwhile.
+    let sb = match run.secure_boot.is_some() {
+        true => Some(scenarios::s1_secure_boot_fresh_disk_and_health(run)?),
+        false => None,
+    };
     let b = scenarios::d_kernel_panic(run, b)?;
+    let sb = match sb {
+        Some(sb) => Some(scenarios::s2_secure_boot_kernel_panic(run, sb)?),
+        None => None,
+    };
     let b = scenarios::e_power_cut(run, b)?;
+    if let Some(sb) = sb {
+        scenarios::s3_secure_boot_update(run, sb)?;
+    }
     let b = scenarios::f_operator_rollback(run, b)?;
     let b = scenarios::g_failed_unit(run, b)?;
     let b = scenarios::h_frozen_agent(run, b)?;
     scenarios::j_agent_cannot_run(run, b)?;
     scenarios::k_edited_boot_entry(run)?;
+    report(run)
+}
+
+/// The timing table, and the checks that failed without stopping the run.
+fn report<L: Lab>(run: &Run<'_, L>) -> Result<()> {
     println!("\n| scenario | phase | seconds |\n|---|---|---|");
     for (name, phases) in &run.timings {
         for (phase, d) in phases {

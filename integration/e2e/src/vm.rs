@@ -5,6 +5,12 @@
 //!
 //! `-no-reboot` turns every reboot into qemu exiting, so each boot is its own [`Booted`] with
 //! its own console log, and a scenario sees exactly when the node rebooted.
+//!
+//! Two kinds of machine: [`Firmware::Direct`] starts the first stage as a bootloader would
+//! (qemu's `-kernel`), fast and without firmware; [`Firmware::SecureBoot`] is a UEFI machine
+//! (OVMF with Microsoft's keys enrolled and Secure Boot on, as Trusted Launch VMs are) that
+//! boots the disk's EFI system partition: shim, Debian's signed GRUB, the signed first-stage
+//! kernel.
 
 use anyhow::{Context as _, Result};
 use std::io::Write as _;
@@ -15,8 +21,23 @@ use std::time::{Duration, Instant};
 /// How long one step may take under software emulation before the run fails.
 pub const STEP: Duration = Duration::from_secs(300);
 
+/// How the machine starts.
+#[derive(Debug, Clone)]
+pub enum Firmware {
+    /// qemu loads the first stage itself (no firmware, no Secure Boot).
+    Direct,
+    /// UEFI with Secure Boot enforced, booting the disk's EFI system partition.
+    SecureBoot {
+        /// OVMF's code (the Secure Boot build, which needs SMM).
+        code: PathBuf,
+        /// This machine's variable store (a copy of OVMF's, with Microsoft's keys): its
+        /// NVRAM, kept across boots.
+        vars: PathBuf,
+    },
+}
+
 /// The machine: the disk and the first stage a bootloader would load.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Vm {
     /// The node's disk (a GPT disk-image file).
     pub disk: PathBuf,
@@ -26,6 +47,8 @@ pub struct Vm {
     pub initrd: PathBuf,
     /// Where each boot's console log goes.
     pub logs: PathBuf,
+    /// How it starts.
+    pub firmware: Firmware,
 }
 
 impl Vm {
@@ -41,14 +64,31 @@ impl Vm {
         let log = self.logs.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
         let drive = format!("file={},format=raw,if=virtio", self.disk.display());
-        let child = Command::new("qemu-system-x86_64")
-            // The default CPU model: `-cpu max` doubled the boot time under emulation here.
-            // Two vCPUs (multi-threaded TCG): systemd starts units in parallel.
-            .args(["-m", "1024", "-smp", "2", "-nographic", "-no-reboot", "-kernel"])
-            .arg(&self.vmlinuz)
-            .arg("-initrd")
-            .arg(&self.initrd)
-            .args(["-append", append.trim_end(), "-drive", &drive])
+        let mut qemu = Command::new("qemu-system-x86_64");
+        // The default CPU model: `-cpu max` doubled the boot time under emulation here.
+        // Two vCPUs (multi-threaded TCG): systemd starts units in parallel.
+        qemu.args(["-m", "1024", "-smp", "2", "-nographic", "-no-reboot"]);
+        match &self.firmware {
+            Firmware::Direct => {
+                qemu.arg("-kernel").arg(&self.vmlinuz).arg("-initrd").arg(&self.initrd);
+                qemu.args(["-append", append.trim_end()]);
+            }
+            Firmware::SecureBoot { code, vars } => {
+                // OVMF's Secure Boot build keeps its variables behind SMM, so that the OS
+                // cannot write them (enrol a key, turn Secure Boot off) behind its back.
+                let code = format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display());
+                let vars = format!("if=pflash,format=raw,unit=1,file={}", vars.display());
+                qemu.args([
+                    "-machine",
+                    "q35,smm=on",
+                    "-global",
+                    "driver=cfi.pflash01,property=secure,value=on",
+                ]);
+                qemu.args(["-drive", &code, "-drive", &vars]);
+            }
+        }
+        let child = qemu
+            .args(["-drive", &drive])
             .args(["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"])
             .stdin(Stdio::piped())
             .stdout(Stdio::from(out.try_clone()?))
