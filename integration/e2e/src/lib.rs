@@ -11,7 +11,9 @@
 //! The scenarios run in order on that one disk, each a function in [`scenarios`]. A boot that
 //! ends one scenario starts the next where it can (the next release is published and checked
 //! while the node is up), so sixteen boots cover eleven scenarios: software emulation makes every
-//! boot cost a minute. Assertions read the serial console (journald forwards the journal
+//! boot cost a minute. A second machine with UEFI Secure Boot enforced ([`vm::Firmware`]) has
+//! its own disk and follows the same releases (scenarios s1 to s4), booted while the first one
+//! idles. Assertions read the serial console (journald forwards the journal
 //! there) and, after power-off, the disk's GPT bits. Every boot's console log is kept.
 
 // A test runner reports to its user on standard output.
@@ -95,7 +97,7 @@ pub struct Run<'a, L: Lab> {
     pub images: Images,
     /// The machine.
     pub vm: vm::Vm,
-    /// The Secure Boot machine (its own disk), for the scenarios `s1` to `s3`; none: skipped.
+    /// The Secure Boot machine (its own disk), for the scenarios `s1` to `s4`; none: skipped.
     pub secure_boot: Option<vm::Vm>,
     /// Repository files the image must hold byte for byte: (path in the guest, file here).
     pub unit_files: Vec<(String, PathBuf)>,
@@ -137,33 +139,40 @@ impl<L: Lab> Run<'_, L> {
 /// path; CI runs them all).
 pub fn run<L: Lab>(run: &mut Run<'_, L>) -> Result<()> {
     if std::env::var("ACL_E2E_ONLY").is_ok_and(|v| v == "secure-boot") {
+        let v2 = run.images.v2.clone();
+        run.lab.publish(&v2)?;
+        let sb = scenarios::s1_secure_boot_fresh_disk_and_unsigned_kernel(run)?;
         run.lab.publish(&run.images.get("3.0.0")?)?;
-        let sb = scenarios::s1_secure_boot_fresh_disk_and_health(run)?;
+        let sb = scenarios::s2_secure_boot_health_rollback(run, sb)?;
         run.lab.publish(&run.images.get("4.0.0")?)?;
-        let sb = scenarios::s2_secure_boot_kernel_panic(run, sb)?;
+        let sb = scenarios::s3_secure_boot_kernel_panic(run, sb)?;
         run.lab.publish(&run.images.get("5.0.0")?)?;
-        scenarios::s3_secure_boot_update(run, sb)?;
+        scenarios::s4_secure_boot_update(run, sb)?;
         return report(run);
     }
     let b = scenarios::a_fresh_disk(run)?;
     let b = scenarios::i_sandbox(run, b)?;
     let b = scenarios::b_update(run, b)?;
-    let b = scenarios::c_health_rollback(run, b)?;
     // The Secure Boot machine follows the same releases, booted while the other one idles: a
-    // fresh disk and a failed health check (3.0.0), a kernel panic (4.0.0), an update that is
-    // confirmed (5.0.0). Paused in between, so that it installs nothing on its own meanwhile.
-    let sb = match run.secure_boot.is_some() {
-        true => Some(scenarios::s1_secure_boot_fresh_disk_and_health(run)?),
-        false => None,
+    // fresh disk and a kernel it refuses (2.0.0, unsigned), a failed health check (3.0.0), a
+    // kernel panic (4.0.0), an update that is confirmed (5.0.0). Paused in between, so that it
+    // installs nothing on its own meanwhile.
+    let secure_boot = run.secure_boot.is_some();
+    let sb =
+        if secure_boot { Some(scenarios::s1_secure_boot_fresh_disk_and_unsigned_kernel(run)?) } else { None };
+    let b = scenarios::c_health_rollback(run, b)?;
+    let sb = match sb {
+        Some(sb) => Some(scenarios::s2_secure_boot_health_rollback(run, sb)?),
+        None => None,
     };
     let b = scenarios::d_kernel_panic(run, b)?;
     let sb = match sb {
-        Some(sb) => Some(scenarios::s2_secure_boot_kernel_panic(run, sb)?),
+        Some(sb) => Some(scenarios::s3_secure_boot_kernel_panic(run, sb)?),
         None => None,
     };
     let b = scenarios::e_power_cut(run, b)?;
     if let Some(sb) = sb {
-        scenarios::s3_secure_boot_update(run, sb)?;
+        scenarios::s4_secure_boot_update(run, sb)?;
     }
     let b = scenarios::f_operator_rollback(run, b)?;
     let b = scenarios::g_failed_unit(run, b)?;

@@ -15,9 +15,10 @@
 //! | h | the agent is frozen (SIGSTOP) mid-install of 7.0.0 | the watchdog kills it, systemd restarts it, the install resumes and completes |
 //! | j | 8.0.0 whose agent cannot start | `acl-boot-deadline.service` gives the slot up at its deadline, without the agent; 7.0.0 boots |
 //! | k | a boot entry edited to jump to stage 2 with the given-up slot and a made-up root hash | stage 2 refuses the slot, nothing is mounted or written |
-//! | s1 | Secure Boot machine (OVMF, Microsoft's keys, shim, Debian's signed GRUB): a fresh disk with 1.0.0, then 3.0.0 whose health check fails | the firmware's chain boots; both stages' kernels are locked down (printed from the initramfs and from the booted system); the first stage starts the slot's kernel with kexec_file_load; 1.0.0 is confirmed; 3.0.0 installs, boots, fails and is rolled back |
-//! | s2 | Secure Boot: 4.0.0, whose init dies | two panicking boots, then 1.0.0 by itself; 4.0.0 skipped |
-//! | s3 | Secure Boot: 5.0.0 | installed, booted, confirmed |
+//! | s1 | Secure Boot machine (OVMF, Microsoft's keys, shim, Debian's signed GRUB): a fresh disk with 1.0.0; then 2.0.0, whose kernel is Debian's unsigned build | the firmware's chain boots; both stages' kernels are locked down (printed from the initramfs and from the booted system); 1.0.0 is confirmed; 2.0.0 installs but its kernel is refused by the locked-down first stage in both tries, and 1.0.0 boots again |
+//! | s2 | Secure Boot: 3.0.0 whose required check fails | installed, booted, failed, rolled back |
+//! | s3 | Secure Boot: 4.0.0 whose init dies | two panicking boots, then 1.0.0 by itself; 4.0.0 skipped |
+//! | s4 | Secure Boot: 5.0.0 | installed, booted (locked down), confirmed |
 
 use crate::vm::Booted;
 use crate::{Lab, Run, ensure};
@@ -454,18 +455,15 @@ fn fetch_estimate(old: &std::path::Path, new: &std::path::Path) -> Result<u64> {
     Ok(frames.values().sum())
 }
 
-/// The machine's Secure Boot state as the booted system sees it: the kernel's lockdown file,
-/// and the firmware's `SecureBoot` variable (its last byte: 1 when on) if efivarfs shows it.
-fn secure_boot_state(b: &mut Booted) -> Result<(String, String)> {
-    let out = b.run("echo \"lockdown: $(cat /sys/kernel/security/lockdown)\"; echo \"SecureBoot: $(od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c 2>/dev/null | awk '{print $NF}')\"")?;
-    let field = |key: &str| {
-        out.lines()
-            .rev()
-            .find_map(|l| l.trim().strip_prefix(key))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_default()
-    };
-    Ok((field("lockdown: "), field("SecureBoot: ")))
+/// The kernel's lockdown state as the booted system reads it (the one in use in brackets).
+fn booted_lockdown(b: &mut Booted) -> Result<String> {
+    let out = b.run("echo \"lockdown: $(cat /sys/kernel/security/lockdown)\"")?;
+    Ok(out
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("lockdown: "))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default())
 }
 
 /// The lockdown state the first stage printed (`acl: stage 1: lockdown: ...`).
@@ -484,12 +482,17 @@ fn secure_boot_vm<L: Lab>(run: &Run<'_, L>) -> Result<crate::vm::Vm> {
     run.secure_boot.clone().context("no Secure Boot machine")
 }
 
+fn locked(lockdown: &str) -> bool {
+    lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]")
+}
+
 /// (s1) The Secure Boot machine: a fresh disk with 1.0.0 boots through the firmware's chain,
-/// locked down in both stages, and is confirmed; then 3.0.0 (whose required check fails)
-/// installs, boots under Secure Boot, fails and is rolled back. Left running, paused.
-pub fn s1_secure_boot_fresh_disk_and_health<L: Lab>(run: &mut Run<'_, L>) -> Result<Booted> {
+/// locked down in both stages, and is confirmed. Its agent installs 2.0.0 by itself, whose
+/// kernel is Debian's unsigned build: the locked-down first stage refuses to start it, spends
+/// the slot's tries in two short boots, and 1.0.0 boots again. Left running, paused.
+pub fn s1_secure_boot_fresh_disk_and_unsigned_kernel<L: Lab>(run: &mut Run<'_, L>) -> Result<Booted> {
     println!(
-        "\n== (s1) Secure Boot: a fresh disk boots through shim and signed GRUB; 3.0.0 fails and is rolled back"
+        "\n== (s1) Secure Boot: a fresh disk boots through shim and signed GRUB; 2.0.0's unsigned kernel is refused"
     );
     let vm = secure_boot_vm(run)?;
     let mut b = vm.boot("s1-1")?;
@@ -497,39 +500,35 @@ pub fn s1_secure_boot_fresh_disk_and_health<L: Lab>(run: &mut Run<'_, L>) -> Res
     b.wait_for("Kernel is locked down from EFI Secure Boot")?;
     let lock1 = stage1_lockdown(&mut b)?;
     println!("  stage 1 (the initramfs GRUB loaded): lockdown {lock1}");
-    ensure(
-        lock1.contains("[integrity]") || lock1.contains("[confidentiality]"),
-        format!("stage 1 locked down, not {lock1:?}"),
-    )?;
+    ensure(locked(&lock1), format!("stage 1 locked down, not {lock1:?}"))?;
     let u = up(&mut b, "A", "1.0.0")?;
     let healthy = b.wait_for("1.0.0 is healthy")?;
     b.wait_for("mark good: done")?;
     let s = run.secure_boot_bits()?;
     ensure(s.a.successful() && s.a.priority() == 2, format!("A confirmed: {s:?}"))?;
-    // The agent's first check finds 3.0.0 (published for scenario c) and installs it by itself.
-    let inst = b.wait_for("installing 3.0.0")?;
-    let done = b.wait_for("installed version=3.0.0")?;
+    // The agent's first check finds 2.0.0 (published for scenario b) and installs it by itself.
+    let inst = b.wait_for("installing 2.0.0")?;
+    let done = b.wait_for("installed version=2.0.0")?;
     b.wait_exit()?;
-    let install = done - inst;
-    let mut b = vm.boot("s1-2")?;
-    b.wait_for("stage 1: slot B (3.0.0)")?;
-    let lock3 = stage1_lockdown(&mut b)?;
-    let u3 = up(&mut b, "B", "3.0.0")?;
-    let failed = b.wait_for("3.0.0 failed its health checks")?;
-    b.wait_exit()?;
-    let mut b = vm.boot("s1-3")?;
+    let mut refused = Vec::new();
+    for (i, left) in ["1", "0"].iter().enumerate() {
+        let mut b = vm.boot(&format!("s1-{}", i + 2))?;
+        b.wait_for(&format!("stage 1: slot B (2.0.0), tries left: {left}"))?;
+        b.wait_for("stage 1: the kernel of slot B was not loaded")?;
+        let why = b.text().lines().find(|l| l.contains("was not loaded")).unwrap_or_default().to_owned();
+        println!("  {}", why.trim());
+        refused.push(b.wait_exit()?);
+    }
+    let mut b = vm.boot("s1-4")?;
+    b.wait_for("stage 1: slot A (1.0.0)")?;
     let back = up(&mut b, "A", "1.0.0")?;
+    b.wait_for("2.0.0 did not boot; running 1.0.0; 2.0.0 is skipped")?;
     b.run("aclctl pause")?;
-    let (lock2, sb_var) = secure_boot_state(&mut b)?;
-    println!(
-        "  booted system (the slot's kernel, started with kexec_file_load): lockdown {lock2}, SecureBoot variable {sb_var:?}"
-    );
-    ensure(
-        lock2.contains("[integrity]") || lock2.contains("[confidentiality]"),
-        format!("the booted system locked down, not {lock2:?}"),
-    )?;
+    let lock2 = booted_lockdown(&mut b)?;
+    println!("  booted system (the slot's kernel, started with kexec_file_load): lockdown {lock2}");
+    ensure(locked(&lock2), format!("the booted system locked down, not {lock2:?}"))?;
     let s = run.secure_boot_bits()?;
-    ensure(s.b.priority() == 0 && s.a.successful(), format!("B given up, A runs: {s:?}"))?;
+    ensure(!s.b.bootable() && s.a.successful(), format!("B out of tries, A runs: {s:?}"))?;
     run.time(
         "s1",
         vec![
@@ -537,32 +536,63 @@ pub fn s1_secure_boot_fresh_disk_and_health<L: Lab>(run: &mut Run<'_, L>) -> Res
             ("boot to userspace", u.userspace),
             ("agent ready (READY=1)", u.ready),
             ("to healthy", healthy - u.ready),
-            ("install 3.0.0", install),
-            ("3.0.0: agent ready / to health verdict", u3.ready),
-            ("to health verdict", failed - u3.ready),
-            ("rollback boot: agent ready", back.ready),
+            ("install 2.0.0 (unsigned kernel)", done - inst),
+            ("refused boot 1 (power on to reboot)", refused[0]),
+            ("refused boot 2", refused[1]),
+            ("fallback boot: agent ready", back.ready),
         ],
     );
-    println!("  lockdown: stage 1 {lock1}; booted system {lock2}; stage 1 of the 3.0.0 boot {lock3}");
     Ok(b)
 }
 
-/// (s2) Secure Boot: 4.0.0, whose init dies: its tries run out in two panicking boots, and
+/// (s2) Secure Boot: 3.0.0 (whose required check fails) installs, boots under Secure Boot,
+/// fails and is rolled back. Left running, paused.
+pub fn s2_secure_boot_health_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (s2) Secure Boot: 3.0.0 fails its health check and is rolled back");
+    let vm = secure_boot_vm(run)?;
+    b.run("aclctl resume")?;
+    let v3 = run.images.get("3.0.0")?;
+    let install = install_published(&mut b, &v3)?;
+    let mut b = vm.boot("s2-2")?;
+    b.wait_for("stage 1: slot B (3.0.0)")?;
+    let lock = stage1_lockdown(&mut b)?;
+    ensure(locked(&lock), format!("stage 1 locked down, not {lock:?}"))?;
+    let u = up(&mut b, "B", "3.0.0")?;
+    let failed = b.wait_for("3.0.0 failed its health checks")?;
+    b.wait_exit()?;
+    let mut b = vm.boot("s2-3")?;
+    let back = up(&mut b, "A", "1.0.0")?;
+    b.run("aclctl pause")?;
+    let s = run.secure_boot_bits()?;
+    ensure(s.b.priority() == 0 && s.a.successful(), format!("B given up, A runs: {s:?}"))?;
+    run.time(
+        "s2",
+        vec![
+            ("install 3.0.0", install),
+            ("3.0.0: agent ready", u.ready),
+            ("to health verdict", failed - u.ready),
+            ("rollback boot: agent ready", back.ready),
+        ],
+    );
+    Ok(b)
+}
+
+/// (s3) Secure Boot: 4.0.0, whose init dies: its tries run out in two panicking boots, and
 /// 1.0.0 boots by itself. Left running, paused.
-pub fn s2_secure_boot_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (s2) Secure Boot: 4.0.0 panics at boot; 1.0.0 comes back by itself");
+pub fn s3_secure_boot_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
+    println!("\n== (s3) Secure Boot: 4.0.0 panics at boot; 1.0.0 comes back by itself");
     let vm = secure_boot_vm(run)?;
     b.run("aclctl resume")?;
     let v4 = run.images.get("4.0.0")?;
     let install = install_published(&mut b, &v4)?;
     let mut panics = Vec::new();
     for (i, left) in ["1", "0"].iter().enumerate() {
-        let mut b = vm.boot(&format!("s2-{}", i + 2))?;
+        let mut b = vm.boot(&format!("s3-{}", i + 2))?;
         b.wait_for(&format!("stage 1: slot B (4.0.0), tries left: {left}"))?;
         b.wait_for("Kernel panic")?;
         panics.push(b.wait_exit()?);
     }
-    let mut b = vm.boot("s2-4")?;
+    let mut b = vm.boot("s3-4")?;
     b.wait_for("stage 1: slot A (1.0.0)")?;
     let u = up(&mut b, "A", "1.0.0")?;
     b.wait_for("4.0.0 did not boot; running 1.0.0; 4.0.0 is skipped")?;
@@ -570,7 +600,7 @@ pub fn s2_secure_boot_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) 
     ensure(!s.b.bootable() && s.a.successful(), format!("B out of tries, A runs: {s:?}"))?;
     b.run("aclctl pause")?;
     run.time(
-        "s2",
+        "s3",
         vec![
             ("install 4.0.0", install),
             ("panic boot 1", panics[0]),
@@ -581,18 +611,18 @@ pub fn s2_secure_boot_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) 
     Ok(b)
 }
 
-/// (s3) Secure Boot: 5.0.0 installs, boots and is confirmed.
-pub fn s3_secure_boot_update<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<()> {
-    println!("\n== (s3) Secure Boot: 5.0.0 installs, boots and is confirmed");
+/// (s4) Secure Boot: 5.0.0 installs, boots and is confirmed.
+pub fn s4_secure_boot_update<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<()> {
+    println!("\n== (s4) Secure Boot: 5.0.0 installs, boots and is confirmed");
     let vm = secure_boot_vm(run)?;
     b.run("aclctl resume")?;
     let v5 = run.images.get("5.0.0")?;
     let install = install_published(&mut b, &v5)?;
-    let mut b = vm.boot("s3-2")?;
+    let mut b = vm.boot("s4-2")?;
     let u = up(&mut b, "B", "5.0.0")?;
     let healthy = b.wait_for("5.0.0 is healthy")?;
     b.wait_for("mark good: done")?;
-    let (lock, _) = secure_boot_state(&mut b)?;
+    let lock = booted_lockdown(&mut b)?;
     ensure(
         lock.contains("[integrity]") || lock.contains("[confidentiality]"),
         format!("locked down, not {lock:?}"),
@@ -603,6 +633,6 @@ pub fn s3_secure_boot_update<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Res
     let mut phases = vec![("install 5.0.0", install)];
     phases.extend(up_phases(&u));
     phases.push(("to healthy", healthy - u.ready));
-    run.time("s3", phases);
+    run.time("s4", phases);
     Ok(())
 }
