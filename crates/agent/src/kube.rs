@@ -221,9 +221,20 @@ impl Controller {
         self.events.set_uid(node.metadata.uid.clone());
         if self.node.is_none() && self.memory.request_result.is_none() {
             // The answer to the last request survives a restart of the agent (and the reboot
-            // a rollback request causes).
+            // a rollback request causes). A removal's marker left there means the agent stopped
+            // between taking a request and saying what became of it: it is not acted on again
+            // (at most once: a rollback=now acted on and replayed after its reboot would roll
+            // back for ever), and says so.
             self.memory.request_result =
-                node.metadata.annotations.as_ref().and_then(|a| a.get(ann::REQUEST_RESULT).cloned());
+                node.metadata.annotations.as_ref().and_then(|a| a.get(ann::REQUEST_RESULT).cloned()).map(
+                    |r| {
+                        if plan::is_marker(&r) {
+                            format!("{r}: the agent restarted before it could report what became of it")
+                        } else {
+                            r
+                        }
+                    },
+                );
         }
         self.node = Some(node);
         self.ready_tx.send_replace(self.ready());
@@ -248,7 +259,18 @@ impl Controller {
                     }
                 }
                 plan::Action::Reboot { version, how } => {
-                    // The daemon's state may have moved while requests were carried out.
+                    // Judged again on a fresh read: the daemon's state may have moved while
+                    // requests were carried out, and our copy of the Node may be an older watch
+                    // event delivered after a newer answer (a permit the coordinator has
+                    // revoked since).
+                    match self.nodes.get(&self.opts.node).await {
+                        Ok(n) => self.node = Some(n),
+                        Err(e) => {
+                            tracing::warn!("re-reading node {} before rebooting: {e}", self.opts.node);
+                            self.retry_requests = true;
+                            continue;
+                        }
+                    }
                     if plan::reboot_permit(&self.annotations(), &self.snap).is_none() {
                         continue;
                     }
@@ -267,24 +289,57 @@ impl Controller {
     }
 
     /// A removal whose answer was lost: a fresh read of the Node shows whether it was stored
-    /// (then its requests are acted on, once) or not (then they are taken again, if still
-    /// there).
+    /// (then its requests are acted on, once), can no longer be (then whatever is still there
+    /// is taken again), or may still land (then the same removal is sent again, conditioned on
+    /// the same version, so that at most one of them is stored).
     async fn resolve_pending(&mut self) {
         let Some(p) = self.memory.pending.clone() else { return };
-        match self.nodes.get(&self.opts.node).await {
-            Ok(n) => self.node = Some(n),
+        let fresh = match self.nodes.get(&self.opts.node).await {
+            Ok(n) => n,
             Err(e) => {
                 tracing::warn!("re-reading node {} after a lost answer: {e}", self.opts.node);
                 self.retry_requests = true;
                 return;
             }
-        }
-        self.memory.pending = None;
-        if plan::stored(&p, &self.annotations()) {
-            self.act_on(&p.requests, &p.keys).await;
-        } else {
-            // Not stored: whatever is still there is taken on the next pass.
-            self.retry_requests = true;
+        };
+        let rv = fresh.metadata.resource_version.clone().unwrap_or_default();
+        self.node = Some(fresh);
+        match plan::resolution(&p, &self.annotations(), &rv) {
+            plan::Resolution::Stored => {
+                self.memory.pending = None;
+                self.act_on(&p.requests, &p.keys).await;
+            }
+            plan::Resolution::NotStored => {
+                self.memory.pending = None;
+                self.retry_requests = true;
+            }
+            plan::Resolution::Unknown => {
+                let mut remove: serde_json::Map<String, serde_json::Value> =
+                    p.keys.iter().map(|k| ((*k).to_owned(), serde_json::Value::Null)).collect();
+                remove.insert(ann::REQUEST_RESULT.to_owned(), p.marker.clone().into());
+                let patch = serde_json::json!({"metadata": {"resourceVersion": p.resource_version, "annotations": remove}});
+                match self.nodes.patch(&self.opts.node, &PatchParams::default(), &Patch::Merge(&patch)).await
+                {
+                    Ok(n) => {
+                        self.node = Some(n);
+                        self.memory.pending = None;
+                        self.act_on(&p.requests, &p.keys).await;
+                    }
+                    Err(cluster::kube::Error::Api(s))
+                        if (400..500).contains(&s.code) && s.code != 429 && !s.is_conflict() =>
+                    {
+                        // Refused: the first one, the same patch, was refused as well.
+                        self.memory.pending = None;
+                        self.retry_requests = true;
+                    }
+                    Err(e) => {
+                        // A conflict: something was stored meanwhile (ours, or another
+                        // change); the next read tells. Anything else: try again.
+                        tracing::warn!("sending the removal from node {} again: {e}", self.opts.node);
+                        self.retry_requests = true;
+                    }
+                }
+            }
         }
     }
 
@@ -354,8 +409,12 @@ impl Controller {
                     // been made and only its answer lost: a fresh read will tell.
                     let refused = matches!(&e, cluster::kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 429);
                     if !refused {
-                        self.memory.pending =
-                            Some(plan::Pending { marker, requests: r.clone(), keys: removing });
+                        self.memory.pending = Some(plan::Pending {
+                            marker,
+                            requests: r.clone(),
+                            keys: removing,
+                            resource_version: rv,
+                        });
                     }
                     tracing::warn!(
                         "removing the requests from node {} before acting on them: {e}",

@@ -98,9 +98,11 @@ impl Drainer {
         let ours =
             node.metadata.annotations.as_ref().is_some_and(|a| a.get(CORDONED).is_some_and(|v| v == "true"));
         let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
-        if ours || cordoned {
+        if cordoned {
             return Ok(ours);
         }
+        // Not cordoned, though perhaps marked ours (an operator uncordoned it meanwhile, and
+        // the drain is taken up again): cordoned now, with our mark.
         // Conditioned on the version read: an operator's cordon in between is not claimed.
         let patch = json!({
             "metadata": {"resourceVersion": node.metadata.resource_version, "annotations": {CORDONED: "true"}},

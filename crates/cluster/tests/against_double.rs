@@ -339,3 +339,16 @@ async fn a_finalizer_that_never_clears_times_the_drain_out() {
     assert!(s.get(Kind::Pod, "prod", "stuck").is_none(), "gone once its finalizer cleared");
     assert_eq!(d.drain(Duration::from_secs(1), &|_| {}).await.unwrap(), Outcome::Done { evicted: 0 });
 }
+
+/// Our mark without the cordon (an operator ran `kubectl uncordon`, which clears only the spec
+/// field, and the drain is taken up again): the node is cordoned again, not drained while
+/// schedulable.
+#[tokio::test]
+async fn a_node_marked_ours_but_uncordoned_is_cordoned_again() {
+    let (s, c) = server().await;
+    s.create(Kind::Node, json!({"metadata": {"name": "n1", "annotations": {CORDONED: "true"}}, "spec": {}}))
+        .unwrap();
+    let d = Drainer::new(c, "n1");
+    assert!(d.cordon().await.unwrap());
+    assert_eq!(s.get(Kind::Node, "", "n1").unwrap()["spec"]["unschedulable"], true);
+}

@@ -43,6 +43,8 @@ pub struct Pending {
     pub requests: Requests,
     /// The keys removed.
     pub keys: Vec<&'static str>,
+    /// The Node version the removal was conditioned on.
+    pub resource_version: String,
 }
 
 impl Eq for Pending {}
@@ -109,6 +111,41 @@ pub fn marker(keys: &[&str], resource_version: &str) -> String {
 /// Whether the Node shows that `pending`'s removal was stored.
 pub fn stored(pending: &Pending, annotations: &BTreeMap<String, String>) -> bool {
     annotations.get(ann::REQUEST_RESULT) == Some(&pending.marker)
+}
+
+/// What a fresh read of the Node says about a removal whose answer was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Its marker is there: it was stored; act on its requests, once.
+    Stored,
+    /// The Node moved past the version it was conditioned on without it: it can never be
+    /// stored now; take whatever is still there again.
+    NotStored,
+    /// The Node is still at that version: the removal may still be on its way (a reset
+    /// connection does not mean the server dropped the request). Send the same removal again,
+    /// conditioned on the same version: at most one of the two can be stored.
+    Unknown,
+}
+
+/// Judges `pending` against a fresh read of the Node (`annotations` at `resource_version`).
+pub fn resolution(
+    pending: &Pending,
+    annotations: &BTreeMap<String, String>,
+    resource_version: &str,
+) -> Resolution {
+    if stored(pending, annotations) {
+        Resolution::Stored
+    } else if resource_version == pending.resource_version {
+        Resolution::Unknown
+    } else {
+        Resolution::NotStored
+    }
+}
+
+/// Whether `request-result` holds a removal's marker (left by an agent that stopped between a
+/// removal and its report).
+pub fn is_marker(text: &str) -> bool {
+    text.starts_with("taking ") && text.ends_with(')') && text.contains("(node version ")
 }
 
 /// The reboot the coordinator allowed: the staged version, wanted, `reboot-allowed` naming

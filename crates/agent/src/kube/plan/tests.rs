@@ -96,7 +96,12 @@ fn requests_are_taken_before_they_are_acted_on_and_never_while_a_removal_is_unre
         (ann::PAUSED, &["true", "false", "maybe"]),
     ]);
     let pending = Memory {
-        pending: Some(Pending { marker: "m".into(), requests: Requests::default(), keys: vec![ann::UPDATE] }),
+        pending: Some(Pending {
+            marker: "m".into(),
+            requests: Requests::default(),
+            keys: vec![ann::UPDATE],
+            resource_version: "7".into(),
+        }),
         ..Memory::default()
     };
     for a in &nodes {
@@ -180,6 +185,7 @@ fn a_removal_is_recognised_by_its_marker_only() {
         marker: marker(&[ann::ROLLBACK], "41"),
         requests: Requests::default(),
         keys: vec![ann::ROLLBACK],
+        resource_version: "41".into(),
     };
     let mut a = BTreeMap::new();
     assert!(!stored(&p, &a), "nothing written");
@@ -187,8 +193,12 @@ fn a_removal_is_recognised_by_its_marker_only() {
     assert!(!stored(&p, &a), "an earlier removal's marker");
     a.insert(ann::REQUEST_RESULT.to_owned(), "rollback: rolled back".into());
     assert!(!stored(&p, &a));
+    assert_eq!(resolution(&p, &a, "41"), Resolution::Unknown, "still at its version: may still land");
+    assert_eq!(resolution(&p, &a, "42"), Resolution::NotStored, "moved on without it: can never land");
     a.insert(ann::REQUEST_RESULT.to_owned(), p.marker.clone());
     assert!(stored(&p, &a));
+    assert_eq!(resolution(&p, &a, "42"), Resolution::Stored);
+    assert!(is_marker(&p.marker) && !is_marker("rollback: rolled back") && !is_marker("taking a break"));
     assert!(!writes_status(&Memory { pending: Some(p), ..Memory::default() }));
     assert!(writes_status(&Memory::default()));
 }
