@@ -38,7 +38,7 @@ pub async fn serve(path: &Path, daemon: mpsc::Sender<ApiRequest>) -> std::io::Re
             while let Ok(Some(line)) = lines.next_line().await {
                 let answer = match serde_json::from_str::<RequestLine>(&line) {
                     Err(e) => Answer::refused(format!("bad request: {e}")),
-                    Ok(RequestLine { request: Request::AllowReboot }) => Answer::refused(
+                    Ok(RequestLine { request: Request::AllowReboot { .. } }) => Answer::refused(
                         "allow-reboot comes from the cluster coordinator (Kubernetes mode), not the local API"
                             .into(),
                     ),

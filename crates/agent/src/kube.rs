@@ -280,7 +280,8 @@ impl Controller {
                     self.events
                         .publish(Type::Normal, "Rebooting", &format!("rebooting into {version}, {how}"))
                         .await;
-                    if let Some(s) = self.ask(Request::AllowReboot).await {
+                    let Ok(version) = version.parse() else { continue };
+                    if let Some(s) = self.ask(Request::AllowReboot { version }).await {
                         self.snap = s;
                     }
                 }

@@ -15,7 +15,7 @@
 //! | Idle | Checked(Wait/UpToDate/Blocked) | Idle (note kept) | - |
 //! | Installing v | Installed ok | Staged v | RequestReboot |
 //! | Installing v | Installed err | Idle | (failure of v recorded) |
-//! | Staged v | RebootAllowed (or Operator AllowReboot), not paused | Rebooting v | Reboot |
+//! | Staged v | RebootAllowed (or Operator AllowReboot naming v), not paused | Rebooting v | Reboot |
 //! | Rebooting v | Started, v booted unconfirmed | Verifying v until deadline | RunHealth |
 //! | Rebooting v | Started, v did not boot | Idle | (v skipped: its tries ran out) |
 //! | Rebooting v | Started, old slot runs, v still boots next | Staged v | RequestReboot |
@@ -222,9 +222,17 @@ fn fail(state: &mut State, version: &Version, reason: &str, now: Timestamp) {
 
 /// The transition function (see the module docs for the table).
 pub fn step(state: &State, event: &Event, cfg: &Config) -> (State, Vec<Action>) {
-    let event = match event {
-        Event::Operator(Request::AllowReboot) => &Event::RebootAllowed,
-        e => e,
+    let event = match (event, &state.phase) {
+        (Event::Operator(Request::AllowReboot { version: allowed }), Phase::Staged { version })
+            if allowed == version =>
+        {
+            &Event::RebootAllowed
+        }
+        (Event::Operator(Request::AllowReboot { version }), _) => {
+            let note = format!("ignored a reboot permit for {version} in phase {:?}", state.phase);
+            return (state.clone(), vec![Action::Log(note)]);
+        }
+        (e, _) => e,
     };
     let mut s = state.clone();
     let mut actions = Vec::new();

@@ -137,9 +137,13 @@ pub enum Request {
         /// The version, or the latest.
         version: Option<Version>,
     },
-    /// The staged update may reboot now: in Kubernetes mode, the cluster lock is held and the
-    /// node drained. The same as the state machine's `Event::RebootAllowed`.
-    AllowReboot,
+    /// The staged update of this version may reboot now: in Kubernetes mode, the cluster lock
+    /// is held and the node drained. The same as the state machine's `Event::RebootAllowed`,
+    /// for this version only: a permit for one version never reboots into another.
+    AllowReboot {
+        /// The version the permit names.
+        version: Version,
+    },
 }
 
 /// How far the running install is.

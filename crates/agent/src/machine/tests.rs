@@ -409,3 +409,23 @@ fn outcomes_are_typed() {
     ];
     assert_eq!(outcomes(&check)[2..], [Outcome::CheckFailed, Outcome::Progress]);
 }
+
+/// A reboot permit names its version: one for another version (a leftover, or the daemon moved
+/// on since it was given) reboots nothing.
+#[test]
+fn a_reboot_permit_counts_for_its_version_only() {
+    let (staged, _) = run(&State::default(), &happy_path()[..4]);
+    assert_eq!(staged.phase, Phase::Staged { version: v("2.0.0") });
+    let other = Event::Operator(Request::AllowReboot { version: v("3.0.0") });
+    let (s, a) = step(&staged, &other, &cfg());
+    assert_eq!(s, staged);
+    assert!(
+        matches!(a.as_slice(), [Action::Log(l)] if l.contains("ignored a reboot permit for 3.0.0")),
+        "{a:?}"
+    );
+    let idle = State::default();
+    let (s, a) = step(&idle, &Event::Operator(Request::AllowReboot { version: v("2.0.0") }), &cfg());
+    assert_eq!((s, a.contains(&Action::Reboot)), (idle, false));
+    let (s, a) = step(&staged, &Event::Operator(Request::AllowReboot { version: v("2.0.0") }), &cfg());
+    assert_eq!((s.phase, a), (Phase::Rebooting { version: v("2.0.0") }, vec![Action::Reboot]));
+}
