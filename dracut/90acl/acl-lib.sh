@@ -28,7 +28,9 @@ acl_lockdown() {
 # keeps failing runs out of tries and the other one boots; waiting in a shell would spend none.
 acl_next_try() {
     acl_log "$*; rebooting for the next try"
-    sync
+    # No sync(1) in the initramfs: the kernel's emergency sync, then the reboot. acl-boot
+    # wrote the spent try durably before it chose the slot.
+    echo s > /proc/sysrq-trigger
     echo b > /proc/sysrq-trigger
     sleep 10
     die "acl: $*"

@@ -42,9 +42,9 @@ acl_stage1() {
     acl_log "stage 1: slot $ACL_SLOT ($ACL_VERSION), tries left: $ACL_TRIES_LEFT"
     acl_open_verity acl-slot "$ACL_PART" "$ACL_ROOTHASH" "$ACL_HASH_OFFSET" "$ACL_DATA_BLOCKS" \
         "$ACL_DATA_BLOCK_SIZE" "$ACL_HASH_BLOCK_SIZE" "$ACL_HASH" "$ACL_SALT" \
-        || die "acl: cannot open slot $ACL_SLOT through dm-verity"
+        || acl_next_try "stage 1: cannot open slot $ACL_SLOT through dm-verity"
     mkdir -p /run/acl/slot
-    mount -t erofs -o ro /dev/mapper/acl-slot /run/acl/slot || die "acl: cannot mount slot $ACL_SLOT"
+    mount -t erofs -o ro /dev/mapper/acl-slot /run/acl/slot || acl_next_try "stage 1: cannot mount slot $ACL_SLOT"
     # Stage 2 is told only which disk and slot; it verifies the slot again itself.
     cmdline="$ACL_CMDLINE acl.stage=2 acl.disk=$disk acl.slot=$ACL_SLOT"
     cmdline="$cmdline root=/dev/mapper/acl-root rootfstype=erofs ro"
@@ -64,7 +64,7 @@ acl_stage1() {
     acl_log "stage 1: starting the kernel of slot $ACL_SLOT"
     : > /run/acl/handed-over
     kexec -e
-    die "acl: kexec into slot $ACL_SLOT failed"
+    acl_next_try "stage 1: kexec into slot $ACL_SLOT failed"
 }
 
 if [ "$(getarg acl.stage=)" = 2 ]; then
