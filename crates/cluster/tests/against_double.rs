@@ -9,7 +9,11 @@ use std::time::Duration;
 use test_apiserver::{ApiServer, Kind, Options};
 
 async fn server() -> (ApiServer, kube::Client) {
-    let s = ApiServer::start(Options::default()).await.unwrap();
+    server_with(Options::default()).await
+}
+
+async fn server_with(opts: Options) -> (ApiServer, kube::Client) {
+    let s = ApiServer::start(opts).await.unwrap();
     let c = cluster::plain_client(&s.url()).unwrap();
     (s, c)
 }
@@ -260,9 +264,7 @@ fn budget(name: &str, app: &str, min: i64) -> Value {
 /// `Retry-After: 10`. The drain waits those 10 s instead of asking every round, then evicts.
 #[tokio::test]
 async fn a_budget_being_processed_is_asked_again_after_retry_after() {
-    let opts = Options { pdb_sync_delay: Duration::from_secs(2), ..Options::default() };
-    let s = ApiServer::start(opts).await.unwrap();
-    let c = cluster::plain_client(&s.url()).unwrap();
+    let (s, c) = server_with(Options { pdb_sync_delay: Duration::from_secs(2), ..Options::default() }).await;
     s.create(Kind::Node, node("n1")).unwrap();
     s.create(Kind::Pod, pod("db-1", "n1", "db")).unwrap();
     s.create(Kind::Pod, pod("db-2", "n2", "db")).unwrap();
@@ -288,9 +290,7 @@ async fn a_budget_being_processed_is_asked_again_after_retry_after() {
 /// in quick succession cannot both pass on a budget that allows one.
 #[tokio::test]
 async fn evictions_are_counted_against_the_budget_status() {
-    let opts = Options { eviction_grace: Duration::from_secs(1), ..Options::default() };
-    let s = ApiServer::start(opts).await.unwrap();
-    let c = cluster::plain_client(&s.url()).unwrap();
+    let (s, c) = server_with(Options { eviction_grace: Duration::from_secs(1), ..Options::default() }).await;
     s.create(Kind::Node, node("n1")).unwrap();
     for p in ["web-1", "web-2"] {
         s.create(Kind::Pod, pod(p, "n1", "web")).unwrap();

@@ -619,7 +619,7 @@ impl ApiServer {
         st.next_uid += 1;
         let m = &mut object["metadata"];
         m["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", st.next_uid));
-        m["creationTimestamp"] = json!(jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+        m["creationTimestamp"] = json!(now_text());
         if kind.namespaced() {
             m["namespace"] = json!(ns);
         }

@@ -219,13 +219,7 @@ pub fn d_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Boo
     println!("\n== (d) 4.0.0 panics at boot: its tries run out, 2.0.0 comes back by itself");
     let v4 = run.images.get("4.0.0")?;
     install_now(run, &mut b, &v4)?;
-    let mut panics = Vec::new();
-    for (i, left) in ["1", "0"].iter().enumerate() {
-        let mut b = run.vm.boot(&format!("d{}", i + 2))?;
-        b.wait_for(&format!("stage 1: slot A (4.0.0), tries left: {left}"))?;
-        b.wait_for("Kernel panic")?;
-        panics.push(b.wait_exit()?);
-    }
+    let panics = panic_boots(&run.vm, "d", "A", "4.0.0")?;
     let mut b = run.vm.boot("d4")?;
     b.wait_for("stage 1: slot B (2.0.0)")?;
     let u = up(&mut b, "B", "2.0.0")?;
@@ -244,6 +238,20 @@ pub fn d_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Boo
         ],
     );
     Ok(b)
+}
+
+/// The two boots of `slot`, running `version` whose init dies: stage 1 spends a try on each
+/// (1, then 0 left) and the kernel panics. Power-on to reboot of each; the boots are named
+/// `{prefix}2` and `{prefix}3`.
+fn panic_boots(vm: &crate::vm::Vm, prefix: &str, slot: &str, version: &str) -> Result<Vec<Duration>> {
+    let mut panics = Vec::new();
+    for (i, left) in ["1", "0"].iter().enumerate() {
+        let mut b = vm.boot(&format!("{prefix}{}", i + 2))?;
+        b.wait_for(&format!("stage 1: slot {slot} ({version}), tries left: {left}"))?;
+        b.wait_for("Kernel panic")?;
+        panics.push(b.wait_exit()?);
+    }
+    Ok(panics)
 }
 
 /// (e) The power is cut mid-install of 5.0.0 (past half its download): the half-written slot is not
@@ -585,13 +593,7 @@ pub fn s3_secure_boot_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) 
     b.run("aclctl resume")?;
     let v4 = run.images.get("4.0.0")?;
     let install = install_published(&mut b, &v4)?;
-    let mut panics = Vec::new();
-    for (i, left) in ["1", "0"].iter().enumerate() {
-        let mut b = vm.boot(&format!("s3-{}", i + 2))?;
-        b.wait_for(&format!("stage 1: slot B (4.0.0), tries left: {left}"))?;
-        b.wait_for("Kernel panic")?;
-        panics.push(b.wait_exit()?);
-    }
+    let panics = panic_boots(&vm, "s3-", "B", "4.0.0")?;
     let mut b = vm.boot("s3-4")?;
     b.wait_for("stage 1: slot A (1.0.0)")?;
     let u = up(&mut b, "A", "1.0.0")?;
