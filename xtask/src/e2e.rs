@@ -1,17 +1,20 @@
 //! `cargo xtask e2e`: sets up what the end-to-end scenarios of `integration/e2e` need and runs
 //! them: the test OS images built from `image-recipes/` (and one built twice, to show the build
 //! is reproducible), a repository served by nginx on the port the images' configuration names,
-//! and a fresh disk in Flatcar's layout with 1.0.0 provisioned into slot A.
+//! and a fresh disk in Flatcar's layout with 1.0.0 provisioned into slot A. The Secure Boot
+//! machine gets the same, each its own: a disk (with an EFI system partition), a repository,
+//! and an nginx serving it on the same port inside a network namespace (`ip netns`) where that
+//! machine's qemu runs, so both machines run their scenarios at the same time.
 
 use crate::image::{self, ImageArgs};
-use crate::nginx::Nginx;
+use crate::nginx::{Netns, Nginx};
 use anyhow::{Context as _, Result, bail};
 use e2e::{Image, Images, Lab, Run};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use xshell::{Shell, cmd};
 
-const E2E_TOOLS: [crate::tools::Tool; 6] = [
+const E2E_TOOLS: [crate::tools::Tool; 7] = [
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("nginx", "nginx"),
     ("sgdisk", "gdisk"),
@@ -19,6 +22,8 @@ const E2E_TOOLS: [crate::tools::Tool; 6] = [
     // The EFI system partition of the Secure Boot machine.
     ("mkfs.vfat", "dosfstools"),
     ("mcopy", "mtools"),
+    // The Secure Boot machine's network namespace.
+    ("ip", "iproute2"),
 ];
 
 /// Debian's packages for the Secure Boot machine: the firmware (OVMF with Microsoft's keys
@@ -40,19 +45,24 @@ const PROFILE: image::Profile = image::Profile::Dev;
 /// Slot size: the systemd node image is about 190 MiB with its verity tree.
 const SLOT_MIB: u64 = 256;
 
-/// Images from xtask's builder, published with `aclpub`, served by nginx.
-struct XtaskLab<'a> {
-    sh: &'a Shell,
+/// Images from xtask's builder, published with `aclpub` into `repo`, served by nginx. One per
+/// machine: each machine has its repository.
+struct XtaskLab {
     dir: PathBuf,
+    repo: PathBuf,
     aclpub: PathBuf,
+    /// Dropped before `netns`, the namespace it may run in.
     nginx: Option<Nginx>,
+    netns: Option<Netns>,
 }
 
-impl Lab for XtaskLab<'_> {
+impl Lab for XtaskLab {
     fn build(&self, recipe: &str, version: &str) -> Result<Image> {
-        let root = self.sh.current_dir();
+        let sh = Shell::new()?;
+        let root = crate::project_root();
+        sh.change_dir(&root);
         let b = image::build(
-            self.sh,
+            &sh,
             &ImageArgs {
                 profile: PROFILE,
                 recipe: root.join("image-recipes").join(recipe),
@@ -67,17 +77,32 @@ impl Lab for XtaskLab<'_> {
     }
 
     fn publish(&self, i: &Image) -> Result<()> {
-        let (aclpub, out, repo) = (&self.aclpub, &i.build, self.dir.join("repo"));
-        let (trust, key) = (self.dir.join("trust"), self.dir.join("keys/e2e.key"));
-        cmd!(self.sh, "{aclpub} publish {out} --repo {repo} --channel stable --key {key} --trust {trust}")
-            .quiet()
-            .ignore_stdout()
-            .run()?;
+        let out = std::process::Command::new(&self.aclpub)
+            .arg("publish")
+            .arg(&i.build)
+            .arg("--repo")
+            .arg(&self.repo)
+            .args(["--channel", "stable", "--key"])
+            .arg(self.dir.join("keys/e2e.key"))
+            .arg("--trust")
+            .arg(self.dir.join("trust"))
+            .output()
+            .context("run aclpub publish")?;
+        if !out.status.success() {
+            bail!(
+                "aclpub publish {} into {} failed ({}): {}",
+                i.version,
+                self.repo.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         Ok(())
     }
 
     fn bytes_sent(&self) -> u64 {
-        self.nginx.as_ref().map_or(0, |n| n.bytes_sent(&self.dir.join("nginx")))
+        let work = if self.netns.is_some() { "nginx-secure-boot" } else { "nginx" };
+        self.nginx.as_ref().map_or(0, |n| n.bytes_sent(&self.dir.join(work)))
     }
 }
 
@@ -97,7 +122,13 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
         cmd!(sh, "{aclpub} keygen --out keys e2e").quiet().ignore_stdout().run()?;
     }
     std::fs::copy(dir.join("keys/e2e.pub"), dir.join("trust/e2e.pub"))?;
-    let mut lab = XtaskLab { sh, dir: dir.clone(), aclpub, nginx: None };
+    let mut lab = XtaskLab {
+        dir: dir.clone(),
+        repo: dir.join("repo"),
+        aclpub: aclpub.clone(),
+        nginx: None,
+        netns: None,
+    };
 
     // Images: 1.0.0 and 2.0.0 before the first boot; the others in a background process at
     // low priority while the first scenarios boot (software emulation leaves the CPU idle
@@ -150,22 +181,34 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
         initrd: images.v1.initrd.clone(),
         logs: logs.clone(),
         firmware: e2e::vm::Firmware::Direct,
+        netns: None,
     };
-    let secure_boot = secure_boot_machine(sh, &dir, &aclctl, &images.v1, &logs)?;
-    let unit_files = ["acl-agentd.service", "acl-boot-deadline.service"]
+    let unit_files: Vec<(String, PathBuf)> = ["acl-agentd.service", "acl-boot-deadline.service"]
         .iter()
         .map(|u| (format!("/lib/systemd/system/{u}"), root.join("systemd").join(u)))
         .collect();
-    let mut r = Run {
-        lab: &lab,
-        images,
-        vm,
-        secure_boot: Some(secure_boot),
-        unit_files,
+
+    // The Secure Boot machine: its own disk, and its own repository served at the same address
+    // in a network namespace of its own, where its qemu runs.
+    let netns = Netns::new(&format!("acl-e2e-sb-{}", std::process::id()))?;
+    let sb_vm = secure_boot_machine(sh, &dir, &aclctl, &images.v1, &logs, &netns.name)?;
+    let sb_repo = dir.join("repo-secure-boot");
+    let mut sb_lab = XtaskLab { dir: dir.clone(), repo: sb_repo.clone(), aclpub, nginx: None, netns: None };
+    sb_lab.publish(&images.v1)?;
+    sb_lab.nginx = Some(Nginx::start_in(&netns, &sb_repo, &dir.join("nginx-secure-boot"), REPO_PORT)?);
+    sb_lab.netns = Some(netns);
+
+    let sb = Run {
+        lab: &sb_lab,
+        aclctl: aclctl.clone(),
+        images: images.clone(),
+        vm: sb_vm,
+        unit_files: unit_files.clone(),
         timings: Vec::new(),
         failures: Vec::new(),
     };
-    e2e::run(&mut r)?;
+    let mut r = Run { lab: &lab, aclctl, images, vm, unit_files, timings: Vec::new(), failures: Vec::new() };
+    e2e::run(&mut r, Some(sb))?;
     println!("e2e: {:.1} min in all", started.elapsed().as_secs_f64() / 60.0);
     Ok(())
 }
@@ -208,7 +251,8 @@ fn state_partition(sh: &Shell, disk: &Path) -> Result<()> {
 /// The Secure Boot machine: OVMF (Secure Boot on, Microsoft's keys), and a fresh disk whose EFI
 /// system partition holds what a Debian-style installer puts there: shim as the removable-media
 /// loader `EFI/BOOT/BOOTX64.EFI`, Debian's signed GRUB beside it, `dracut/esp/grub.cfg`, and
-/// the first stage (1.0.0's signed kernel and its initramfs) under `acl/`. Everything signed
+/// the first stage (1.0.0's signed kernel and its initramfs) as set a, written by
+/// `aclctl first-stage install`. Everything signed
 /// comes from Debian's packages, as they are.
 fn secure_boot_machine(
     sh: &Shell,
@@ -216,6 +260,7 @@ fn secure_boot_machine(
     aclctl: &Path,
     v1: &e2e::Image,
     logs: &Path,
+    netns: &str,
 ) -> Result<e2e::vm::Vm> {
     let root = crate::project_root();
     let cache = root.join("target/image-cache");
@@ -244,18 +289,22 @@ fn secure_boot_machine(
     let (vmlinuz, initrd) = (&v1.vmlinuz, &v1.initrd);
     {
         let _env = sh.push_env("MTOOLS_SKIP_CHECK", "1");
-        cmd!(sh, "mmd -i {esp} ::/EFI ::/EFI/BOOT ::/EFI/debian ::/acl").run()?;
+        cmd!(sh, "mmd -i {esp} ::/EFI ::/EFI/BOOT ::/EFI/debian").run()?;
         cmd!(sh, "mcopy -i {esp} {shim} ::/EFI/BOOT/BOOTX64.EFI").run()?;
         cmd!(sh, "mcopy -i {esp} {grub} ::/EFI/BOOT/grubx64.efi").run()?;
         // Debian's GRUB looks for its configuration in EFI/debian; started from EFI/BOOT
         // (removable media), beside itself.
         cmd!(sh, "mcopy -i {esp} {cfg} ::/EFI/BOOT/grub.cfg").run()?;
         cmd!(sh, "mcopy -i {esp} {cfg} ::/EFI/debian/grub.cfg").run()?;
-        cmd!(sh, "mcopy -i {esp} {vmlinuz} ::/acl/vmlinuz").run()?;
-        cmd!(sh, "mcopy -i {esp} {initrd} ::/acl/initrd.img").run()?;
     }
     let seek = (start / 512).to_string();
     cmd!(sh, "dd if={esp} of={disk} bs=512 seek={seek} conv=notrunc,fsync status=none").run()?;
+    // The first stage, as set a, written the way a node replaces it.
+    cmd!(
+        sh,
+        "{aclctl} first-stage install --disk {disk} --kernel {vmlinuz} --initrd {initrd} --secure-boot on"
+    )
+    .run()?;
     println!(
         "Secure Boot machine: OVMF with Microsoft's keys, shim, Debian's signed GRUB, ESP of {ESP_MIB} MiB"
     );
@@ -265,6 +314,7 @@ fn secure_boot_machine(
         initrd: v1.initrd.clone(),
         logs: logs.to_path_buf(),
         firmware: e2e::vm::Firmware::SecureBoot { code: ovmf.join("OVMF_CODE_4M.secboot.fd"), vars },
+        netns: Some(netns.to_owned()),
     })
 }
 

@@ -21,10 +21,48 @@ impl Nginx {
 
     /// Serves `root` from 127.0.0.1:`port`.
     pub(crate) fn start_on(root: &Path, work: &Path, port: u16) -> Result<Nginx> {
-        std::fs::create_dir_all(work)?;
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             bail!("127.0.0.1:{port} is taken by another program");
         }
+        let child =
+            Command::new("nginx").args(Self::args(root, work, port)?).spawn().context("start nginx")?;
+        let server = Nginx { child, port };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        bail!("nginx did not listen on 127.0.0.1:{port}")
+    }
+
+    /// Serves `root` from 127.0.0.1:`port` of the network namespace `ns`.
+    pub(crate) fn start_in(ns: &Netns, root: &Path, work: &Path, port: u16) -> Result<Nginx> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nginx"])
+            .args(Self::args(root, work, port)?)
+            .spawn()
+            .context("start nginx in a network namespace")?;
+        let server = Nginx { child, port };
+        // Reached from inside the namespace (bash's /dev/tcp: no other tool needed).
+        let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+        for _ in 0..200 {
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &ns.name, "bash", "-c", &probe])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        bail!("nginx did not listen on 127.0.0.1:{port} in network namespace {}", ns.name)
+    }
+
+    /// The configuration (written into `work`) and nginx's arguments.
+    fn args(root: &Path, work: &Path, port: u16) -> Result<Vec<std::ffi::OsString>> {
+        std::fs::create_dir_all(work)?;
         let conf = work.join("nginx.conf");
         let tmp = work.display();
         std::fs::write(
@@ -40,21 +78,7 @@ impl Nginx {
                 root.display()
             ),
         )?;
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg("stderr")
-            .spawn()
-            .context("start nginx")?;
-        let server = Nginx { child, port };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(server);
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        bail!("nginx did not listen on 127.0.0.1:{port}")
+        Ok(vec!["-c".into(), conf.into(), "-e".into(), "stderr".into()])
     }
 
     /// Body bytes sent so far, from the access log (written when each request completes).
@@ -76,5 +100,36 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A network namespace of our own (`ip netns add`), with its loopback up; deleted on drop.
+#[derive(Debug)]
+pub(crate) struct Netns {
+    pub(crate) name: String,
+}
+
+impl Netns {
+    /// Creates `name` (a stale one of that name, left by a killed run, is replaced).
+    pub(crate) fn new(name: &str) -> Result<Netns> {
+        let ip = |args: &[&str]| -> Result<()> {
+            let status = Command::new("ip").args(args).status().context("run ip (iproute2)")?;
+            if !status.success() {
+                bail!("ip {} failed ({status})", args.join(" "));
+            }
+            Ok(())
+        };
+        let _ =
+            Command::new("ip").args(["netns", "delete", name]).stderr(std::process::Stdio::null()).status();
+        ip(&["netns", "add", name])?;
+        let ns = Netns { name: name.to_owned() };
+        ip(&["netns", "exec", name, "ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
     }
 }

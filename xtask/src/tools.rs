@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 pub(crate) type Tool = (&'static str, &'static str);
 
 /// Tools the test suite calls.
-pub(crate) const TEST_TOOLS: [Tool; 8] = [
+pub(crate) const TEST_TOOLS: [Tool; 9] = [
     ("cgpt", "cgpt"),
     ("nginx", "nginx"),
     ("flock", "util-linux"),
@@ -15,6 +15,8 @@ pub(crate) const TEST_TOOLS: [Tool; 8] = [
     ("mkfs.erofs", "erofs-utils"),
     ("sgdisk", "gdisk"),
     ("losetup", "mount"),
+    // The first stage's crash test makes FAT file systems and checks them.
+    ("fsck.vfat", "dosfstools"),
 ];
 /// Tools the demo calls.
 pub(crate) const DEMO_TOOLS: [Tool; 3] =

@@ -10,6 +10,7 @@
 #![allow(clippy::print_stdout)]
 
 mod deadline;
+mod first_stage;
 mod follow;
 mod status;
 mod update;
@@ -184,6 +185,11 @@ enum Command {
         #[arg(long, default_value = "/")]
         config_root: PathBuf,
     },
+    /// The first stage on the EFI system partition (Secure Boot machines: shim, GRUB, then a
+    /// signed kernel and the initramfs that chooses the slot): show its two sets, or replace it
+    /// crash-safely (written beside the set GRUB starts, then switched to).
+    #[command(subcommand)]
+    FirstStage(FirstStage),
     /// Confirm the booted slot as good (what the agent does after its health checks pass).
     MarkGood {
         #[command(flatten)]
@@ -192,6 +198,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `aclctl first-stage ...`.
+#[derive(Debug, Subcommand)]
+enum FirstStage {
+    /// Both sets, GRUB's environment block, and the set GRUB starts.
+    Status {
+        /// The disk: a block device or a disk-image file (default: the running system's disk).
+        #[arg(long)]
+        disk: Option<PathBuf>,
+        /// Whether the machine enforces Secure Boot (it decides whether GRUB can start a set
+        /// whose kernel is unsigned); default: what this machine's firmware says.
+        #[arg(long, value_parser = on_off)]
+        secure_boot: Option<bool>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a kernel and initramfs as a new set beside the one GRUB starts, read it back, then
+    /// switch GRUB to it (the old set stays as the fallback). A power cut at any point leaves
+    /// a partition GRUB starts.
+    Install {
+        /// The disk: a block device or a disk-image file (default: the running system's disk).
+        #[arg(long)]
+        disk: Option<PathBuf>,
+        /// The kernel (signed, for Secure Boot), e.g. /boot/vmlinuz of the booted slot.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// The initramfs with the boot path's module (dracut/90acl), e.g. /boot/initrd.img.
+        #[arg(long)]
+        initrd: PathBuf,
+        /// Whether the machine enforces Secure Boot (it decides which set GRUB starts now, and
+        /// so which one may be written); default: what this machine's firmware says. Give it
+        /// for the disk image of another machine.
+        #[arg(long, value_parser = on_off)]
+        secure_boot: Option<bool>,
+        /// Write a kernel that carries no signature (machines without Secure Boot, or tests).
+        #[arg(long)]
+        allow_unsigned: bool,
+    },
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
 }
 
 /// Where releases come from and who must have signed them (`update --repo`, `provision`).
@@ -276,6 +330,8 @@ fn refused(e: &anyhow::Error) -> bool {
             // A payload that does not match its signed manifest is refused like a bad signature.
             || matches!(c.downcast_ref::<install::InstallError>(), Some(install::InstallError::BadChunk { .. }))
             || c.downcast_ref::<repo::TrustError>().is_some()
+            || c.downcast_ref::<first_stage::Refused>().is_some()
+            || matches!(c.downcast_ref::<esp::Error>(), Some(esp::Error::NoSpace { .. }))
     })
 }
 
@@ -372,6 +428,12 @@ fn run(cli: Cli) -> Result<()> {
             deadline::run(&config_root, disk.as_deref(), booted)
         }
         Command::MarkGood { target, json } => change(&target, json, "mark-good", choice::mark_good),
+        Command::FirstStage(FirstStage::Status { disk, secure_boot, json }) => {
+            first_stage::status(disk.as_deref(), secure_boot, json)
+        }
+        Command::FirstStage(FirstStage::Install { disk, kernel, initrd, secure_boot, allow_unsigned }) => {
+            first_stage::install(disk.as_deref(), &kernel, &initrd, secure_boot, allow_unsigned)
+        }
     }
 }
 

@@ -25,6 +25,9 @@ pub const USR_PARTITION_TYPE: Uuid = uuid::uuid!("5dfbf5f4-2848-4bac-aa5e-0d9a20
 /// smaller is a damaged entry, not a slot.
 pub const MIN_SLOT_BYTES: u64 = 1 << 20;
 
+/// The partition type of an EFI system partition (where the first stage lives).
+pub const ESP_PARTITION_TYPE: Uuid = uuid::uuid!("c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+
 /// The GPT partition name of `slot`.
 pub fn slot_label(slot: Slot) -> &'static str {
     match slot {
@@ -113,6 +116,24 @@ pub enum DiskError {
         number: u32,
         /// Its type.
         found: Uuid,
+    },
+    /// No EFI system partition.
+    #[error("{path} has no EFI system partition (type {ESP_PARTITION_TYPE})")]
+    NoEsp {
+        /// The disk.
+        path: PathBuf,
+    },
+    /// More than one EFI system partition: which one the firmware boots is not known here.
+    #[error(
+        "{path} has more than one EFI system partition (numbers {first} and {second}); which one the firmware boots is not known, so neither is written"
+    )]
+    DuplicateEsp {
+        /// The disk.
+        path: PathBuf,
+        /// One partition number.
+        first: u32,
+        /// The other.
+        second: u32,
     },
     /// USR-B before USR-A.
     #[error("{path}: USR-A (partition {a}) must come before USR-B (partition {b})")]
@@ -254,6 +275,24 @@ impl<D: BlockDevice> Disk<D> {
         slot_bytes(e, self.table.sector_size()).ok_or_else(|| {
             self.layout_error(LayoutError::SlotTooSmall { part: e.part(), bytes: 0, min: MIN_SLOT_BYTES })
         })
+    }
+
+    /// Byte offset and length of the EFI system partition (the one partition of its type);
+    /// refused when the layout is unsafe, as for the slots.
+    pub fn esp_extent(&self) -> Result<(u64, u64), DiskError> {
+        self.check_layout().map_err(|e| self.layout_error(e))?;
+        let entries = self.table.entries();
+        let mut esps = entries.iter().filter(|e| e.type_guid == ESP_PARTITION_TYPE);
+        let e = esps.next().ok_or_else(|| DiskError::NoEsp { path: self.path.clone() })?;
+        if let Some(second) = esps.next() {
+            return Err(DiskError::DuplicateEsp {
+                path: self.path.clone(),
+                first: e.number,
+                second: second.number,
+            });
+        }
+        // check_layout bounds every partition by the disk.
+        slot_bytes(e, self.table.sector_size()).ok_or_else(|| DiskError::NoEsp { path: self.path.clone() })
     }
 
     /// The refusal for a layout problem of this disk.

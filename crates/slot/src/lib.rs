@@ -25,6 +25,6 @@ pub mod system;
 pub mod table;
 
 pub use choice::{Slot, Slots, Tries};
-pub use disk::{Disk, DiskError, MIN_SLOT_BYTES, USR_PARTITION_TYPE, slot_label};
+pub use disk::{Disk, DiskError, ESP_PARTITION_TYPE, MIN_SLOT_BYTES, USR_PARTITION_TYPE, slot_label};
 pub use gptprio::{GptPrio, Nibble};
 pub use layout::LayoutError;

@@ -17,8 +17,8 @@
 //! | k | a boot entry edited to jump to stage 2 with the given-up slot and a made-up root hash | stage 2 refuses the slot, nothing is mounted or written |
 //! | s1 | Secure Boot machine (OVMF, Microsoft's keys, shim, Debian's signed GRUB): a fresh disk with 1.0.0; then 2.0.0, whose kernel is Debian's unsigned build | the firmware's chain boots; both stages' kernels are locked down (printed from the initramfs and from the booted system); 1.0.0 is confirmed; 2.0.0 installs but its kernel is refused by the locked-down first stage in both tries, and 1.0.0 boots again |
 //! | s2 | Secure Boot: 3.0.0 whose required check fails | installed, booted, failed, rolled back |
-//! | s3 | Secure Boot: 4.0.0 whose init dies | two panicking boots, then 1.0.0 by itself; 4.0.0 skipped |
-//! | s4 | Secure Boot: 5.0.0 | installed, booted (locked down), confirmed |
+//! | s3 | Secure Boot: 4.0.0 whose init dies; meanwhile the first stage replaced by one shim refuses (an unsigned kernel, `aclctl first-stage install` on the powered-off disk) | two panicking boots, then 1.0.0 by itself; 4.0.0 skipped; GRUB skips the refused first-stage set and starts the other |
+//! | s4 | Secure Boot: 5.0.0; then the first stage replaced from the booted slot on the node | installed, booted (locked down), confirmed; `aclctl first-stage install` writes the set GRUB does not start (the refused one) and switches to it; the next boot starts through it |
 
 use crate::vm::Booted;
 use crate::{Lab, Run, ensure};
@@ -53,7 +53,7 @@ fn up_phases(u: &Up) -> Vec<(&'static str, Duration)> {
 /// (a) A fresh disk with 1.0.0 on slot A boots under systemd, its workload answers, the agent
 /// confirms it; the agent's units in the image are the repository's, byte for byte.
 pub fn a_fresh_disk<L: Lab>(run: &mut Run<'_, L>) -> Result<Booted> {
-    println!("\n== (a) fresh disk: 1.0.0 on slot A boots under systemd and is confirmed");
+    say!("\n== (a) fresh disk: 1.0.0 on slot A boots under systemd and is confirmed");
     let mut b = run.vm.boot("a1")?;
     b.wait_for("kernel=6.1.0-56-amd64")?;
     let u = up(&mut b, "A", "1.0.0")?;
@@ -70,7 +70,7 @@ pub fn a_fresh_disk<L: Lab>(run: &mut Run<'_, L>) -> Result<Booted> {
                 host.display()
             ),
         )?;
-        println!("  {guest} is the repository's {} (sha256 {want})", host.display());
+        say!("  {guest} is the repository's {} (sha256 {want})", host.display());
     }
     let s = run.bits()?;
     ensure(s.a.successful() && s.a.priority() == 2, format!("A confirmed: {s:?}"))?;
@@ -84,7 +84,7 @@ pub fn a_fresh_disk<L: Lab>(run: &mut Run<'_, L>) -> Result<Booted> {
 /// effective capabilities, and which directories it can write (probed from its own mount
 /// namespace, where the unit's read-only mounts apply even to root).
 pub fn i_sandbox<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (i) the agent's sandbox, measured inside the guest");
+    say!("\n== (i) the agent's sandbox, measured inside the guest");
     let t = Instant::now();
     let out = b.run("systemd-analyze security --no-pager acl-agentd.service | tail -n 1")?;
     let exposure: f64 = out
@@ -93,11 +93,11 @@ pub fn i_sandbox<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> 
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("no exposure figure in {out:?}"))?;
-    println!("  systemd-analyze security: exposure {exposure:.1} (goal at most 2.0)");
+    say!("  systemd-analyze security: exposure {exposure:.1} (goal at most 2.0)");
     run.check(exposure <= 2.0, format!("an exposure of at most 2.0, not {exposure}"));
     let out = b.run("grep CapEff /proc/$(pidof acl-agentd)/status")?;
     run.check(out.contains("CapEff:\t0000000000000000"), format!("no effective capabilities: {out:?}"));
-    println!("  effective capabilities: 0");
+    say!("  effective capabilities: 0");
     let out = b.run(
         "for d in / /etc /usr /var /var/lib /var/log /root /home /run /var/lib/acl-update /run/acl-update; do \
          if nsenter -t $(pidof acl-agentd) -m -- touch $d/.acl-probe 2>/dev/null; then echo \"probe: writable $d\"; \
@@ -106,7 +106,7 @@ pub fn i_sandbox<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> 
     let writable: Vec<&str> =
         out.lines().filter_map(|l| l.trim().strip_prefix("probe: writable ")).map(str::trim).collect();
     let read_only = out.lines().filter(|l| l.trim().starts_with("probe: read-only ")).count();
-    println!("  writable in the agent's view: {writable:?}; read-only: {read_only} others");
+    say!("  writable in the agent's view: {writable:?}; read-only: {read_only} others");
     run.check(
         writable == ["/var/lib/acl-update", "/run/acl-update"],
         format!("only the state and runtime directories writable, not {writable:?}"),
@@ -118,7 +118,7 @@ pub fn i_sandbox<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> 
 /// (b) The agent finds 2.0.0 by itself (its periodic check), installs it into B and reboots
 /// through systemd; B boots the other kernel build and is confirmed; A stays the way back.
 pub fn b_update<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (b) the agent finds 2.0.0 (kernel 6.1.0-50), installs it into B, reboots into it");
+    say!("\n== (b) the agent finds 2.0.0 (kernel 6.1.0-50), installs it into B, reboots into it");
     run.lab.publish(&run.images.v2)?;
     let published = b.elapsed();
     let inst = b.wait_for("installing 2.0.0 into slot B")?;
@@ -170,7 +170,7 @@ fn install_published(b: &mut Booted, image: &crate::Image) -> Result<Duration> {
 /// (c) 3.0.0's required health check fails: it is marked bad, 2.0.0 boots again, and the
 /// reason is on the console and in the history.
 pub fn c_health_rollback<L: Lab>(run: &mut Run<'_, L>, b: Booted) -> Result<Booted> {
-    println!("\n== (c) 3.0.0 fails its required health check: automatic rollback to 2.0.0");
+    say!("\n== (c) 3.0.0 fails its required health check: automatic rollback to 2.0.0");
     let v3 = run.images.get("3.0.0")?;
     health_rollback(run, b, "c", &v3, "app: not answering on :8080")
 }
@@ -216,7 +216,7 @@ fn health_rollback<L: Lab>(
 /// (d) 4.0.0's init dies, so its kernel panics: the boot path spends its tries and 2.0.0
 /// boots without the agent's help; the agent then reports 4.0.0 as not booted and skips it.
 pub fn d_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (d) 4.0.0 panics at boot: its tries run out, 2.0.0 comes back by itself");
+    say!("\n== (d) 4.0.0 panics at boot: its tries run out, 2.0.0 comes back by itself");
     let v4 = run.images.get("4.0.0")?;
     install_now(run, &mut b, &v4)?;
     let panics = panic_boots(&run.vm, "d", "A", "4.0.0")?;
@@ -257,7 +257,7 @@ fn panic_boots(vm: &crate::vm::Vm, prefix: &str, slot: &str, version: &str) -> R
 /// (e) The power is cut mid-install of 5.0.0 (past half its download): the half-written slot is not
 /// bootable, 2.0.0 boots, the agent resumes the install and completes it, 5.0.0 is confirmed.
 pub fn e_power_cut<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (e) power cut in the middle of the 5.0.0 install; it resumes after the reboot");
+    say!("\n== (e) power cut in the middle of the 5.0.0 install; it resumes after the reboot");
     let v5 = run.images.get("5.0.0")?;
     // What the node must fetch: the frames of chunks slot B (2.0.0) does not hold.
     let to_fetch = fetch_estimate(&run.images.v2.build, &v5.build)?;
@@ -299,7 +299,7 @@ pub fn e_power_cut<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted
     let s = run.bits()?;
     ensure(s.a.successful() && s.a.priority() == 2, format!("A confirmed with 5.0.0: {s:?}"))?;
     ensure(resumed > 0, format!("the install resumed with some bytes in place (resumed={resumed})"))?;
-    println!(
+    say!(
         "  power cut after {:.1} MiB of the {:.1} MiB to fetch; after the reboot {:.1} MiB of the image were in place, {:.1} MiB fetched",
         mib(cut_at),
         mib(to_fetch),
@@ -320,7 +320,7 @@ pub fn e_power_cut<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted
 
 /// (f) `aclctl rollback --now`: the previous slot boots.
 pub fn f_operator_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (f) aclctl rollback --now: the previous slot boots");
+    say!("\n== (f) aclctl rollback --now: the previous slot boots");
     b.type_line("aclctl rollback --now --disk /dev/vda")?;
     b.wait_for("rolled back by the operator; rebooting")?;
     let down = b.wait_exit()?;
@@ -335,7 +335,7 @@ pub fn f_operator_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Resul
 /// (g) 6.0.0 has a systemd unit that fails at boot: the agent's systemd check reports the
 /// unit, the slot is rolled back, and the unit's name is in the history and on the console.
 pub fn g_failed_unit<L: Lab>(run: &mut Run<'_, L>, b: Booted) -> Result<Booted> {
-    println!("\n== (g) 6.0.0 has a unit that fails at boot: the systemd check rolls it back");
+    say!("\n== (g) 6.0.0 has a unit that fails at boot: the systemd check rolls it back");
     let v6 = run.images.get("6.0.0")?;
     health_rollback(run, b, "g", &v6, "acl-broken.service")
 }
@@ -344,7 +344,7 @@ pub fn g_failed_unit<L: Lab>(run: &mut Run<'_, L>, b: Booted) -> Result<Booted> 
 /// (20 s in the test image's drop-in) kills it, systemd restarts it, the install resumes and
 /// completes.
 pub fn h_frozen_agent<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (h) the agent is frozen mid-install: the watchdog restarts it, the install resumes");
+    say!("\n== (h) the agent is frozen mid-install: the watchdog restarts it, the install resumes");
     let v7 = run.images.get("7.0.0")?;
     run.lab.publish(&v7)?;
     b.type_line("aclctl check")?;
@@ -365,7 +365,7 @@ pub fn h_frozen_agent<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Boo
     let resumed: u64 = b.field_after("installed version=7.0.0", "resumed=")?.parse().unwrap_or(0);
     b.wait_exit()?;
     ensure(resumed > 0, format!("the restarted agent resumed the install (resumed={resumed})"))?;
-    println!("  the restarted agent found {:.1} MiB of 7.0.0 already in place", mib(resumed));
+    say!("  the restarted agent found {:.1} MiB of 7.0.0 already in place", mib(resumed));
     let mut b = run.vm.boot("h2")?;
     let u = up(&mut b, "A", "7.0.0")?;
     b.wait_for("7.0.0 is healthy")?;
@@ -385,7 +385,7 @@ pub fn h_frozen_agent<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Boo
 /// (j) 8.0.0's agent cannot start: nothing confirms or rejects the slot, and
 /// `acl-boot-deadline.service` (no agent involved) gives it up at its deadline; 7.0.0 boots.
 pub fn j_agent_cannot_run<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<()> {
-    println!("\n== (j) 8.0.0's agent cannot start: the boot deadline brings 7.0.0 back");
+    say!("\n== (j) 8.0.0's agent cannot start: the boot deadline brings 7.0.0 back");
     let v8 = run.images.get("8.0.0")?;
     install_now(run, &mut b, &v8)?;
     let mut b = run.vm.boot("j2")?;
@@ -420,7 +420,7 @@ pub fn j_agent_cannot_run<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result
 /// from the command line, finds that the rule did not choose it, and stops; the disk is not
 /// written.
 pub fn k_edited_boot_entry<L: Lab>(run: &mut Run<'_, L>) -> Result<()> {
-    println!("\n== (k) an edited boot entry names the given-up slot and its own root hash: refused");
+    say!("\n== (k) an edited boot entry names the given-up slot and its own root hash: refused");
     let before = run.bits()?;
     let slot = slot::choice::Slot::BOTH
         .into_iter()
@@ -486,8 +486,28 @@ fn stage1_lockdown(b: &mut Booted) -> Result<String> {
         .unwrap_or_default())
 }
 
-fn secure_boot_vm<L: Lab>(run: &Run<'_, L>) -> Result<crate::vm::Vm> {
-    run.secure_boot.clone().context("no Secure Boot machine")
+/// Runs the host's `aclctl` with `args`, then `files` (each after the preceding flag: `--kernel
+/// K --initrd I`), then `more`; its output.
+fn host_aclctl<L: Lab>(
+    run: &Run<'_, L>,
+    args: &[&str],
+    files: &[&std::path::Path],
+    more: &[&str],
+) -> Result<String> {
+    let mut c = std::process::Command::new(&run.aclctl);
+    c.args(args);
+    if let [kernel, initrd] = files {
+        c.arg(kernel).arg("--initrd").arg(initrd);
+    }
+    let out = c.args(more).output().context("run aclctl")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    for l in text.lines() {
+        say!("  aclctl: {l}");
+    }
+    if !out.status.success() {
+        bail!("aclctl {} failed ({}): {text}", args.join(" "), out.status);
+    }
+    Ok(text)
 }
 
 fn locked(lockdown: &str) -> bool {
@@ -499,22 +519,22 @@ fn locked(lockdown: &str) -> bool {
 /// kernel is Debian's unsigned build: the locked-down first stage refuses to start it, spends
 /// the slot's tries in two short boots, and 1.0.0 boots again. Left running, paused.
 pub fn s1_secure_boot_fresh_disk_and_unsigned_kernel<L: Lab>(run: &mut Run<'_, L>) -> Result<Booted> {
-    println!(
+    say!(
         "\n== (s1) Secure Boot: a fresh disk boots through shim and signed GRUB; 2.0.0's unsigned kernel is refused"
     );
-    let vm = secure_boot_vm(run)?;
+    let vm = run.vm.clone();
     let mut b = vm.boot("s1-1")?;
     let grub = b.wait_for("acl: GRUB: loading the first stage")?;
     b.wait_for("Kernel is locked down from EFI Secure Boot")?;
     let lock1 = stage1_lockdown(&mut b)?;
-    println!("  stage 1 (the initramfs GRUB loaded): lockdown {lock1}");
+    say!("  stage 1 (the initramfs GRUB loaded): lockdown {lock1}");
     ensure(locked(&lock1), format!("stage 1 locked down, not {lock1:?}"))?;
     let u = up(&mut b, "A", "1.0.0")?;
     let healthy = b.wait_for("1.0.0 is healthy")?;
     b.wait_for("mark good: done")?;
-    let s = run.secure_boot_bits()?;
+    let s = run.bits()?;
     ensure(s.a.successful() && s.a.priority() == 2, format!("A confirmed: {s:?}"))?;
-    // The agent's first check finds 2.0.0 (published for scenario b) and installs it by itself.
+    // The agent's first check finds 2.0.0 (published before this boot) and installs it by itself.
     let inst = b.wait_for("installing 2.0.0")?;
     let done = b.wait_for("installed version=2.0.0")?;
     b.wait_exit()?;
@@ -524,7 +544,7 @@ pub fn s1_secure_boot_fresh_disk_and_unsigned_kernel<L: Lab>(run: &mut Run<'_, L
         b.wait_for(&format!("stage 1: slot B (2.0.0), tries left: {left}"))?;
         b.wait_for("stage 1: the kernel of slot B was not loaded")?;
         let why = b.text().lines().find(|l| l.contains("was not loaded")).unwrap_or_default().to_owned();
-        println!("  {}", why.trim());
+        say!("  {}", why.trim());
         refused.push(b.wait_exit()?);
     }
     let mut b = vm.boot("s1-4")?;
@@ -533,9 +553,9 @@ pub fn s1_secure_boot_fresh_disk_and_unsigned_kernel<L: Lab>(run: &mut Run<'_, L
     b.wait_for("2.0.0 did not boot; running 1.0.0; 2.0.0 is skipped")?;
     b.run("aclctl pause")?;
     let lock2 = booted_lockdown(&mut b)?;
-    println!("  booted system (the slot's kernel, started with kexec_file_load): lockdown {lock2}");
+    say!("  booted system (the slot's kernel, started with kexec_file_load): lockdown {lock2}");
     ensure(locked(&lock2), format!("the booted system locked down, not {lock2:?}"))?;
-    let s = run.secure_boot_bits()?;
+    let s = run.bits()?;
     ensure(!s.b.bootable() && s.a.successful(), format!("B out of tries, A runs: {s:?}"))?;
     run.time(
         "s1",
@@ -556,8 +576,8 @@ pub fn s1_secure_boot_fresh_disk_and_unsigned_kernel<L: Lab>(run: &mut Run<'_, L
 /// (s2) Secure Boot: 3.0.0 (whose required check fails) installs, boots under Secure Boot,
 /// fails and is rolled back. Left running, paused.
 pub fn s2_secure_boot_health_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (s2) Secure Boot: 3.0.0 fails its health check and is rolled back");
-    let vm = secure_boot_vm(run)?;
+    say!("\n== (s2) Secure Boot: 3.0.0 fails its health check and is rolled back");
+    let vm = run.vm.clone();
     b.run("aclctl resume")?;
     let v3 = run.images.get("3.0.0")?;
     let install = install_published(&mut b, &v3)?;
@@ -571,7 +591,7 @@ pub fn s2_secure_boot_health_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Boote
     let mut b = vm.boot("s2-3")?;
     let back = up(&mut b, "A", "1.0.0")?;
     b.run("aclctl pause")?;
-    let s = run.secure_boot_bits()?;
+    let s = run.bits()?;
     ensure(s.b.priority() == 0 && s.a.successful(), format!("B given up, A runs: {s:?}"))?;
     run.time(
         "s2",
@@ -588,17 +608,34 @@ pub fn s2_secure_boot_health_rollback<L: Lab>(run: &mut Run<'_, L>, mut b: Boote
 /// (s3) Secure Boot: 4.0.0, whose init dies: its tries run out in two panicking boots, and
 /// 1.0.0 boots by itself. Left running, paused.
 pub fn s3_secure_boot_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted> {
-    println!("\n== (s3) Secure Boot: 4.0.0 panics at boot; 1.0.0 comes back by itself");
-    let vm = secure_boot_vm(run)?;
+    say!("\n== (s3) Secure Boot: 4.0.0 panics at boot; 1.0.0 comes back by itself");
+    let vm = run.vm.clone();
     b.run("aclctl resume")?;
     let v4 = run.images.get("4.0.0")?;
     let install = install_published(&mut b, &v4)?;
     let panics = panic_boots(&vm, "s3-", "B", "4.0.0")?;
+    // Meanwhile the first stage is replaced by one that shim refuses (2.0.0's unsigned kernel),
+    // as a bad first-stage release would be: written as set b and switched to. GRUB skips it
+    // and starts set a.
+    let out = host_aclctl(
+        run,
+        &["first-stage", "install", "--disk", &vm.disk.to_string_lossy(), "--kernel"],
+        &[&run.images.v2.vmlinuz, &run.images.v2.initrd],
+        &["--secure-boot", "on", "--allow-unsigned"],
+    )?;
+    ensure(
+        out.contains("GRUB starts set b from the next boot"),
+        format!("first stage set b switched to: {out}"),
+    )?;
     let mut b = vm.boot("s3-4")?;
+    let skipped = b.wait_for("acl: GRUB: set b could not be loaded, trying the next")?;
+    let refusal = b.text().lines().rev().find(|l| l.contains("error:")).unwrap_or_default().trim().to_owned();
+    say!("  GRUB said: {refusal}");
+    b.wait_for("acl: GRUB: loading the first stage, set a")?;
     b.wait_for("stage 1: slot A (1.0.0)")?;
     let u = up(&mut b, "A", "1.0.0")?;
     b.wait_for("4.0.0 did not boot; running 1.0.0; 4.0.0 is skipped")?;
-    let s = run.secure_boot_bits()?;
+    let s = run.bits()?;
     ensure(!s.b.bootable() && s.a.successful(), format!("B out of tries, A runs: {s:?}"))?;
     b.run("aclctl pause")?;
     run.time(
@@ -607,6 +644,7 @@ pub fn s3_secure_boot_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) 
             ("install 4.0.0", install),
             ("panic boot 1", panics[0]),
             ("panic boot 2", panics[1]),
+            ("fallback boot: GRUB skipped the refused first-stage set b", skipped),
             ("fallback boot: agent ready", u.ready),
         ],
     );
@@ -615,8 +653,8 @@ pub fn s3_secure_boot_kernel_panic<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) 
 
 /// (s4) Secure Boot: 5.0.0 installs, boots and is confirmed.
 pub fn s4_secure_boot_update<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<()> {
-    println!("\n== (s4) Secure Boot: 5.0.0 installs, boots and is confirmed");
-    let vm = secure_boot_vm(run)?;
+    say!("\n== (s4) Secure Boot: 5.0.0 installs, boots and is confirmed");
+    let vm = run.vm.clone();
     b.run("aclctl resume")?;
     let v5 = run.images.get("5.0.0")?;
     let install = install_published(&mut b, &v5)?;
@@ -629,12 +667,33 @@ pub fn s4_secure_boot_update<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Res
         lock.contains("[integrity]") || lock.contains("[confidentiality]"),
         format!("locked down, not {lock:?}"),
     )?;
-    let s = run.secure_boot_bits()?;
+    let s = run.bits()?;
     ensure(s.b.successful() && s.b.priority() == 2, format!("B confirmed: {s:?}"))?;
+    // The first stage replaced from the booted slot, on the node: GRUB starts set a (b holds
+    // the unsigned kernel of s3), so b is written, read back and switched to.
+    let t = Instant::now();
+    let out =
+        b.run("aclctl first-stage install --disk /dev/vda --kernel /boot/vmlinuz --initrd /boot/initrd.img")?;
+    let first_stage = t.elapsed();
+    ensure(
+        out.contains("writing set b") && out.contains("GRUB starts set b from the next boot"),
+        format!("the first stage written as set b and switched to: {out}"),
+    )?;
+    let st = b.run("aclctl first-stage status --disk /dev/vda")?;
+    ensure(st.contains("Secure Boot on"), format!("aclctl saw Secure Boot on: {st}"))?;
+    b.type_line("systemctl reboot")?;
+    b.wait_exit()?;
+    let mut b = vm.boot("s4-3")?;
+    let grub = b.wait_for("acl: GRUB: loading the first stage, set b")?;
+    let u2 = up(&mut b, "B", "5.0.0")?;
+    ensure(!b.text().contains("could not be loaded"), "GRUB loaded set b at once")?;
     b.power_off();
     let mut phases = vec![("install 5.0.0", install)];
     phases.extend(up_phases(&u));
     phases.push(("to healthy", healthy - u.ready));
+    phases.push(("first stage replaced on the node (aclctl first-stage install)", first_stage));
+    phases.push(("boot through the new first stage: GRUB loads set b", grub));
+    phases.push(("boot through the new first stage: agent ready", u2.ready));
     run.time("s4", phases);
     Ok(())
 }

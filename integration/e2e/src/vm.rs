@@ -49,6 +49,10 @@ pub struct Vm {
     pub logs: PathBuf,
     /// How it starts.
     pub firmware: Firmware,
+    /// The network namespace qemu runs in (`ip netns`), if not the caller's: qemu's user
+    /// network takes the guest's 10.0.2.2 to the loopback of the namespace it runs in, so a
+    /// machine in a namespace of its own reaches the repository served there.
+    pub netns: Option<String>,
 }
 
 impl Vm {
@@ -64,7 +68,14 @@ impl Vm {
         let log = self.logs.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
         let drive = format!("file={},format=raw,if=virtio", self.disk.display());
-        let mut qemu = Command::new("qemu-system-x86_64");
+        let mut qemu = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
         // The default CPU model: `-cpu max` doubled the boot time under emulation here.
         // Two vCPUs (multi-threaded TCG): systemd starts units in parallel.
         qemu.args(["-m", "1024", "-smp", "2", "-nographic", "-no-reboot"]);
@@ -95,7 +106,7 @@ impl Vm {
             .stderr(Stdio::from(out))
             .spawn()
             .context("start qemu-system-x86_64")?;
-        println!("  power on ({name}), console: {}", log.display());
+        say!("  power on ({name}), console: {}", log.display());
         Ok(Booted { name: name.to_owned(), child, log, started: Instant::now(), mark: 0 })
     }
 }
@@ -151,7 +162,7 @@ impl Booted {
                 patterns.iter().enumerate().filter_map(|(i, p)| rest.find(p).map(|at| (at, i, p))).min();
             if let Some((_, i, p)) = found {
                 let t = self.started.elapsed();
-                println!("  {:6.1} s  {p}", t.as_secs_f64());
+                say!("  {:6.1} s  {p}", t.as_secs_f64());
                 return Ok((i, t));
             }
             if let Some(status) = self.child.try_wait()? {
@@ -170,7 +181,7 @@ impl Booted {
         loop {
             if self.child.try_wait()?.is_some() {
                 let t = self.started.elapsed();
-                println!("  {:6.1} s  (reboot)", t.as_secs_f64());
+                say!("  {:6.1} s  (reboot)", t.as_secs_f64());
                 return Ok(t);
             }
             if since.elapsed() > STEP {
@@ -199,7 +210,7 @@ impl Booted {
         stdin.write_all(format!("{line}\n").as_bytes())?;
         stdin.flush()?;
         self.mark = self.text().len();
-        println!("  {:6.1} s  # {line}", self.started.elapsed().as_secs_f64());
+        say!("  {:6.1} s  # {line}", self.started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -219,7 +230,7 @@ impl Booted {
     pub fn power_off(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        println!("  {:6.1} s  (power off)", self.started.elapsed().as_secs_f64());
+        say!("  {:6.1} s  (power off)", self.started.elapsed().as_secs_f64());
     }
 }
 

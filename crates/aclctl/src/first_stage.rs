@@ -1,0 +1,155 @@
+//! `aclctl first-stage`: the first stage on the EFI system partition of a Secure Boot machine
+//! (shim, GRUB, then a signed kernel and our initramfs, which choose the slot). Its two sets and
+//! the crash-safe switch between them are crate `esp`'s; this is the command line: the disk's
+//! lock, the partition's place from the GPT, words and exit codes.
+
+use anyhow::{Context as _, Result};
+use esp::{SetState, Window};
+use slot::{Disk, system};
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+/// A request refused before anything was written (exit code 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; nothing was written")]
+pub(crate) struct Refused(pub(crate) String);
+
+/// The disk given or the running system's, opened (with its lock when `writable`), and its ESP.
+fn open(disk: Option<&Path>, writable: bool) -> Result<(Disk<std::fs::File>, Window, u64, u64)> {
+    let path = match disk {
+        Some(p) => p.to_owned(),
+        None => system::system_disk(system::kernel_cmdline().as_deref())
+            .map_err(anyhow::Error::msg)
+            .context("no --disk given")?,
+    };
+    let disk = Disk::open(&path, writable)?;
+    let (start, len) = disk.esp_extent()?;
+    let file = disk.device().try_clone().with_context(|| format!("open {} again", path.display()))?;
+    Ok((disk, Window::new(file, start, len), start, len))
+}
+
+/// The EFI variable that says whether the firmware enforces Secure Boot (one byte after the
+/// four bytes of attributes).
+const SECURE_BOOT_VAR: &str = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d0-aa0d-00a0c901c3ee";
+
+/// The kernel's lockdown state; Debian's kernels lock down when the firmware enforces Secure
+/// Boot, and a kernel started by `kexec` may not see the firmware's variables.
+const LOCKDOWN: &str = "/sys/kernel/security/lockdown";
+
+/// Whether GRUB runs under Secure Boot: as given, or as this machine says: its firmware's
+/// variable, else a locked-down kernel (neither: no).
+pub(crate) fn secure_boot(given: Option<bool>) -> bool {
+    given.unwrap_or_else(|| {
+        let var = std::fs::read(SECURE_BOOT_VAR).is_ok_and(|v| v.get(4) == Some(&1));
+        let locked = std::fs::read_to_string(LOCKDOWN)
+            .is_ok_and(|l| l.contains("[integrity]") || l.contains("[confidentiality]"));
+        var || locked
+    })
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20))
+}
+
+fn describe(s: &SetState) -> String {
+    match s {
+        SetState::Absent => "absent".into(),
+        SetState::Incomplete(why) => format!("incomplete ({why})"),
+        SetState::Complete(c) => format!(
+            "complete: kernel {} sha256 {} ({}), initramfs {} sha256 {}",
+            mib(c.kernel_bytes),
+            &c.kernel_sha256[..16],
+            if c.kernel_signed { "signed" } else { "NOT signed" },
+            mib(c.initrd_bytes),
+            &c.initrd_sha256[..16]
+        ),
+    }
+}
+
+/// `aclctl first-stage status`.
+pub(crate) fn status(disk: Option<&Path>, secure: Option<bool>, json: bool) -> Result<()> {
+    let (disk, mut esp, start, len) = open(disk, false)?;
+    let st = esp::status(&mut esp, secure_boot(secure))
+        .with_context(|| format!("{}: the EFI system partition", disk.path().display()))?;
+    if json {
+        let set = |s: &SetState| match s {
+            SetState::Absent => serde_json::json!({ "state": "absent" }),
+            SetState::Incomplete(why) => serde_json::json!({ "state": "incomplete", "why": why }),
+            SetState::Complete(c) => serde_json::json!({
+                "state": "complete",
+                "kernel_sha256": c.kernel_sha256, "kernel_bytes": c.kernel_bytes, "kernel_signed": c.kernel_signed,
+                "initrd_sha256": c.initrd_sha256, "initrd_bytes": c.initrd_bytes,
+            }),
+        };
+        let v = serde_json::json!({
+            "disk": disk.path(), "esp_offset": start, "esp_bytes": len,
+            "grubenv": match &st.env { Ok(s) => serde_json::json!({ "acl_set": s.name() }), Err(why) => serde_json::json!({ "invalid": why }) },
+            "a": set(&st.a), "b": set(&st.b),
+            "grub_starts": st.boots.map(|s| s.name()), "secure_boot": st.secure_boot,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "EFI system partition of {}: {} at byte {start}; Secure Boot {}",
+        disk.path().display(),
+        mib(len),
+        if st.secure_boot { "on (a set whose kernel is unsigned is skipped)" } else { "off" }
+    );
+    match &st.env {
+        Ok(s) => println!("{}: acl_set={s}", esp::ENV_FILE),
+        Err(why) => println!("{}: {why} (GRUB tries a, then b)", esp::ENV_FILE),
+    }
+    for s in esp::Set::BOTH {
+        let mark = if st.boots == Some(s) { "  <- GRUB starts this" } else { "" };
+        println!("set {s}: {}{mark}", describe(st.set(s)));
+    }
+    if st.boots.is_none() {
+        println!("no set is complete: this partition starts no first stage");
+    }
+    Ok(())
+}
+
+/// `aclctl first-stage install`.
+pub(crate) fn install(
+    disk: Option<&Path>,
+    kernel: &Path,
+    initrd: &Path,
+    secure: Option<bool>,
+    allow_unsigned: bool,
+) -> Result<()> {
+    let mut head = Vec::new();
+    std::fs::File::open(kernel)
+        .and_then(|f| f.take(4096).read_to_end(&mut head))
+        .with_context(|| format!("read {}", kernel.display()))?;
+    if !allow_unsigned {
+        match esp::pe::signed(&head) {
+            Some(true) => {}
+            Some(false) => {
+                return Err(Refused(format!(
+                    "{} carries no signature: under Secure Boot shim refuses it, and GRUB would start the other set \
+                     (--allow-unsigned writes it anyway)",
+                    kernel.display()
+                ))
+                .into());
+            }
+            None => {
+                return Err(Refused(format!(
+                    "{} is not an EFI kernel image (no PE header): GRUB cannot start it under Secure Boot \
+                     (--allow-unsigned writes it anyway)",
+                    kernel.display()
+                ))
+                .into());
+            }
+        }
+    }
+    let (disk, mut esp, _, _) = open(disk, true)?;
+    let path: PathBuf = disk.path().to_owned();
+    let done = esp::install(&mut esp, kernel, initrd, secure_boot(secure), &mut |line| println!("{line}"))
+        .with_context(|| format!("{}: the first stage on the EFI system partition", path.display()))?;
+    println!(
+        "first stage set {}: kernel sha256 {}, initramfs sha256 {}",
+        done.set, done.contents.kernel_sha256, done.contents.initrd_sha256
+    );
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! `esp::install` and `esp::status` on real FAT file systems (mkfs.vfat): which set is written,
+//! refusals, and damaged partitions.
+
+use esp::{Error, Set, SetState, Window};
+use std::path::{Path, PathBuf};
+
+fn fat(dir: &Path, kib: u64) -> Option<PathBuf> {
+    let mkfs = testkit::tool("mkfs.vfat", "dosfstools")?;
+    let img = dir.join("esp.img");
+    let _ = std::fs::remove_file(&img);
+    testkit::run(&mkfs, &["-C", "-n", "ACL-ESP", img.to_str()?, &kib.to_string()]);
+    Some(img)
+}
+
+fn window(img: &Path) -> Window {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(img).unwrap();
+    let len = f.metadata().unwrap().len();
+    Window::new(f, 0, len)
+}
+
+/// A kernel of `len` bytes with a PE header, signed or not.
+fn kernel(dir: &Path, name: &str, len: usize, signed: bool) -> PathBuf {
+    let mut d = vec![0x5au8; len];
+    d[..2].copy_from_slice(b"MZ");
+    d[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
+    d[0x80..0x84].copy_from_slice(b"PE\0\0");
+    d[0x98..0x9a].copy_from_slice(&0x20bu16.to_le_bytes());
+    let dirs = 0x98 + 112;
+    d[dirs - 4..dirs].copy_from_slice(&16u32.to_le_bytes());
+    d[dirs + 36..dirs + 40].copy_from_slice(&(if signed { 0x800u32 } else { 0 }).to_le_bytes());
+    d[len - 1] = name.len() as u8;
+    let p = dir.join(name);
+    std::fs::write(&p, d).unwrap();
+    p
+}
+
+fn initrd(dir: &Path, name: &str, len: usize) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, vec![name.len() as u8; len]).unwrap();
+    p
+}
+
+#[test]
+fn a_set_shim_refuses_is_the_one_written_under_secure_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(img) = fat(dir.path(), 8 << 10) else { return };
+    let (signed, unsigned) =
+        (kernel(dir.path(), "k-signed", 20_000, true), kernel(dir.path(), "k-un", 21_000, false));
+    let i = initrd(dir.path(), "initrd", 30_000);
+    let mut w = window(&img);
+    assert_eq!(esp::install(&mut w, &signed, &i, true, &mut |_| {}).unwrap().set, Set::A);
+    // An unsigned kernel written as b and switched to: under Secure Boot GRUB skips it.
+    let done = esp::install(&mut w, &unsigned, &i, true, &mut |_| {}).unwrap();
+    assert_eq!((done.set, done.contents.kernel_signed), (Set::B, false));
+    let st = esp::status(&mut w, true).unwrap();
+    assert_eq!((st.env.clone(), st.boots), (Ok(Set::B), Some(Set::A)), "{st:?}");
+    // So the next update replaces b, not the a that GRUB really starts.
+    let again = esp::install(&mut w, &signed, &i, true, &mut |_| {}).unwrap();
+    assert_eq!((again.set, again.previous), (Set::B, Some(Set::A)));
+    // Without Secure Boot the unsigned set would have been started, and a written instead.
+    let st = esp::status(&mut w, false).unwrap();
+    assert_eq!(st.boots, Some(Set::B));
+}
+
+#[test]
+fn a_damaged_block_is_first_made_to_name_the_set_grub_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(img) = fat(dir.path(), 8 << 10) else { return };
+    let (k1, k2) = (kernel(dir.path(), "k1", 20_000, true), kernel(dir.path(), "k22", 20_000, true));
+    let i = initrd(dir.path(), "initrd", 30_000);
+    let mut w = window(&img);
+    esp::install(&mut w, &k1, &i, true, &mut |_| {}).unwrap();
+    esp::install(&mut w, &k2, &i, true, &mut |_| {}).unwrap();
+    // Set b named; now damage a's kernel and the block: GRUB tries a (no block), which is
+    // damaged, then b.
+    let img_bytes = std::fs::read(&img).unwrap();
+    let env_at = find(&img_bytes, b"# GRUB Environment Block").expect("the block is on the partition");
+    let mut broken = img_bytes.clone();
+    broken[env_at] = b'X';
+    std::fs::write(&img, &broken).unwrap();
+    let mut w = window(&img);
+    let st = esp::status(&mut w, true).unwrap();
+    assert!(st.env.is_err());
+    assert_eq!(st.boots, Some(Set::A));
+    let mut said = Vec::new();
+    let done = esp::install(&mut w, &k1, &i, true, &mut |l| said.push(l.to_owned())).unwrap();
+    // GRUB started a (the first without a block): the block was made to name a, then b written.
+    assert_eq!((done.set, done.previous), (Set::B, Some(Set::A)), "{said:?}");
+    assert!(said[0].contains("naming it"), "{said:?}");
+    assert_eq!(esp::status(&mut w, true).unwrap().env, Ok(Set::B));
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[test]
+fn a_set_that_does_not_fit_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(img) = fat(dir.path(), 2 << 10) else { return };
+    let k = kernel(dir.path(), "k", 600_000, true);
+    let i = initrd(dir.path(), "initrd", 600_000);
+    let mut w = window(&img);
+    esp::install(&mut w, &k, &i, true, &mut |_| {}).unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let big = initrd(dir.path(), "big", 900_000);
+    let mut w = window(&img);
+    match esp::install(&mut w, &k, &big, true, &mut |_| {}) {
+        Err(Error::NoSpace { free, needed }) => assert!(free < needed),
+        other => panic!("expected NoSpace, got {other:?}"),
+    }
+    assert!(std::fs::read(&img).unwrap() == before, "nothing written");
+}
+
+#[test]
+fn what_is_not_fat_is_named_and_damage_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let zeros = dir.path().join("zeros");
+    std::fs::write(&zeros, vec![0u8; 1 << 20]).unwrap();
+    let mut w = window(&zeros);
+    let e = esp::status(&mut w, true).unwrap_err();
+    assert!(matches!(e, Error::NotFat(_)), "{e}");
+    assert!(e.to_string().contains("no FAT file system"), "{e}");
+
+    let Some(img) = fat(dir.path(), 16 << 10) else { return };
+    let k = kernel(dir.path(), "k", 20_000, true);
+    let i = initrd(dir.path(), "initrd", 30_000);
+    esp::install(&mut window(&img), &k, &i, true, &mut |_| {}).unwrap();
+    let good = std::fs::read(&img).unwrap();
+    let good_status = esp::status(&mut window(&img), true).unwrap();
+    // Random bytes over the boot sector, the FATs and the root directory (the first 48 KiB):
+    // status answers or errs; an install either completes or errs. Never a panic.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (mut same, mut changed, mut err) = (0, 0, 0);
+    for _ in 0..300 {
+        let mut bad = good.clone();
+        for _ in 0..1 + rnd() % 64 {
+            let at = (rnd() % 49_152) as usize;
+            bad[at] = rnd() as u8;
+        }
+        std::fs::write(&img, &bad).unwrap();
+        let mut w = window(&img);
+        match esp::status(&mut w, true) {
+            Ok(st) => {
+                if st == good_status {
+                    same += 1
+                } else {
+                    changed += 1
+                }
+                if let Ok(done) = esp::install(&mut w, &k, &i, true, &mut |_| {}) {
+                    assert!(matches!(
+                        esp::status(&mut w, true).unwrap().set(done.set),
+                        SetState::Complete(_)
+                    ));
+                }
+                let _ = st;
+            }
+            Err(_) => err += 1,
+        }
+    }
+    // The damage was seen (a set or the block read differently, or an error), and survived.
+    assert!(changed + err > 0, "unchanged {same}, changed {changed}, errors {err}");
+}
