@@ -23,7 +23,8 @@ depends() {
 }
 
 installkernel() {
-    instmods virtio_pci virtio_blk virtio_scsi sd_mod nvme dm-mod dm-verity erofs
+    # Disks: virtio (qemu, KVM), NVMe, and Hyper-V's synthetic SCSI (Azure VMs before NVMe).
+    instmods virtio_pci virtio_blk virtio_scsi sd_mod nvme hv_vmbus hv_storvsc dm-mod dm-verity erofs
 }
 
 install() {
@@ -35,7 +36,11 @@ install() {
         exit 1
     fi
     for f in $files; do
-        inst_simple "$root$f" "$f"
+        # A key left out would make stage 1 refuse every slot: fail the build instead.
+        if ! inst_simple "$root$f" "$f"; then
+            dfatal "acl: could not put $root$f into the initramfs"
+            exit 1
+        fi
     done
     inst_hook cmdline 90 "$moddir/acl-cmdline.sh"
     inst_hook initqueue/settled 90 "$moddir/acl-slot.sh"
