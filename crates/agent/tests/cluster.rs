@@ -713,7 +713,11 @@ async fn operator_actions_through_annotations() {
     until("both are paused", 30, || names.iter().all(|n| state(n).as_deref() == Some("paused"))).await;
     assert_eq!(server.failed_requests() - before, 4, "the status writes failed first");
     annotate(&server, "node-a", &[("update", "latest")]);
-    until("the request is answered", 30, || annotation(&server, "node-a", "request-result").is_some()).await;
+    // The removal's marker ("taking ...") comes first, the answer after it.
+    until("the request is answered", 30, || {
+        annotation(&server, "node-a", "request-result").is_some_and(|r| !r.starts_with("taking "))
+    })
+    .await;
     let result = annotation(&server, "node-a", "request-result").unwrap();
     assert!(result.contains("paused"), "{result}");
     assert_eq!(annotation(&server, "node-a", "update"), None, "a one-shot request is taken");
