@@ -24,6 +24,14 @@ fn open(disk: Option<&Path>, writable: bool) -> Result<(Disk<std::fs::File>, Win
     };
     let disk = Disk::open(&path, writable)?;
     let (start, len) = disk.esp_extent()?;
+    if writable && let Some(at) = mounted_at(disk.device(), &path, start) {
+        return Err(Refused(format!(
+            "the EFI system partition of {} is mounted at {at}: writing it behind the mounted file system would \
+             corrupt both; unmount it first",
+            path.display()
+        ))
+        .into());
+    }
     let file = disk.device().try_clone().with_context(|| format!("open {} again", path.display()))?;
     Ok((disk, Window::new(file, start, len), start, len))
 }
@@ -44,6 +52,34 @@ pub(crate) fn secure_boot(given: Option<bool>) -> bool {
         let locked = std::fs::read_to_string(LOCKDOWN)
             .is_ok_and(|l| l.contains("[integrity]") || l.contains("[confidentiality]"));
         var || locked
+    })
+}
+
+/// Where the partition of `disk` (opened from `path`) that starts at byte `start` is mounted,
+/// if it is: as a partition device of that block device, or as a loop device over `path` at
+/// that offset (from /proc/self/mountinfo and sysfs).
+fn mounted_at(disk: &std::fs::File, path: &Path, start: u64) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let meta = disk.metadata().ok()?;
+    let disk_dev = meta
+        .file_type()
+        .is_block_device()
+        .then(|| format!("{}:{}", nix::sys::stat::major(meta.rdev()), nix::sys::stat::minor(meta.rdev())));
+    let canonical = std::fs::canonicalize(path).ok();
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let (dev, point) = (*f.get(2)?, *f.get(4)?);
+        let sys = Path::new("/sys/dev/block").join(dev);
+        let partition = read(sys.join("start"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|s| s * 512 == start && disk_dev.is_some() && read(sys.join("../dev")) == disk_dev);
+        let looped = read(sys.join("loop/backing_file")).is_some_and(|b| {
+            Some(PathBuf::from(b)) == canonical
+                && read(sys.join("loop/offset")).and_then(|o| o.parse::<u64>().ok()) == Some(start)
+        });
+        (partition || looped).then(|| point.to_owned())
     })
 }
 
