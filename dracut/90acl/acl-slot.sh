@@ -48,6 +48,11 @@ acl_stage1() {
     # Stage 2 is told only which disk and slot; it verifies the slot again itself.
     cmdline="$ACL_CMDLINE acl.stage=2 acl.disk=$disk acl.slot=$ACL_SLOT"
     cmdline="$cmdline root=/dev/mapper/acl-root rootfstype=erofs ro"
+    # The first-stage set GRUB started (esp/grub.cfg), passed on so that `aclctl first-stage`
+    # on the running system knows which set really boots.
+    case "$(getarg acl.first_stage=)" in
+        a | b) cmdline="$cmdline acl.first_stage=$(getarg acl.first_stage=)" ;;
+    esac
     # kexec_file_load (-s), not kexec_load: the kernel reads the files itself and, when it is
     # locked down (Secure Boot), starts only a kernel whose signature its keyrings trust (the
     # distribution's signing key, or one the platform's db or MOK list holds). kexec_load

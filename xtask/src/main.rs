@@ -7,6 +7,7 @@
 //! | `bench build [--size-mib N]` | build an image of real files; MB/s against `zstd` in the same run |
 //! | `bench chunk-size` | compression ratio and adaptive-update cost for several chunk sizes |
 //! | `bench install [--size-mib N]` | install from nginx to a loop device against curl, zstd and dd |
+//! | `bench delta` | bytes an update fetches between real images for typical changes, against the whole payload and `zstd --patch-from` |
 //! | `image RECIPE --version V --trust DIR [--key K]... [--repo DIR]` | build a bootable OS image from a recipe, sign and publish it |
 //! | `coordinator-image [--profile release\|dev] [--out DIR]` | the coordinator's OCI image layout (`target/oci/acl-coordinator`) |
 //! | `e2e` | build the test OS images, boot them in qemu and run the scenarios a-j of `integration/e2e` |
@@ -18,6 +19,7 @@
 mod bench;
 mod coordinator_image;
 mod debs;
+mod delta;
 mod demo;
 mod e2e;
 mod image;
@@ -50,13 +52,14 @@ fn main() -> Result<()> {
         ["bench", "build", rest @ ..] => bench::build(&sh, size_arg(rest)?.unwrap_or(1024)),
         ["bench", "chunk-size", rest @ ..] => bench::chunk_size(&sh, size_arg(rest)?.unwrap_or(256)),
         ["bench", "install", rest @ ..] => bench::install(&sh, size_arg(rest)?.unwrap_or(1024)),
+        ["bench", "delta"] => delta::run(&sh),
         ["bench", "idle"] => bench::idle(&sh, 60, false),
         ["bench", "idle", "--kubernetes"] => bench::idle(&sh, 60, true),
         ["bench", "idle", "--seconds", n] => bench::idle(&sh, n.parse()?, false),
         ["bench", "idle", "--seconds", n, "--kubernetes"] => bench::idle(&sh, n.parse()?, true),
         _ => {
             println!(
-                "usage: cargo xtask <test | demo | image RECIPE ... | coordinator-image [--profile release|dev] [--out DIR] | e2e | bench build [--size-mib N] | bench chunk-size [--size-mib N] | bench install [--size-mib N] | bench idle [--seconds N] [--kubernetes]>"
+                "usage: cargo xtask <test | demo | image RECIPE ... | coordinator-image [--profile release|dev] [--out DIR] | e2e | bench build [--size-mib N] | bench chunk-size [--size-mib N] | bench install [--size-mib N] | bench delta | bench idle [--seconds N] [--kubernetes]>"
             );
             if args.is_empty() || args == ["--help"] { Ok(()) } else { bail!("unknown task {args:?}") }
         }

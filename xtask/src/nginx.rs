@@ -110,8 +110,22 @@ pub(crate) struct Netns {
 }
 
 impl Netns {
-    /// Creates `name` (a stale one of that name, left by a killed run, is replaced).
+    /// Creates `name` (a stale one of that name, left by a killed run, is replaced). Names
+    /// are `<prefix>-<pid>`: namespaces of this prefix whose process is gone (a run killed
+    /// before it could delete its own) are deleted first.
     pub(crate) fn new(name: &str) -> Result<Netns> {
+        if let Some((prefix, _)) = name.rsplit_once('-')
+            && let Ok(out) = Command::new("ip").args(["netns", "list"]).output()
+        {
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                let Some(old) = l.split_whitespace().next() else { continue };
+                let pid = old.strip_prefix(prefix).and_then(|r| r.strip_prefix('-'));
+                if let Some(pid) = pid.filter(|p| !Path::new("/proc").join(p).exists()) {
+                    let _ = Command::new("ip").args(["netns", "delete", old]).status();
+                    let _ = pid;
+                }
+            }
+        }
         let ip = |args: &[&str]| -> Result<()> {
             let status = Command::new("ip").args(args).status().context("run ip (iproute2)")?;
             if !status.success() {

@@ -83,6 +83,27 @@ fn mounted_at(disk: &std::fs::File, path: &Path, start: u64) -> Option<String> {
     })
 }
 
+/// The first-stage set GRUB started this boot, when `disk` (given, or none: the system's) is
+/// the running system's: `esp/grub.cfg` puts `acl.first_stage=` on the first stage's command
+/// line and stage 1 passes it on to the slot's kernel.
+fn started(disk: Option<&Path>) -> Option<esp::Set> {
+    let cmdline = system::kernel_cmdline()?;
+    let arg = |key: &str| cmdline.split_whitespace().find_map(|w| w.strip_prefix(key).map(str::to_owned));
+    let set = esp::Set::from_name(&arg("acl.first_stage=")?)?;
+    let ours = match (disk, arg("acl.disk=")) {
+        (None, _) => true,
+        (Some(given), Some(booted)) => {
+            std::fs::canonicalize(given).ok().is_some_and(|g| std::fs::canonicalize(booted).ok() == Some(g))
+        }
+        (Some(_), None) => false,
+    };
+    ours.then_some(set)
+}
+
+fn machine(disk: Option<&Path>, secure: Option<bool>) -> esp::Machine {
+    esp::Machine { secure_boot: secure_boot(secure), started: started(disk) }
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20))
 }
@@ -104,8 +125,9 @@ fn describe(s: &SetState) -> String {
 
 /// `aclctl first-stage status`.
 pub(crate) fn status(disk: Option<&Path>, secure: Option<bool>, json: bool) -> Result<()> {
+    let m = machine(disk, secure);
     let (disk, mut esp, start, len) = open(disk, false)?;
-    let st = esp::status(&mut esp, secure_boot(secure))
+    let st = esp::status(&mut esp, m)
         .with_context(|| format!("{}: the EFI system partition", disk.path().display()))?;
     if json {
         let set = |s: &SetState| match s {
@@ -121,7 +143,8 @@ pub(crate) fn status(disk: Option<&Path>, secure: Option<bool>, json: bool) -> R
             "disk": disk.path(), "esp_offset": start, "esp_bytes": len,
             "grubenv": match &st.env { Ok(s) => serde_json::json!({ "acl_set": s.name() }), Err(why) => serde_json::json!({ "invalid": why }) },
             "a": set(&st.a), "b": set(&st.b),
-            "grub_starts": st.boots.map(|s| s.name()), "secure_boot": st.secure_boot,
+            "grub_starts": st.boots.map(|s| s.name()), "secure_boot": st.machine.secure_boot,
+            "started_this_boot": st.machine.started.map(|s| s.name()),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -130,18 +153,30 @@ pub(crate) fn status(disk: Option<&Path>, secure: Option<bool>, json: bool) -> R
         "EFI system partition of {}: {} at byte {start}; Secure Boot {}",
         disk.path().display(),
         mib(len),
-        if st.secure_boot { "on (a set whose kernel is unsigned is skipped)" } else { "off" }
+        if st.machine.secure_boot { "on (a set whose kernel is unsigned is skipped)" } else { "off" }
     );
+    let first = esp::choice::order(st.env.as_ref().ok().copied())[0];
     match &st.env {
-        Ok(s) => println!("{}: acl_set={s}", esp::ENV_FILE),
+        Ok(s) => println!("{}: acl_set={s} (GRUB tries set {s} first, then {})", esp::ENV_FILE, s.other()),
         Err(why) => println!("{}: {why} (GRUB tries a, then b)", esp::ENV_FILE),
     }
     for s in esp::Set::BOTH {
-        let mark = if st.boots == Some(s) { "  <- GRUB starts this" } else { "" };
-        println!("set {s}: {}{mark}", describe(st.set(s)));
+        let mut marks = Vec::new();
+        if s == first {
+            marks.push("GRUB tries it first");
+        }
+        if st.machine.started == Some(s) {
+            marks.push("this boot came through it");
+        }
+        let marks = if marks.is_empty() { String::new() } else { format!("  <- {}", marks.join("; ")) };
+        println!("set {s}: {}{marks}", describe(st.set(s)));
     }
-    if st.boots.is_none() {
-        println!("no set is complete: this partition starts no first stage");
+    if let Some(s) = st.machine.started {
+        println!("this boot came through set {s} (acl.first_stage={s})");
+    }
+    match st.boots {
+        Some(k) => println!("an update writes set {}, keeping set {k} (which GRUB starts)", k.other()),
+        None => println!("no set is known to start: an update writes set a"),
     }
     Ok(())
 }
@@ -179,9 +214,10 @@ pub(crate) fn install(
             }
         }
     }
+    let m = machine(disk, secure);
     let (disk, mut esp, _, _) = open(disk, true)?;
     let path: PathBuf = disk.path().to_owned();
-    let done = esp::install(&mut esp, kernel, initrd, secure_boot(secure), &mut |line| println!("{line}"))
+    let done = esp::install(&mut esp, kernel, initrd, m, &mut |line| println!("{line}"))
         .with_context(|| format!("{}: the first stage on the EFI system partition", path.display()))?;
     println!(
         "first stage set {}: kernel sha256 {}, initramfs sha256 {}",

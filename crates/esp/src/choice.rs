@@ -76,6 +76,23 @@ pub fn target(boots: Option<Set>) -> Set {
     boots.map_or(Set::A, Set::other)
 }
 
+/// Which sets GRUB can load, corrected by what it did this boot: it started `started`, so that
+/// set loads and every set it tries before it does not (`a`, `b`: the guesses without that).
+/// Only sound while the block is the one GRUB read at boot; if it changed since, the
+/// correction can only call a loadable set unloadable, which costs a needless rewrite, never
+/// GRUB's first choice (the plan first names the started set).
+pub fn observed(named: Option<Set>, a: bool, b: bool, started: Option<Set>) -> (bool, bool) {
+    let Some(s) = started else { return (a, b) };
+    let mut l = [a, b];
+    for x in order(named) {
+        l[x as usize] = x == s;
+        if x == s {
+            break;
+        }
+    }
+    (l[0], l[1])
+}
+
 /// What an update does, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
@@ -129,6 +146,25 @@ mod tests {
                     if let Some(n) = p.name_first {
                         assert_ne!(Some(n), named, "{case}");
                     }
+                }
+            }
+        }
+    }
+
+    /// With what GRUB did this boot, the model says GRUB starts that set, and the plan never
+    /// writes it.
+    #[test]
+    fn the_set_grub_started_is_never_written() {
+        for named in [None, Some(Set::A), Some(Set::B)] {
+            for a in [false, true] {
+                for b in [false, true] {
+                    for s in Set::BOTH {
+                        let (a2, b2) = observed(named, a, b, Some(s));
+                        assert_eq!(boots(named, a2, b2), Some(s));
+                        let p = plan(named, a2, b2);
+                        assert_ne!(p.write, s, "{named:?} {a} {b} started {s}");
+                    }
+                    assert_eq!(observed(named, a, b, None), (a, b));
                 }
             }
         }

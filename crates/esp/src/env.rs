@@ -22,8 +22,20 @@ pub fn render(set: Set) -> [u8; BLOCK] {
     block
 }
 
-/// The set a block names, or why it names none.
+/// The set a block names, or why it names none. Only a block exactly as [`render`] writes it
+/// counts: GRUB reads other blocks too (any size, comments, the last of several values), and
+/// a block read differently here than by GRUB could make an update write GRUB's first choice;
+/// any other block is rewritten before an update.
 pub fn parse(block: &[u8]) -> Result<Set, String> {
+    let set = parse_loose(block)?;
+    if block != render(set) {
+        return Err(format!("{VAR}={set}, but not in the one form written here"));
+    }
+    Ok(set)
+}
+
+/// The value of the first `acl_set` line of a 1024-byte block.
+fn parse_loose(block: &[u8]) -> Result<Set, String> {
     if block.len() != BLOCK {
         return Err(format!("{} bytes, not {BLOCK}", block.len()));
     }
@@ -65,6 +77,14 @@ mod tests {
         c[HEADER.len() + VAR.len() + 1] = b'z';
         assert_eq!(parse(&c), Err("acl_set=\"z\" names no set".into()));
         assert!(parse(&[b'#'; BLOCK]).is_err());
+        // Two values (GRUB takes the last), or anything after the padding: not ours.
+        let mut two = render(Set::A);
+        let extra = format!("{HEADER}{VAR}=a\n{VAR}=b\n");
+        two[..extra.len()].copy_from_slice(extra.as_bytes());
+        assert!(parse(&two).is_err());
+        let mut tail = render(Set::B);
+        tail[1000] = b'x';
+        assert!(parse(&tail).is_err());
         // Any single byte changed in the first sector gives a set or an error, never a panic.
         for i in 0..512 {
             for v in [0u8, b'\n', b'=', 0xff] {

@@ -112,7 +112,7 @@ pub enum Error {
         found: String,
     },
     /// The FAT library panicked on this file system (a damaged one).
-    #[error("the FAT file system is damaged ({0}); nothing more was written")]
+    #[error("the FAT file system is damaged ({0}); stopped there")]
     Damaged(String),
 }
 
@@ -166,8 +166,8 @@ pub struct Status {
     pub b: SetState,
     /// The set GRUB starts (the first one in its order it can load), if any.
     pub boots: Option<Set>,
-    /// Whether the machine enforces Secure Boot (as given: it decides what GRUB can load).
-    pub secure_boot: bool,
+    /// What was known about the machine.
+    pub machine: Machine,
 }
 
 impl Status {
@@ -178,6 +178,16 @@ impl Status {
             Set::B => &self.b,
         }
     }
+}
+
+/// What is known about the machine the partition boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Machine {
+    /// Whether it enforces Secure Boot: then a set whose kernel is unsigned cannot be loaded.
+    pub secure_boot: bool,
+    /// The set GRUB started this boot (`acl.first_stage=` on the command line, passed on by
+    /// stage 1), when the partition is the running machine's: ground truth over the guess.
+    pub started: Option<Set>,
 }
 
 /// What [`install`] did.
@@ -203,6 +213,7 @@ fn with_fs<S: Storage, T>(
     storage: &mut S,
     f: impl FnOnce(&fatfs::FileSystem<&mut S>) -> Result<T, Error>,
 ) -> Result<T, Error> {
+    storage.new_budget();
     let run = std::panic::AssertUnwindSafe(|| -> Result<T, Error> {
         storage.seek(SeekFrom::Start(0)).map_err(|source| Error::Io { what: "seek".into(), source })?;
         let fs = fatfs::FileSystem::new(&mut *storage, fs_options()).map_err(Error::NotFat)?;
@@ -231,27 +242,40 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
 /// Reads the partition: the environment block, both sets, what GRUB will start on a machine
 /// that does or does not enforce Secure Boot. Writes nothing: what `fatfs` would write on the
 /// way (on FAT32 it updates the free-cluster count when it unmounts) is dropped.
-pub fn status<S: Storage>(storage: &mut S, secure_boot: bool) -> Result<Status, Error> {
+pub fn status<S: Storage>(storage: &mut S, machine: Machine) -> Result<Status, Error> {
     with_fs(&mut ReadOnly(storage), |fs| {
         let root = fs.root_dir();
         let env = match root.open_file(ENV_FILE) {
-            Ok(mut f) => {
+            Ok(f) => {
+                // At most one byte more than a block: a longer file is not ours anyway.
                 let mut block = Vec::new();
-                f.read_to_end(&mut block).map_err(io_err(format!("read {ENV_FILE}")))?;
-                env::parse(&block)
+                match f.take(env::BLOCK as u64 + 1).read_to_end(&mut block) {
+                    Ok(_) => env::parse(&block),
+                    Err(e) => Err(format!("unreadable: {e}")),
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err("missing".to_owned()),
             Err(e) => Err(format!("unreadable: {e}")),
         };
         let a = set_state(fs, Set::A)?;
         let b = set_state(fs, Set::B)?;
-        let boots =
-            choice::boots(env.as_ref().ok().copied(), a.loadable(secure_boot), b.loadable(secure_boot));
-        Ok(Status { env, a, b, boots, secure_boot })
+        let mut st = Status { env, a, b, boots: None, machine };
+        let (la, lb) = loadability(&st);
+        st.boots = choice::boots(st.env.as_ref().ok().copied(), la, lb);
+        Ok(st)
     })
 }
 
-/// Free bytes in the file system, and its cluster size (counting reads the whole FAT).
+/// Whether GRUB can load set a and set b: the guess from each set's state and Secure Boot,
+/// corrected by the set GRUB started this boot while that set is still complete.
+fn loadability(st: &Status) -> (bool, bool) {
+    let sb = st.machine.secure_boot;
+    let started = st.machine.started.filter(|&s| st.set(s).complete());
+    choice::observed(st.env.as_ref().ok().copied(), st.a.loadable(sb), st.b.loadable(sb), started)
+}
+
+/// Free bytes in the file system, and its cluster size (FAT32 keeps the count in its FSInfo
+/// sector, trusted unless the volume is marked dirty; FAT12/16 count by reading the FAT).
 pub fn free_bytes<S: Storage>(storage: &mut S) -> Result<(u64, u64), Error> {
     with_fs(&mut ReadOnly(storage), |fs| {
         let stats = fs.stats().map_err(io_err("count the free clusters"))?;
@@ -289,6 +313,9 @@ impl<S: Storage> Seek for ReadOnly<'_, S> {
 impl<S: Storage> Storage for ReadOnly<'_, S> {
     fn sync(&mut self) -> io::Result<()> {
         Ok(())
+    }
+    fn new_budget(&mut self) {
+        self.0.new_budget();
     }
 }
 
@@ -415,22 +442,45 @@ fn on_disk(len: u64, cluster: u64) -> u64 {
 }
 
 /// Writes `kernel` and `initrd` as a new set beside the one GRUB starts, then switches GRUB to
-/// it (see the module docs for the order and why it is crash-safe). `secure_boot`: whether the
-/// machine enforces it, which decides whether GRUB can start a set whose kernel is unsigned.
-/// `say` hears each step.
+/// it (see the module docs for the order and why it is crash-safe). `machine`: what decides
+/// which set GRUB starts now. `say` hears each step.
 pub fn install<S: Storage>(
     storage: &mut S,
     kernel: &Path,
     initrd: &Path,
-    secure_boot: bool,
+    machine: Machine,
     say: &mut dyn FnMut(&str),
 ) -> Result<Installed, Error> {
-    let mut before = status(storage, secure_boot)?;
-    let plan = choice::plan(
-        before.env.as_ref().ok().copied(),
-        before.a.loadable(secure_boot),
-        before.b.loadable(secure_boot),
-    );
+    let mut before = status(storage, machine)?;
+    let (la, lb) = loadability(&before);
+    let plan = choice::plan(before.env.as_ref().ok().copied(), la, lb);
+    let target = plan.write;
+    // Inputs and space first: a refusal changes nothing, not even the block.
+    let size = |p: &Path| -> Result<u64, Error> {
+        let m = std::fs::metadata(p).map_err(|source| Error::Source { path: p.to_owned(), source })?;
+        if !m.is_file() {
+            let source = io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
+            return Err(Error::Source { path: p.to_owned(), source });
+        }
+        Ok(m.len())
+    };
+    let (k_len, i_len) = (size(kernel)?, size(initrd)?);
+    let (free, cluster) = free_bytes(storage)?;
+    // The target's old files are removed first: count what they take as free, complete or not
+    // (a set cut short by a crash must not block the retry).
+    let old = with_fs(&mut ReadOnly(storage), |fs| {
+        let mut n = 0;
+        for file in [KERNEL, INITRD, SUMS] {
+            if let Ok(mut f) = fs.root_dir().open_file(&path(target, file)) {
+                n += on_disk(file_len(&mut f).unwrap_or(0), cluster);
+            }
+        }
+        Ok(n)
+    })?;
+    let needed = on_disk(k_len, cluster) + on_disk(i_len, cluster) + 2 * cluster;
+    if free + old < needed {
+        return Err(Error::NoSpace { free: free + old, needed });
+    }
     if let Some(first) = plan.name_first {
         // GRUB would try another set first (no valid block, or one naming a damaged set):
         // name the set it starts, so that the set written next is never its first choice.
@@ -439,28 +489,13 @@ pub fn install<S: Storage>(
             env_words(&before.env)
         ));
         switch(storage, first)?;
-        before = status(storage, secure_boot)?;
+        before = status(storage, machine)?;
     }
-    let target = plan.write;
     let kept = before.boots.map_or_else(|| "nothing (no complete set)".to_owned(), |s| format!("set {s}"));
-    let size = |p: &Path| {
-        std::fs::metadata(p).map(|m| m.len()).map_err(|source| Error::Source { path: p.to_owned(), source })
-    };
-    let (k_len, i_len) = (size(kernel)?, size(initrd)?);
 
     // 1. The new set, where nothing GRUB starts lives.
     say(&format!("writing set {target} (GRUB starts {kept} until the switch)"));
-    let (free, cluster) = free_bytes(storage)?;
     with_fs(storage, |fs| {
-        // Its old contents are freed first; count them as free.
-        let old = match before.set(target) {
-            SetState::Complete(c) => on_disk(c.kernel_bytes, cluster) + on_disk(c.initrd_bytes, cluster),
-            _ => 0,
-        };
-        let needed = on_disk(k_len, cluster) + on_disk(i_len, cluster) + 2 * cluster;
-        if free + old < needed {
-            return Err(Error::NoSpace { free: free + old, needed });
-        }
         // The sums go first: from here on the set is incomplete until they are written again.
         remove_if_there(fs, &path(target, SUMS))?;
         remove_if_there(fs, &path(target, KERNEL))?;
@@ -469,6 +504,12 @@ pub fn install<S: Storage>(
     })?;
     let (k_sha, k_bytes) = with_fs(storage, |fs| copy_in(fs, kernel, &path(target, KERNEL)))?;
     let (i_sha, i_bytes) = with_fs(storage, |fs| copy_in(fs, initrd, &path(target, INITRD)))?;
+    if (k_bytes, i_bytes) != (k_len, i_len) {
+        let source = io::Error::other(format!(
+            "changed while it was copied ({k_len} and {i_len} bytes before, {k_bytes} and {i_bytes} copied)"
+        ));
+        return Err(Error::Source { path: kernel.to_owned(), source });
+    }
     with_fs(storage, |fs| {
         let text = format!("{k_sha}  {KERNEL}\n{i_sha}  {INITRD}\n");
         let p = path(target, SUMS);
@@ -479,7 +520,7 @@ pub fn install<S: Storage>(
     storage.sync().map_err(io_err("sync the EFI system partition"))?;
 
     // 2. Read back through the file system.
-    let written = status(storage, secure_boot)?;
+    let written = status(storage, machine)?;
     let contents = match written.set(target) {
         SetState::Complete(c) if c.kernel_sha256 == k_sha && c.initrd_sha256 == i_sha => c.clone(),
         SetState::Complete(_) => {
@@ -522,8 +563,10 @@ fn switch<S: Storage>(storage: &mut S, set: Set) -> Result<(), Error> {
                 f.flush().map_err(io_err(format!("write {ENV_FILE}")))
             }
             None => {
-                // Missing or not a block of ours: made anew. Until it is complete GRUB reads
-                // no valid block and tries a, then b, as before this step.
+                // Missing or of another size: made anew. Until it is complete GRUB reads no
+                // valid block and tries a, then b, as before this step. Only a fresh partition
+                // or one damaged by something else gets here; this step is crash-safe only on a
+                // disk that writes in order (the file's entry could land before its data).
                 remove_if_there(fs, ENV_FILE)?;
                 let mut f = root.create_file(ENV_FILE).map_err(io_err(format!("create {ENV_FILE}")))?;
                 f.write_all(&block).map_err(io_err(format!("write {ENV_FILE}")))?;
@@ -532,7 +575,7 @@ fn switch<S: Storage>(storage: &mut S, set: Set) -> Result<(), Error> {
         }
     })?;
     storage.sync().map_err(io_err("sync the EFI system partition"))?;
-    let after = status(storage, false)?;
+    let after = status(storage, Machine::default())?;
     match &after.env {
         Ok(s) if *s == set => Ok(()),
         other => Err(Error::Switch { set, found: env_words(other) }),

@@ -9,6 +9,10 @@ use std::os::unix::fs::FileExt as _;
 pub trait Storage: Read + Write + Seek {
     /// Makes everything written so far durable (fsync).
     fn sync(&mut self) -> io::Result<()>;
+
+    /// Called before each use of the file system: a storage that bounds its reads starts a
+    /// new allowance.
+    fn new_budget(&mut self) {}
 }
 
 /// `len` bytes of `file` from `start`.
@@ -18,17 +22,28 @@ pub struct Window {
     start: u64,
     len: u64,
     pos: u64,
+    /// Bytes that may still be read in this use of the file system: a damaged FAT whose
+    /// cluster chain loops would otherwise keep the FAT library reading for ever (with the
+    /// disk's lock held).
+    budget: u64,
 }
 
 impl Window {
     /// The range; nothing is read or written outside it.
     pub fn new(file: File, start: u64, len: u64) -> Self {
-        Self { file, start, len, pos: 0 }
+        let mut w = Self { file, start, len, pos: 0, budget: 0 };
+        w.new_budget();
+        w
     }
 }
 
 impl Read for Window {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.budget == 0 {
+            return Err(io::Error::other(
+                "read far more than the partition holds: a cluster chain of the FAT loops",
+            ));
+        }
         let left = self.len.saturating_sub(self.pos);
         let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
         if n == 0 {
@@ -36,6 +51,9 @@ impl Read for Window {
         }
         let got = self.file.read_at(&mut buf[..n], self.start + self.pos)?;
         self.pos += got as u64;
+        // Each read costs at least a sector: a loop of small reads (directory entries) ends as
+        // soon as one of large reads would.
+        self.budget = self.budget.saturating_sub((got as u64).max(512));
         Ok(got)
     }
 }
@@ -72,5 +90,12 @@ impl Seek for Window {
 impl Storage for Window {
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// Four times the partition plus 64 MiB per use, each read counted as at least a sector:
+    /// no use reads more than both sets and the FAT (the whole partition at most, in reads of
+    /// a cluster or a FAT entry), so only a loop runs out.
+    fn new_budget(&mut self) {
+        self.budget = self.len.saturating_mul(4).saturating_add(64 << 20);
     }
 }

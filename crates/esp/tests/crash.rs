@@ -18,6 +18,9 @@
 use esp::{Set, SetState, Storage};
 use std::collections::BTreeMap;
 use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
+/// A machine with Secure Boot on, nothing known of its last boot.
+const SB: esp::Machine = esp::Machine { secure_boot: true, started: None };
+
 use std::path::Path;
 
 const SECTOR: usize = 512;
@@ -188,7 +191,7 @@ impl Case {
     /// Checks one crash state; `switched` whether the final switch may have landed.
     fn check(&self, state: &State, what: &str, switched: bool, tally: &mut Tally) {
         tally.states += 1;
-        let st = esp::status(&mut Overlay { base: &self.base, state, pos: 0 }, true)
+        let st = esp::status(&mut Overlay { base: &self.base, state, pos: 0 }, SB)
             .unwrap_or_else(|e| panic!("{what}: the partition cannot be read: {e}"));
         let named = st.env.as_ref().ok().copied();
         let first = esp::choice::order(named)[0];
@@ -300,19 +303,19 @@ fn crash_test(fat: &str, kib: u64, fsck_every: usize) {
 
     // Provisioned with 1, then updated to 2: set a holds 1, set b 2, the block names b.
     let mut disk = Recorder { inner: Cursor::new(fresh), log: Vec::new() };
-    let first = esp::install(&mut disk, &k1, &i1, true, &mut |_| {}).unwrap();
+    let first = esp::install(&mut disk, &k1, &i1, SB, &mut |_| {}).unwrap();
     assert_eq!((first.set, first.previous), (Set::A, None));
-    let second = esp::install(&mut disk, &k2, &i2, true, &mut |_| {}).unwrap();
+    let second = esp::install(&mut disk, &k2, &i2, SB, &mut |_| {}).unwrap();
     assert_eq!((second.set, second.previous), (Set::B, Some(Set::A)));
 
     // The update under test: 3 replaces 1 in set a, then the block names a.
     let before = disk.inner.get_ref().clone();
     disk.log.clear();
-    let third = esp::install(&mut disk, &k3, &i3, true, &mut |_| {}).unwrap();
+    let third = esp::install(&mut disk, &k3, &i3, SB, &mut |_| {}).unwrap();
     assert_eq!((third.set, third.previous), (Set::A, Some(Set::B)));
     let log = disk.log.clone();
     let after = disk.inner.into_inner();
-    let st = esp::status(&mut Recorder { inner: Cursor::new(after.clone()), log: Vec::new() }, true).unwrap();
+    let st = esp::status(&mut Recorder { inner: Cursor::new(after.clone()), log: Vec::new() }, SB).unwrap();
     assert_eq!((st.env.clone(), st.boots), (Ok(Set::A), Some(Set::A)));
     assert!(st.b.complete(), "the fallback set stays complete: {:?}", st.b);
 

@@ -2,6 +2,9 @@
 //! refusals, and damaged partitions.
 
 use esp::{Error, Set, SetState, Window};
+/// A machine with Secure Boot on, nothing known of its last boot.
+const SB: esp::Machine = esp::Machine { secure_boot: true, started: None };
+
 use std::path::{Path, PathBuf};
 
 fn fat(dir: &Path, kib: u64) -> Option<PathBuf> {
@@ -48,18 +51,39 @@ fn a_set_shim_refuses_is_the_one_written_under_secure_boot() {
         (kernel(dir.path(), "k-signed", 20_000, true), kernel(dir.path(), "k-un", 21_000, false));
     let i = initrd(dir.path(), "initrd", 30_000);
     let mut w = window(&img);
-    assert_eq!(esp::install(&mut w, &signed, &i, true, &mut |_| {}).unwrap().set, Set::A);
+    assert_eq!(esp::install(&mut w, &signed, &i, SB, &mut |_| {}).unwrap().set, Set::A);
     // An unsigned kernel written as b and switched to: under Secure Boot GRUB skips it.
-    let done = esp::install(&mut w, &unsigned, &i, true, &mut |_| {}).unwrap();
+    let done = esp::install(&mut w, &unsigned, &i, SB, &mut |_| {}).unwrap();
     assert_eq!((done.set, done.contents.kernel_signed), (Set::B, false));
-    let st = esp::status(&mut w, true).unwrap();
+    let st = esp::status(&mut w, SB).unwrap();
     assert_eq!((st.env.clone(), st.boots), (Ok(Set::B), Some(Set::A)), "{st:?}");
     // So the next update replaces b, not the a that GRUB really starts.
-    let again = esp::install(&mut w, &signed, &i, true, &mut |_| {}).unwrap();
+    let again = esp::install(&mut w, &signed, &i, SB, &mut |_| {}).unwrap();
     assert_eq!((again.set, again.previous), (Set::B, Some(Set::A)));
     // Without Secure Boot the unsigned set would have been started, and a written instead.
-    let st = esp::status(&mut w, false).unwrap();
+    let st = esp::status(&mut w, esp::Machine::default()).unwrap();
     assert_eq!(st.boots, Some(Set::B));
+}
+
+#[test]
+fn what_grub_started_this_boot_overrides_the_guess() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(img) = fat(dir.path(), 8 << 10) else { return };
+    let (k1, k2) = (kernel(dir.path(), "k1", 20_000, true), kernel(dir.path(), "k22", 20_000, true));
+    let i = initrd(dir.path(), "initrd", 30_000);
+    let mut w = window(&img);
+    esp::install(&mut w, &k1, &i, SB, &mut |_| {}).unwrap();
+    esp::install(&mut w, &k2, &i, SB, &mut |_| {}).unwrap();
+    // Both sets signed and complete, b named: the guess is that GRUB starts b. But this boot
+    // came through a (say b's kernel was revoked): a is what starts, and b is what is written,
+    // after the block is made to name a.
+    let machine = esp::Machine { secure_boot: true, started: Some(Set::A) };
+    assert_eq!(esp::status(&mut w, SB).unwrap().boots, Some(Set::B));
+    assert_eq!(esp::status(&mut w, machine).unwrap().boots, Some(Set::A));
+    let mut said = Vec::new();
+    let done = esp::install(&mut w, &k1, &i, machine, &mut |l| said.push(l.to_owned())).unwrap();
+    assert_eq!((done.set, done.previous), (Set::B, Some(Set::A)), "{said:?}");
+    assert!(said[0].contains("naming it"), "{said:?}");
 }
 
 #[test]
@@ -69,8 +93,8 @@ fn a_damaged_block_is_first_made_to_name_the_set_grub_starts() {
     let (k1, k2) = (kernel(dir.path(), "k1", 20_000, true), kernel(dir.path(), "k22", 20_000, true));
     let i = initrd(dir.path(), "initrd", 30_000);
     let mut w = window(&img);
-    esp::install(&mut w, &k1, &i, true, &mut |_| {}).unwrap();
-    esp::install(&mut w, &k2, &i, true, &mut |_| {}).unwrap();
+    esp::install(&mut w, &k1, &i, SB, &mut |_| {}).unwrap();
+    esp::install(&mut w, &k2, &i, SB, &mut |_| {}).unwrap();
     // Set b named; now damage a's kernel and the block: GRUB tries a (no block), which is
     // damaged, then b.
     let img_bytes = std::fs::read(&img).unwrap();
@@ -79,15 +103,15 @@ fn a_damaged_block_is_first_made_to_name_the_set_grub_starts() {
     broken[env_at] = b'X';
     std::fs::write(&img, &broken).unwrap();
     let mut w = window(&img);
-    let st = esp::status(&mut w, true).unwrap();
+    let st = esp::status(&mut w, SB).unwrap();
     assert!(st.env.is_err());
     assert_eq!(st.boots, Some(Set::A));
     let mut said = Vec::new();
-    let done = esp::install(&mut w, &k1, &i, true, &mut |l| said.push(l.to_owned())).unwrap();
+    let done = esp::install(&mut w, &k1, &i, SB, &mut |l| said.push(l.to_owned())).unwrap();
     // GRUB started a (the first without a block): the block was made to name a, then b written.
     assert_eq!((done.set, done.previous), (Set::B, Some(Set::A)), "{said:?}");
     assert!(said[0].contains("naming it"), "{said:?}");
-    assert_eq!(esp::status(&mut w, true).unwrap().env, Ok(Set::B));
+    assert_eq!(esp::status(&mut w, SB).unwrap().env, Ok(Set::B));
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -101,11 +125,11 @@ fn a_set_that_does_not_fit_is_refused_before_anything_is_written() {
     let k = kernel(dir.path(), "k", 600_000, true);
     let i = initrd(dir.path(), "initrd", 600_000);
     let mut w = window(&img);
-    esp::install(&mut w, &k, &i, true, &mut |_| {}).unwrap();
+    esp::install(&mut w, &k, &i, SB, &mut |_| {}).unwrap();
     let before = std::fs::read(&img).unwrap();
     let big = initrd(dir.path(), "big", 900_000);
     let mut w = window(&img);
-    match esp::install(&mut w, &k, &big, true, &mut |_| {}) {
+    match esp::install(&mut w, &k, &big, SB, &mut |_| {}) {
         Err(Error::NoSpace { free, needed }) => assert!(free < needed),
         other => panic!("expected NoSpace, got {other:?}"),
     }
@@ -118,16 +142,16 @@ fn what_is_not_fat_is_named_and_damage_never_panics() {
     let zeros = dir.path().join("zeros");
     std::fs::write(&zeros, vec![0u8; 1 << 20]).unwrap();
     let mut w = window(&zeros);
-    let e = esp::status(&mut w, true).unwrap_err();
+    let e = esp::status(&mut w, SB).unwrap_err();
     assert!(matches!(e, Error::NotFat(_)), "{e}");
     assert!(e.to_string().contains("no FAT file system"), "{e}");
 
     let Some(img) = fat(dir.path(), 16 << 10) else { return };
     let k = kernel(dir.path(), "k", 20_000, true);
     let i = initrd(dir.path(), "initrd", 30_000);
-    esp::install(&mut window(&img), &k, &i, true, &mut |_| {}).unwrap();
+    esp::install(&mut window(&img), &k, &i, SB, &mut |_| {}).unwrap();
     let good = std::fs::read(&img).unwrap();
-    let good_status = esp::status(&mut window(&img), true).unwrap();
+    let good_status = esp::status(&mut window(&img), SB).unwrap();
     // Random bytes over the boot sector, the FATs and the root directory (the first 48 KiB):
     // status answers or errs; an install either completes or errs. Never a panic.
     let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -146,18 +170,15 @@ fn what_is_not_fat_is_named_and_damage_never_panics() {
         }
         std::fs::write(&img, &bad).unwrap();
         let mut w = window(&img);
-        match esp::status(&mut w, true) {
+        match esp::status(&mut w, SB) {
             Ok(st) => {
                 if st == good_status {
                     same += 1
                 } else {
                     changed += 1
                 }
-                if let Ok(done) = esp::install(&mut w, &k, &i, true, &mut |_| {}) {
-                    assert!(matches!(
-                        esp::status(&mut w, true).unwrap().set(done.set),
-                        SetState::Complete(_)
-                    ));
+                if let Ok(done) = esp::install(&mut w, &k, &i, SB, &mut |_| {}) {
+                    assert!(matches!(esp::status(&mut w, SB).unwrap().set(done.set), SetState::Complete(_)));
                 }
                 let _ = st;
             }
@@ -166,4 +187,37 @@ fn what_is_not_fat_is_named_and_damage_never_panics() {
     }
     // The damage was seen (a set or the block read differently, or an error), and survived.
     assert!(changed + err > 0, "unchanged {same}, changed {changed}, errors {err}");
+}
+
+#[test]
+fn a_looping_cluster_chain_ends_in_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mkfs) = testkit::tool("mkfs.vfat", "dosfstools") else { return };
+    let img = dir.path().join("fat32.img");
+    testkit::run(&mkfs, &["-C", "-F", "32", img.to_str().unwrap(), "40000"]);
+    // The root directory is cluster 2 (in FAT32 a chain like any other): fill it with deleted
+    // entries (a reader goes on past them) and make its FAT entry point to itself in both
+    // FATs, so the directory never ends.
+    let mut b = std::fs::read(&img).unwrap();
+    let reserved = u64::from(u16::from_le_bytes([b[14], b[15]])) * 512;
+    let fat_bytes = u64::from(u32::from_le_bytes([b[36], b[37], b[38], b[39]])) * 512;
+    let cluster = u64::from(b[13]) * 512;
+    for fat in 0..2 {
+        let at = (reserved + fat * fat_bytes + 2 * 4) as usize;
+        b[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
+    }
+    let root = (reserved + 2 * fat_bytes) as usize;
+    for entry in (root..root + cluster as usize).step_by(32) {
+        b[entry] = 0xe5;
+        b[entry + 1..entry + 11].copy_from_slice(b"DELETED   ");
+    }
+    std::fs::write(&img, &b).unwrap();
+    let t = std::time::Instant::now();
+    // The directory is read for each file looked up: each lookup fails, naming the loop.
+    let said = match esp::status(&mut window(&img), SB) {
+        Ok(st) => format!("{st:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(said.contains("loops"), "{said}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(60), "{:?}", t.elapsed());
 }

@@ -681,6 +681,9 @@ pub fn s4_secure_boot_update<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Res
     )?;
     let st = b.run("aclctl first-stage status --disk /dev/vda")?;
     ensure(st.contains("Secure Boot on"), format!("aclctl saw Secure Boot on: {st}"))?;
+    // Which set this boot came through, as GRUB put it on the command line and stage 1 passed
+    // it on: a (b, unsigned, was refused).
+    ensure(st.contains("this boot came through set a"), format!("aclctl knew the set that booted: {st}"))?;
     b.type_line("systemctl reboot")?;
     b.wait_exit()?;
     let mut b = vm.boot("s4-3")?;

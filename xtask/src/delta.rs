@@ -1,0 +1,128 @@
+//! `cargo xtask bench delta`: what a node downloads for an update between real images built
+//! from `image-recipes/` (Debian packages, erofs, dracut), for typical changes, next to two
+//! baselines from the same run: the whole payload (what Flatcar and Bottlerocket fetch) and
+//! `zstd --patch-from` of the old file system to the new one (a per-pair delta, the practical
+//! lower bound).
+//!
+//! "Fetched" is what the installer requests when the other slot holds the old image: every
+//! frame of a chunk whose digest the old manifest does not list (`install::plan` fetches
+//! exactly those frames, adjacent ones in one request).
+
+use crate::image::{self, ImageArgs, Profile};
+use anyhow::{Context as _, Result};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use xshell::{Shell, cmd};
+
+/// The changes measured: a name, the recipe text (which includes the base), and the goal.
+fn changes(base: &Path) -> Vec<(&'static str, String, &'static str)> {
+    let inc = format!("include = {:?}\n", base.join("node.toml"));
+    vec![
+        (
+            "one 33-byte configuration file added",
+            format!(
+                "{inc}[[file]]\npath = \"/etc/acl-update/bench.conf\"\ntext = \"# one setting changed\\nkey = 1\\n\"\n"
+            ),
+            "<= 1 %",
+        ),
+        ("one package added (jq)", format!("{inc}packages = [\"jq\"]\n"), "<= 3 %"),
+        (
+            "kernel build 6.1.0-56 -> 6.1.0-50",
+            format!("include = {:?}\n", base.join("node-kernel-50.toml")),
+            "<= 30 %",
+        ),
+    ]
+}
+
+/// Frames of `m` (offset -> length).
+fn frames(m: &manifest::Manifest) -> BTreeMap<u64, u64> {
+    m.chunks.iter().map(|c| (c.offset, u64::from(c.length))).collect()
+}
+
+/// Bytes fetched to install `new` over a slot holding `old`.
+fn fetched(old: &manifest::Manifest, new: &manifest::Manifest) -> u64 {
+    let held: HashSet<_> = old.chunks.iter().map(|c| c.sha256).collect();
+    let need: BTreeMap<u64, u64> = new
+        .chunks
+        .iter()
+        .filter(|c| !held.contains(&c.sha256))
+        .map(|c| (c.offset, u64::from(c.length)))
+        .collect();
+    need.values().sum()
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+pub(crate) fn run(sh: &Shell) -> Result<()> {
+    crate::tools::ensure(sh, &crate::tools::BENCH_TOOLS)?;
+    crate::tools::ensure(sh, &image::IMAGE_TOOLS)?;
+    image::build_binaries(sh, Profile::Dev)?;
+    let root = sh.current_dir();
+    let dir = root.join("target/bench/delta");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("trust"))?;
+    std::fs::create_dir_all(dir.join("recipes"))?;
+    let aclpub = Profile::Dev.bin(&root, "aclpub");
+    {
+        let _d = sh.push_dir(&dir);
+        cmd!(sh, "{aclpub} keygen --out keys bench").quiet().ignore_stdout().run()?;
+    }
+    std::fs::copy(dir.join("keys/bench.pub"), dir.join("trust/bench.pub"))?;
+    let build = |recipe: PathBuf, version: &str, name: &str| -> Result<(PathBuf, manifest::Manifest)> {
+        let work = dir.join(name);
+        let t = std::time::Instant::now();
+        let b = image::build(
+            sh,
+            &ImageArgs {
+                profile: Profile::Dev,
+                recipe,
+                version: version.into(),
+                work: work.clone(),
+                repo: None,
+                keys: vec![dir.join("keys/bench.key")],
+                trust: dir.join("trust"),
+            },
+        )?;
+        println!("  built {name} in {:.0} s", t.elapsed().as_secs_f64());
+        let m = manifest::Manifest::from_bytes(&std::fs::read(b.build.join("manifest.json"))?)?;
+        Ok((work.join("fs.erofs"), m))
+    };
+    println!("bench delta: real images from image-recipes/ (this takes a few minutes)");
+    let (old_fs, old) = build(root.join("image-recipes/node.toml"), "1.0.0", "base")?;
+    let mut rows = Vec::new();
+    for (i, (name, text, goal)) in changes(&root.join("image-recipes")).into_iter().enumerate() {
+        let recipe = dir.join("recipes").join(format!("change-{i}.toml"));
+        std::fs::write(&recipe, text)?;
+        let (new_fs, new) = build(recipe, "1.1.0", &format!("change-{i}"))?;
+        let payload: u64 = frames(&new).values().sum();
+        let got = fetched(&old, &new);
+        let patch = dir.join(format!("change-{i}.zst"));
+        cmd!(sh, "zstd -q -f -19 --long=28 --patch-from={old_fs} {new_fs} -o {patch}")
+            .run()
+            .context("zstd --patch-from")?;
+        let patch_bytes = std::fs::metadata(&patch)?.len();
+        rows.push((name, got, payload, patch_bytes, goal));
+    }
+    println!(
+        "\n| change | fetched | share of the new payload | goal | whole payload (Flatcar, Bottlerocket) | zstd --patch-from, per pair |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, got, payload, patch, goal) in rows {
+        let share = |b: u64| 100.0 * b as f64 / payload as f64;
+        println!(
+            "| {name} | {} | {:.1} % | {goal} | {} (100 %) | {} ({:.1} %) |",
+            mb(got),
+            share(got),
+            mb(payload),
+            mb(patch),
+            share(patch)
+        );
+    }
+    println!(
+        "\nzstd --patch-from is of the file system alone (the dm-verity tree is left out: a node could compute \
+         it), at level 19 with a 256 MiB window."
+    );
+    Ok(())
+}
