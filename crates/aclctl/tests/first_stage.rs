@@ -23,13 +23,7 @@ fn disk(dir: &Path) -> Option<PathBuf> {
 
 fn kernel(dir: &Path, name: &str, signed: bool) -> PathBuf {
     let mut d = vec![0x11u8; 300_000];
-    d[..2].copy_from_slice(b"MZ");
-    d[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
-    d[0x80..0x84].copy_from_slice(b"PE\0\0");
-    d[0x98..0x9a].copy_from_slice(&0x20bu16.to_le_bytes());
-    let dirs = 0x98 + 112;
-    d[dirs - 4..dirs].copy_from_slice(&16u32.to_le_bytes());
-    d[dirs + 36..dirs + 40].copy_from_slice(&(if signed { 0x800u32 } else { 0 }).to_le_bytes());
+    testkit::efi_kernel_header(&mut d, signed);
     let p = dir.join(name);
     std::fs::write(&p, d).unwrap();
     p

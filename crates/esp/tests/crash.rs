@@ -89,13 +89,7 @@ fn file(dir: &Path, name: &str, len: usize, seed: u64, pe: bool) -> std::path::P
         })
         .collect();
     if pe {
-        data[..2].copy_from_slice(b"MZ");
-        data[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
-        data[0x80..0x84].copy_from_slice(b"PE\0\0");
-        data[0x98..0x9a].copy_from_slice(&0x20bu16.to_le_bytes());
-        let dirs = 0x98 + 112;
-        data[dirs - 4..dirs].copy_from_slice(&16u32.to_le_bytes());
-        data[dirs + 36..dirs + 40].copy_from_slice(&0x800u32.to_le_bytes());
+        testkit::efi_kernel_header(&mut data, true);
     }
     let p = dir.join(name);
     std::fs::write(&p, data).unwrap();

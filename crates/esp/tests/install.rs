@@ -24,13 +24,7 @@ fn window(img: &Path) -> Window {
 /// A kernel of `len` bytes with a PE header, signed or not.
 fn kernel(dir: &Path, name: &str, len: usize, signed: bool) -> PathBuf {
     let mut d = vec![0x5au8; len];
-    d[..2].copy_from_slice(b"MZ");
-    d[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
-    d[0x80..0x84].copy_from_slice(b"PE\0\0");
-    d[0x98..0x9a].copy_from_slice(&0x20bu16.to_le_bytes());
-    let dirs = 0x98 + 112;
-    d[dirs - 4..dirs].copy_from_slice(&16u32.to_le_bytes());
-    d[dirs + 36..dirs + 40].copy_from_slice(&(if signed { 0x800u32 } else { 0 }).to_le_bytes());
+    testkit::efi_kernel_header(&mut d, signed);
     d[len - 1] = name.len() as u8;
     let p = dir.join(name);
     std::fs::write(&p, d).unwrap();
@@ -65,15 +59,22 @@ fn a_set_shim_refuses_is_the_one_written_under_secure_boot() {
     assert_eq!(st.boots, Some(Set::B));
 }
 
-#[test]
-fn what_grub_started_this_boot_overrides_the_guess() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(img) = fat(dir.path(), 8 << 10) else { return };
-    let (k1, k2) = (kernel(dir.path(), "k1", 20_000, true), kernel(dir.path(), "k22", 20_000, true));
-    let i = initrd(dir.path(), "initrd", 30_000);
+/// A FAT with two signed sets, b named; the image, the first kernel and the initramfs.
+fn two_sets(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let img = fat(dir, 8 << 10)?;
+    let (k1, k2) = (kernel(dir, "k1", 20_000, true), kernel(dir, "k22", 20_000, true));
+    let i = initrd(dir, "initrd", 30_000);
     let mut w = window(&img);
     esp::install(&mut w, &k1, &i, SB, &mut |_| {}).unwrap();
     esp::install(&mut w, &k2, &i, SB, &mut |_| {}).unwrap();
+    Some((img, k1, i))
+}
+
+#[test]
+fn what_grub_started_this_boot_overrides_the_guess() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((img, k1, i)) = two_sets(dir.path()) else { return };
+    let mut w = window(&img);
     // Both sets signed and complete, b named: the guess is that GRUB starts b. But this boot
     // came through a (say b's kernel was revoked): a is what starts, and b is what is written,
     // after the block is made to name a.
@@ -89,12 +90,7 @@ fn what_grub_started_this_boot_overrides_the_guess() {
 #[test]
 fn a_damaged_block_is_first_made_to_name_the_set_grub_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(img) = fat(dir.path(), 8 << 10) else { return };
-    let (k1, k2) = (kernel(dir.path(), "k1", 20_000, true), kernel(dir.path(), "k22", 20_000, true));
-    let i = initrd(dir.path(), "initrd", 30_000);
-    let mut w = window(&img);
-    esp::install(&mut w, &k1, &i, SB, &mut |_| {}).unwrap();
-    esp::install(&mut w, &k2, &i, SB, &mut |_| {}).unwrap();
+    let Some((img, k1, i)) = two_sets(dir.path()) else { return };
     // Set b named; now damage a's kernel and the block: GRUB tries a (no block), which is
     // damaged, then b.
     let img_bytes = std::fs::read(&img).unwrap();

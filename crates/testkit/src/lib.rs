@@ -23,6 +23,19 @@ pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
     found
 }
 
+/// Writes over the start of `data` the PE header of an EFI kernel image (PE32+) whose
+/// certificate table is present (`signed`) or empty: what tells a signed kernel from an
+/// unsigned one before shim checks the signature itself.
+pub fn efi_kernel_header(data: &mut [u8], signed: bool) {
+    data[..2].copy_from_slice(b"MZ");
+    data[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
+    data[0x80..0x84].copy_from_slice(b"PE\0\0");
+    data[0x98..0x9a].copy_from_slice(&0x20bu16.to_le_bytes());
+    let dirs = 0x98 + 112;
+    data[dirs - 4..dirs].copy_from_slice(&16u32.to_le_bytes());
+    data[dirs + 36..dirs + 40].copy_from_slice(&(if signed { 0x800u32 } else { 0 }).to_le_bytes());
+}
+
 /// Runs a command, panicking with its output if it fails; returns its stdout.
 pub fn run(cmd: &Path, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("run {}: {e}", cmd.display()));
