@@ -13,7 +13,7 @@
 
 use crate::image::{self, ImageArgs, Profile};
 use anyhow::{Context as _, Result};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use xshell::{Shell, cmd};
 
@@ -40,18 +40,6 @@ fn changes(base: &Path) -> Vec<(&'static str, String, &'static str)> {
 /// Frames of `m` (offset -> length).
 fn frames(m: &manifest::Manifest) -> BTreeMap<u64, u64> {
     m.chunks.iter().map(|c| (c.offset, u64::from(c.length))).collect()
-}
-
-/// Bytes fetched to install `new` over a slot holding `old`.
-fn fetched(old: &manifest::Manifest, new: &manifest::Manifest) -> u64 {
-    let held: HashSet<_> = old.chunks.iter().map(|c| c.sha256).collect();
-    let need: BTreeMap<u64, u64> = new
-        .chunks
-        .iter()
-        .filter(|c| !held.contains(&c.sha256))
-        .map(|c| (c.offset, u64::from(c.length)))
-        .collect();
-    need.values().sum()
 }
 
 fn mb(b: u64) -> String {
@@ -100,7 +88,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
         std::fs::write(&recipe, text)?;
         let (new_fs, new) = build(recipe, "1.1.0", &format!("change-{i}"))?;
         let payload: u64 = frames(&new).values().sum();
-        let got = fetched(&old, &new);
+        let got = e2e::fetched_bytes(&old, &new);
         let patch = dir.join(format!("change-{i}.zst"));
         // (zstd's advice on tuning its optimal parser goes to stderr; only the exit status counts)
         cmd!(sh, "zstd -q -f -19 --long=28 --patch-from={old_fs} {new_fs} -o {patch}")

@@ -271,6 +271,19 @@ pub fn manifest_of(build: &Path) -> Result<manifest::Manifest> {
     Ok(manifest::Manifest::from_bytes(&std::fs::read(build.join("manifest.json"))?)?)
 }
 
+/// Payload bytes an install of `new` fetches when the other slot holds `old`: every frame of
+/// a chunk whose digest `old` does not list (what the installer's plan requests).
+pub fn fetched_bytes(old: &manifest::Manifest, new: &manifest::Manifest) -> u64 {
+    let held: std::collections::HashSet<_> = old.chunks.iter().map(|c| c.sha256).collect();
+    let frames: std::collections::BTreeMap<u64, u64> = new
+        .chunks
+        .iter()
+        .filter(|c| !held.contains(&c.sha256))
+        .map(|c| (c.offset, u64::from(c.length)))
+        .collect();
+    frames.values().sum()
+}
+
 /// The image digest of a built image (reproducibility).
 pub fn image_sha256(build: &Path) -> Result<String> {
     Ok(manifest_of(build)?.image_sha256.to_string())

@@ -454,13 +454,7 @@ fn mib(b: u64) -> f64 {
 
 /// Compressed bytes of `new`'s frames for chunks that `old` does not hold.
 fn fetch_estimate(old: &std::path::Path, new: &std::path::Path) -> Result<u64> {
-    let (old, new) = (crate::manifest_of(old)?, crate::manifest_of(new)?);
-    let held: std::collections::HashSet<_> = old.chunks.iter().map(|c| c.sha256).collect();
-    let mut frames = std::collections::BTreeMap::new();
-    for c in new.chunks.iter().filter(|c| !held.contains(&c.sha256)) {
-        frames.insert(c.offset, u64::from(c.length));
-    }
-    Ok(frames.values().sum())
+    Ok(crate::fetched_bytes(&crate::manifest_of(old)?, &crate::manifest_of(new)?))
 }
 
 /// The kernel's lockdown state as the booted system reads it (the one in use in brackets).
