@@ -34,8 +34,10 @@ const EXIT_REFUSED: u8 = 3;
 One writer per disk: the commands that change a disk (rollback, mark-good, boot, update --repo,
 provision) hold its lock while they work. Another acl-update process holding it (the agent
 installing, another aclctl) makes them fail at once, naming its pid and command, without changing
-anything; a lock held by another program (udev probing the disk, a partitioning tool) is waited
-for up to 5 s. status and history never wait.
+anything. A lock held by another program is waited for, with a word after 2 s: up to 180 s while
+only shared locks are held (udev probing the disk and its partitions after every write; 180 s is
+udev's own event timeout), up to 10 s for an exclusive one (a partitioning tool, udevadm lock).
+status and history never wait.
 
 Exit codes: 0 success; 1 failure (the message says what the disk holds afterwards); 2 usage
 error; 3 refused, nothing changed (the slots' state, the partition table's layout, another writer
@@ -308,6 +310,7 @@ struct Target {
 fn main() -> std::process::ExitCode {
     cliutil::default_sigpipe();
     cliutil::fix_malloc_threshold();
+    slot::lock::set_wait_notice(|m| eprintln!("aclctl: {m}"));
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

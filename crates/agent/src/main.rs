@@ -60,6 +60,7 @@ fn init_logging() {
             )
             .init(),
     }
+    slot::lock::set_wait_notice(|m| tracing::info!("{m}"));
 }
 
 /// The real machine, with systemd's watchdog pinged whenever the loop runs.

@@ -211,7 +211,7 @@ pub struct Disk<D> {
 impl Disk<std::fs::File> {
     /// Opens a block device or image file; `writable` for anything that changes bits, which
     /// takes the disk's exclusive lock first (refused at once while another acl-update process
-    /// holds it, after up to [`crate::lock::DEFAULT_WAIT`] for another program) and keeps it
+    /// holds it; another program's lock is waited for as [`crate::lock`] says) and keeps it
     /// as long as the returned value lives.
     pub fn open(path: &Path, writable: bool) -> Result<Self, DiskError> {
         let dev = std::fs::OpenOptions::new()

@@ -19,8 +19,15 @@
 //!
 //! - is refused at once, naming the holder, when the record names a live process (one of ours:
 //!   an install may take minutes, and the user should hear why rather than wait blindly);
-//! - waits up to the given time when there is no live record (udev probes a disk for a moment
-//!   after every write, holding a shared lock; or a partitioning tool), then is refused.
+//! - waits when there is no live record, then is refused. How long depends on the kind of lock
+//!   held. udev holds a *shared* lock on the whole disk while it probes the disk or any of its
+//!   partitions, which it does after every close of the disk opened for writing: on a slow or
+//!   loaded node that is seconds per partition (a CI run measured more than 5 s in qemu after a
+//!   mark-good), and udev kills a worker only after its event timeout, 180 s by default. A
+//!   shared-only holder is therefore waited for up to [`SHARED_WAIT`]. An *exclusive* holder
+//!   without a record is a partitioning tool (or `udevadm lock`), waited for up to the given
+//!   time ([`DEFAULT_WAIT`]). The kind is told by taking a shared lock through a second open
+//!   file: it is granted only when no exclusive lock is held.
 //!
 //! Readers (`writable = false`) take no lock: a table read is a snapshot whose CRCs tell a torn
 //! copy, and status must work while an install runs.
@@ -35,8 +42,24 @@ use std::time::{Duration, Instant};
 /// Where holders of a disk lock write who they are (`/run`: gone at reboot, like the locks).
 pub const LOCK_DIR: &str = "/run/acl-update/locks";
 
-/// How long a writer waits for a lock whose holder left no record (udev probing, another tool).
-pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+/// How long a writer waits for an exclusive lock whose holder left no record (a partitioning
+/// tool, `udevadm lock`).
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a writer waits while only shared locks are held (udev probing the disk and its
+/// partitions): udev's default event timeout, after which it kills the probing worker.
+pub const SHARED_WAIT: Duration = Duration::from_secs(180);
+
+/// After this long waiting, the writer says once what it waits for (see [`set_wait_notice`]).
+const NOTICE_AFTER: Duration = Duration::from_secs(2);
+
+static WAIT_NOTICE: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
+/// Sets how a writer that waits for the lock says so (once per wait, after 2 s): `aclctl`
+/// prints to stderr, the agent logs. Without it, waits are silent. The first call wins.
+pub fn set_wait_notice(notice: fn(&str)) {
+    let _ = WAIT_NOTICE.set(notice);
+}
 
 /// An exclusive lock on a disk, released when dropped.
 #[derive(Debug)]
@@ -61,10 +84,12 @@ pub enum LockError {
 
 impl DiskLock {
     /// Takes the exclusive lock on `file` (the disk opened at `path`): at once, or after waiting
-    /// up to `wait` for a holder that left no record (see the module docs).
+    /// for a holder that left no record: up to `wait` for an exclusive holder, up to
+    /// [`SHARED_WAIT`] while only shared locks are held (see the module docs).
     pub fn acquire(file: &File, path: &Path, wait: Duration) -> Result<DiskLock, LockError> {
         let record = record_path(file);
         let started = Instant::now();
+        let mut noticed = false;
         loop {
             match Flock::lock(file.try_clone()?, FlockArg::LockExclusiveNonblock) {
                 Ok(flock) => {
@@ -75,12 +100,43 @@ impl DiskLock {
                     if let Some(holder) = record.as_deref().and_then(live_holder) {
                         return Err(LockError::Busy { holder });
                     }
-                    if started.elapsed() >= wait {
-                        return Err(LockError::Busy {
-                            holder: "another program (no acl-update process; a partitioning tool, or udev \
-                                     probing the disk)"
-                                .to_owned(),
-                        });
+                    let shared = only_shared(path);
+                    let elapsed = started.elapsed();
+                    if elapsed >= if shared { SHARED_WAIT } else { wait } {
+                        let holder = if shared {
+                            format!(
+                                "another program holding a shared lock for more than {} s (no acl-update \
+                                 process; udev probing the disk, or a reader that follows systemd's convention)",
+                                elapsed.as_secs()
+                            )
+                        } else {
+                            format!(
+                                "another program holding an exclusive lock for more than {} s (no acl-update \
+                                 process; a partitioning tool, or udevadm lock)",
+                                elapsed.as_secs()
+                            )
+                        };
+                        return Err(LockError::Busy { holder });
+                    }
+                    if !noticed && elapsed >= NOTICE_AFTER {
+                        noticed = true;
+                        if let Some(notice) = WAIT_NOTICE.get() {
+                            notice(&if shared {
+                                format!(
+                                    "{}: waiting for another program (udev probing the disk?) to release its \
+                                     shared lock; up to {} s",
+                                    path.display(),
+                                    SHARED_WAIT.as_secs()
+                                )
+                            } else {
+                                format!(
+                                    "{}: waiting for another program (a partitioning tool?) to release its \
+                                     exclusive lock; up to {} s",
+                                    path.display(),
+                                    wait.as_secs()
+                                )
+                            });
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -137,6 +193,14 @@ fn write_record(record: &Path, disk: &Path) -> bool {
 fn read_pid(record: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(record).ok()?;
     text.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether the locks held on the disk at `path` are all shared: a shared lock taken through a
+/// second open file (a lock of its own) is granted only then. Opened read-only, so its close
+/// starts no udev probe.
+fn only_shared(path: &Path) -> bool {
+    let Ok(f) = File::open(path) else { return false };
+    Flock::lock(f, FlockArg::LockSharedNonblock).is_ok()
 }
 
 /// "pid N (command)" from a record whose process still runs.

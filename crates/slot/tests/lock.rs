@@ -7,6 +7,7 @@
 use slot::choice::{self, Slot};
 use slot::{Disk, DiskError};
 use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -101,13 +102,15 @@ fn issue_12_a_second_writer_is_refused_at_once_naming_the_holder() {
 }
 
 #[test]
-fn issue_12_a_lock_held_by_another_program_is_waited_for_then_refused() {
+fn issue_12_a_lock_held_by_another_program_is_waited_for_then_refused_shared_longer() {
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
     let Some(flock) = tool("flock", "util-linux") else { return };
     let dir = tempfile::tempdir().unwrap();
     let disk = flatcar_image(&sgdisk, dir.path(), 64, 16);
-    let hold = |secs: &str| {
-        let child = Command::new(&flock).arg(&disk).args(["sleep", secs]).spawn().unwrap();
+    let hold_as = |mode: &str, secs: &str| {
+        // A group of its own: killing it must also end the `sleep`, which holds the lock too.
+        let child =
+            Command::new(&flock).arg(mode).arg(&disk).args(["sleep", secs]).process_group(0).spawn().unwrap();
         // Until it holds the lock: a non-blocking flock of our own fails.
         let f = std::fs::File::open(&disk).unwrap();
         for _ in 0..200 {
@@ -120,6 +123,7 @@ fn issue_12_a_lock_held_by_another_program_is_waited_for_then_refused() {
         }
         panic!("flock never took the lock");
     };
+    let hold = |secs: &str| hold_as("--exclusive", secs);
     // Released within the wait (as udev's probe is): the writer waits and goes ahead.
     let mut short = hold("1.5");
     let started = Instant::now();
@@ -136,8 +140,18 @@ fn issue_12_a_lock_held_by_another_program_is_waited_for_then_refused() {
     assert!(started.elapsed() >= slot::lock::DEFAULT_WAIT, "{:?}", started.elapsed());
     assert!(e.to_string().contains("another program"), "{e}");
     assert!(std::fs::read(&disk).unwrap() == before);
-    long.kill().unwrap();
+    let group = nix::unistd::Pid::from_raw(i32::try_from(long.id()).unwrap());
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).unwrap();
     long.wait().unwrap();
+    // A shared lock (what udev holds while it probes the disk and its partitions, for seconds
+    // on a loaded node) is waited for past the exclusive wait: the writer goes ahead.
+    let mut probe = hold_as("--shared", &format!("{}", slot::lock::DEFAULT_WAIT.as_secs() + 3));
+    let started = Instant::now();
+    let mut d = Disk::open(&disk, true).unwrap();
+    assert!(started.elapsed() > slot::lock::DEFAULT_WAIT, "it waited: {:?}", started.elapsed());
+    d.update(|s| choice::prepare(s, Slot::A)).unwrap();
+    drop(d);
+    probe.wait().unwrap();
 }
 
 /// Issue 12, item 5: another tool (sgdisk, which takes no lock) changes a different entry
