@@ -359,6 +359,10 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     let t = format!("-T{epoch}");
     let u = format!("-U{uuid}");
     cmd!(sh, "mkfs.erofs --quiet {t} --ignore-mtime --all-root {u} {fs} {tree}").run()?;
+    // Inode numbers that do not shift when a file is added (see crates/erofs-stable).
+    let image = std::fs::OpenOptions::new().read(true).write(true).open(&fs)?;
+    erofs_stable::stabilize(&image).with_context(|| format!("{}: stable inode numbers", fs.display()))?;
+    drop(image);
     let aclpub = a.profile.bin(&root, "aclpub");
     let out = a.work.join("build");
     let version = &a.version;
