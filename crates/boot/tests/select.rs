@@ -42,6 +42,7 @@ impl Fixture {
             level: 1,
             threads: 1,
             salt: None,
+            chunk_starts: Vec::new(),
         };
         payload::build(&fs, &out, &opts, &|_| {}).unwrap();
         repo::local::sign_document(&out.join("manifest.json"), keys).unwrap();

@@ -36,6 +36,7 @@ const KNOWN_INCOMPAT: u32 = 0x7f;
 const DIRENT_SIZE: usize = 12;
 const S_IFMT: u16 = 0o170_000;
 const S_IFDIR: u16 = 0o040_000;
+const S_IFREG: u16 = 0o100_000;
 const I_INO_OFFSET: u64 = 20;
 /// `feature_compat`: the superblock carries a checksum.
 const COMPAT_SB_CHKSUM: u32 = 1;
@@ -208,11 +209,14 @@ fn dirents(nid: u64, block: &[u8], out: &mut Vec<(u64, Vec<u8>)>) -> Result<(), 
     Ok(())
 }
 
-/// Sets `i_ino` of every inode reachable from the root to its nid (see the module docs). The
-/// file must be an uncompressed-metadata erofs image opened for reading and writing; nothing
-/// is written before the superblock is checked, and a damaged directory stops the walk with an
-/// error (inodes already visited keep their new numbers, which the kernel ignores anyway).
-pub fn stabilize(file: &File) -> Result<Stats, Error> {
+/// An opened image: the superblock checked (and its checksum, when it has one).
+struct Opened<'a> {
+    image: Image<'a>,
+    root: u64,
+    checksummed: bool,
+}
+
+fn open(file: &File) -> Result<Opened<'_>, Error> {
     let len = file
         .metadata()
         .map_err(|source| Error::Io { what: "reading the image's size".into(), source })?
@@ -256,25 +260,22 @@ pub fn stabilize(file: &File) -> Result<Stats, Error> {
     }
     let image = Image { file, len, block, meta: u64::from(u32_at(40)) * block };
     let root = u64::from(u16::from_le_bytes([sb[14], sb[15]]));
+    Ok(Opened { image, root, checksummed })
+}
 
-    let mut stats = Stats::default();
-    let mut seen = HashSet::from([root]);
-    let mut todo = vec![root];
+/// Calls `each` once for every inode reachable from the root (hard links once).
+fn walk(o: &Opened<'_>, mut each: impl FnMut(u64, &Inode) -> Result<(), Error>) -> Result<(), Error> {
+    let mut seen = HashSet::from([o.root]);
+    let mut todo = vec![o.root];
     let mut entries = Vec::new();
     while let Some(nid) = todo.pop() {
-        let inode = image.inode(nid)?;
-        stats.inodes += 1;
-        let want = (nid & u64::from(u32::MAX)) as u32;
-        if inode.ino != want {
-            file.write_all_at(&want.to_le_bytes(), inode.offset + I_INO_OFFSET)
-                .map_err(|source| Error::Io { what: format!("writing inode {nid}"), source })?;
-            stats.changed += 1;
-        }
+        let inode = o.image.inode(nid)?;
+        each(nid, &inode)?;
         if inode.mode & S_IFMT != S_IFDIR {
             continue;
         }
         entries.clear();
-        image.dir_blocks(nid, &inode, |b| dirents(nid, b, &mut entries))?;
+        o.image.dir_blocks(nid, &inode, |b| dirents(nid, b, &mut entries))?;
         for (child, name) in entries.drain(..) {
             if name == b"." || name == b".." {
                 continue;
@@ -284,12 +285,60 @@ pub fn stabilize(file: &File) -> Result<Stats, Error> {
             }
         }
     }
-    if checksummed && stats.changed > 0 {
-        let (_, computed) = superblock_checksum(file, block)?;
+    Ok(())
+}
+
+/// Sets `i_ino` of every inode reachable from the root to its nid (see the module docs). The
+/// file must be an erofs image with uncompressed directories, opened for reading and writing;
+/// nothing is written before the superblock (and its checksum) is checked, and a damaged
+/// directory stops the walk with an error (inodes already visited keep their new numbers, which
+/// the kernel ignores anyway; the checksum is then not rewritten, so such an image will not
+/// mount until `stabilize` succeeds).
+pub fn stabilize(file: &File) -> Result<Stats, Error> {
+    let o = open(file)?;
+    let mut stats = Stats::default();
+    walk(&o, |nid, inode| {
+        stats.inodes += 1;
+        let want = (nid & u64::from(u32::MAX)) as u32;
+        if inode.ino != want {
+            file.write_all_at(&want.to_le_bytes(), inode.offset + I_INO_OFFSET)
+                .map_err(|source| Error::Io { what: format!("writing inode {nid}"), source })?;
+            stats.changed += 1;
+        }
+        Ok(())
+    })?;
+    if o.checksummed && stats.changed > 0 {
+        let (_, computed) = superblock_checksum(file, o.image.block)?;
         file.write_all_at(&computed.to_le_bytes(), SUPERBLOCK_OFFSET + 4)
             .map_err(|source| Error::Io { what: "writing the superblock checksum".into(), source })?;
     }
     Ok(stats)
+}
+
+/// Where regular files keep whole blocks of their data, as (first block, blocks), sorted by
+/// first block, and the block size. Everything else in the image is metadata: the superblock,
+/// inodes with the inline tails of files and directories, directory blocks. Files whose data is
+/// not stored flat (compressed, chunk-based) are left out, so their blocks count as metadata.
+pub fn file_extents(file: &File) -> Result<(Vec<(u64, u64)>, u64), Error> {
+    let o = open(file)?;
+    let block = o.image.block;
+    let mut out = Vec::new();
+    walk(&o, |_, inode| {
+        if inode.mode & S_IFMT == S_IFREG {
+            let blocks = match inode.layout {
+                0 => inode.size.div_ceil(block),
+                2 => inode.size / block,
+                _ => 0,
+            };
+            if blocks > 0 {
+                out.push((inode.raw_blkaddr, blocks));
+            }
+        }
+        Ok(())
+    })?;
+    out.sort_unstable();
+    out.dedup();
+    Ok((out, block))
 }
 
 /// The stored superblock checksum and the one its block sums to: CRC-32C seeded with all ones
@@ -303,4 +352,37 @@ fn superblock_checksum(file: &File, block: u64) -> Result<(u32, u32), Error> {
     b[4..8].fill(0);
     // crc32c() inverts at both ends; the kernel's form inverts only at the start.
     Ok((stored, !crc32c::crc32c(&b)))
+}
+
+/// Blocks where an update chunk should start so that metadata changes stay small (see the
+/// crate docs): the first block of every run of metadata and of every run of file data, and
+/// every `meta_group` blocks within a run of metadata. `extents` are [`file_extents`];
+/// `blocks` is the image's length in blocks. Sorted, without block 0.
+pub fn chunk_starts(extents: &[(u64, u64)], blocks: u64, meta_group: u64) -> Vec<u64> {
+    let meta_group = meta_group.max(1);
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    let meta_run = |from: u64, to: u64, out: &mut Vec<u64>| {
+        let mut b = from;
+        while b < to {
+            out.push(b);
+            b += meta_group;
+        }
+    };
+    for &(start, len) in extents {
+        let start = start.min(blocks);
+        let end = start.saturating_add(len).min(blocks);
+        if start > at {
+            meta_run(at, start, &mut out);
+        }
+        if end > at {
+            out.push(start.max(at));
+            at = end;
+        }
+    }
+    meta_run(at, blocks, &mut out);
+    out.sort_unstable();
+    out.dedup();
+    out.retain(|&b| b != 0 && b < blocks);
+    out
 }

@@ -248,6 +248,7 @@ fn write_corpus() {
         level: 1,
         threads: 1,
         salt: None,
+        chunk_starts: Vec::new(),
     };
     payload::build(&fs, &build, &opts, &|_| {}).unwrap();
     repo::local::sign_document(&build.join("manifest.json"), std::slice::from_ref(&key)).unwrap();

@@ -35,6 +35,10 @@ pub struct BuildOptions {
     pub threads: usize,
     /// dm-verity salt; [`default_salt`] when `None`.
     pub salt: Option<Vec<u8>>,
+    /// 4 KiB blocks of the file system where a chunk must start, besides the content-defined
+    /// boundaries (sorted; others are ignored): what the file system's layout says, so that a
+    /// small metadata change costs a small chunk (`erofs_stable::chunk_starts` for erofs).
+    pub chunk_starts: Vec<u64>,
 }
 
 /// Why an image could not be built.
@@ -204,6 +208,7 @@ pub fn build(
             let mut chunk: Vec<u8> = Vec::with_capacity(chunker.max_size() as usize);
             let mut buf = vec![0u8; 1 << 20];
             let mut blocks = 0u32;
+            let mut starts = opts.chunk_starts.iter().peekable();
             while at + (chunk.len() as u64) < data_size {
                 let n = read_full(&mut input, &mut buf).map_err(io("read", fs_image))?;
                 read_total += n;
@@ -217,7 +222,13 @@ pub fn build(
                     chunk.extend_from_slice(block);
                     blocks += 1;
                     let end = at + chunk.len() as u64;
-                    if chunker.cut_after(block, blocks) || end == data_size {
+                    // Whether the next block must start a chunk (the file system's layout).
+                    let next = end / BLOCK as u64;
+                    while starts.peek().is_some_and(|&&s| s < next) {
+                        starts.next();
+                    }
+                    let forced = starts.peek() == Some(&&next);
+                    if forced || chunker.cut_after(block, blocks) || end == data_size {
                         hasher.update(&chunk);
                         let full =
                             std::mem::replace(&mut chunk, Vec::with_capacity(chunker.max_size() as usize));

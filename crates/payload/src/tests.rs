@@ -29,6 +29,7 @@ fn opts(chunk_size: u32) -> BuildOptions {
         level: 3,
         threads: 2,
         salt: None,
+        chunk_starts: Vec::new(),
     }
 }
 
@@ -164,4 +165,34 @@ fn bad_options_and_inputs_are_named() {
     let (d, _) = built(4096, 16 << 10);
     let e = build(&d.path().join("fs.img"), &d.path().join("out"), &opts(16 << 10), &|_| {}).unwrap_err();
     assert!(matches!(e, BuildError::OutputExists(_)), "{e}");
+}
+
+#[test]
+fn chunks_start_where_the_layout_says_and_still_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    fs_image(&dir.path().join("fs.img"), 3 << 20);
+    let free = build(&dir.path().join("fs.img"), &dir.path().join("free"), &opts(1 << 18), &|_| {}).unwrap();
+    // Blocks 1, 2, 3 (a run of small chunks), one inside a content-defined chunk, one past the
+    // end (ignored), unsorted duplicates are not given: the list is sorted by contract.
+    let starts = vec![1, 2, 3, 301, 5000];
+    let mut o = opts(1 << 18);
+    o.chunk_starts.clone_from(&starts);
+    let m = build(&dir.path().join("fs.img"), &dir.path().join("out"), &o, &|_| {}).unwrap();
+    check(dir.path(), &m).unwrap();
+    let offsets: Vec<u64> = m.chunks.iter().map(|c| c.image_offset / 4096).collect();
+    for s in [1, 2, 3, 301] {
+        assert!(offsets.contains(&s), "no chunk starts at block {s}: {offsets:?}");
+        assert!(!free.chunks.iter().any(|c| c.image_offset / 4096 == s), "block {s} was a boundary anyway");
+    }
+    // Content-defined boundaries fall back into step within a chunk or two of the forced ones.
+    let after = |m: &Manifest| -> Vec<u64> {
+        m.chunks
+            .iter()
+            .map(|c| c.image_offset)
+            .filter(|&o| o > 301 * 4096 && o < m.verity.data_size)
+            .collect()
+    };
+    let (forced, cdc) = (after(&m), after(&free));
+    assert!(forced.len() >= 2 && cdc.ends_with(&forced[1..]), "{forced:?} vs {cdc:?}");
+    assert_eq!(m.image_sha256, free.image_sha256);
 }

@@ -27,6 +27,13 @@ pub(crate) enum Command {
         /// Base name of the key files.
         name: String,
     },
+    /// Make an erofs image update-friendly in place: every inode's i_ino becomes its nid, so
+    /// that adding a file does not renumber every inode after it (run after mkfs.erofs, before
+    /// build; `cargo xtask image` does).
+    StableInodes {
+        /// The erofs image file, rewritten in place.
+        image: PathBuf,
+    },
     /// Build an image (payload and unsigned manifest) from a raw filesystem image.
     Build(BuildArgs),
     /// Add signatures to a manifest or channel index (writes DOCUMENT.sig).
@@ -98,6 +105,11 @@ pub(crate) struct BuildArgs {
     /// dm-verity salt in hex (default: derived from version and arch, for reproducible builds).
     #[arg(long)]
     pub(crate) salt: Option<String>,
+    /// For an erofs image, chunks also start where its layout changes between metadata and
+    /// file data, and metadata is cut into chunks of at most this many 4 KiB blocks, so that a
+    /// small change to the file tree costs small chunks; 0 turns this off.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) erofs_metadata_chunk: u64,
     #[command(flatten)]
     pub(crate) threads: ThreadArgs,
 }

@@ -15,6 +15,7 @@ use std::time::Instant;
 pub(crate) fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { out, name } => keygen(&out, &name),
+        Command::StableInodes { image } => stable_inodes(&image),
         Command::Build(args) => build(&args),
         Command::Sign { keys, document } => sign(&keys, &document),
         Command::Publish(args) => publish(&args),
@@ -48,6 +49,7 @@ fn build(a: &BuildArgs) -> Result<()> {
         .transpose()?;
     let size =
         std::fs::metadata(&a.fs_image).with_context(|| format!("read {}", a.fs_image.display()))?.len();
+    let chunk_starts = erofs_chunk_starts(&a.fs_image, size, a.erofs_metadata_chunk)?;
     let opts = payload::BuildOptions {
         version: a.version.clone(),
         arch: a.arch.clone(),
@@ -56,6 +58,7 @@ fn build(a: &BuildArgs) -> Result<()> {
         level: a.level,
         threads: a.threads.get(),
         salt,
+        chunk_starts,
     };
     let bar = cliutil::byte_bar("building", size);
     let started = Instant::now();
@@ -281,4 +284,31 @@ fn human(bytes: u64) -> String {
         u += 1;
     }
     if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+/// Where chunks should start in an erofs image (`erofs_stable::chunk_starts`), or none for
+/// another file system or when turned off.
+fn erofs_chunk_starts(image: &Path, size: u64, group: u64) -> Result<Vec<u64>> {
+    if group == 0 {
+        return Ok(Vec::new());
+    }
+    let file = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    match erofs_stable::file_extents(&file) {
+        Ok((extents, 4096)) => Ok(erofs_stable::chunk_starts(&extents, size.div_ceil(4096), group)),
+        Ok((_, block)) => bail!("{}: erofs blocks of {block} bytes; update chunks are 4096", image.display()),
+        Err(erofs_stable::Error::NotErofs) => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("{}: reading its erofs layout", image.display())),
+    }
+}
+
+fn stable_inodes(image: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .with_context(|| format!("opening {}", image.display()))?;
+    let stats = erofs_stable::stabilize(&file).with_context(|| image.display().to_string())?;
+    file.sync_all().with_context(|| format!("syncing {}", image.display()))?;
+    println!("{}: {} inodes, {} renumbered", image.display(), stats.inodes, stats.changed);
+    Ok(())
 }

@@ -56,6 +56,7 @@ impl Fixture {
             level: 3,
             threads: 2,
             salt: None,
+            chunk_starts: Vec::new(),
         };
         payload::build(&fs, &out, &opts, &|_| {}).unwrap();
         sign_document(&out.join("manifest.json"), &[clone(&self.keys[0]), clone(&self.keys[2])]).unwrap();
@@ -269,6 +270,7 @@ fn a_different_image_under_a_published_version_is_refused() {
         level: 3,
         threads: 2,
         salt: None,
+        chunk_starts: Vec::new(),
     };
     payload::build(&fs, &out, &opts, &|_| {}).unwrap();
     sign_document(&out.join("manifest.json"), &[clone(&f.keys[0]), clone(&f.keys[1])]).unwrap();

@@ -65,6 +65,7 @@ impl Fixture {
             level: 3,
             threads: 2,
             salt: None,
+            chunk_starts: Vec::new(),
         };
         payload::build(&fs, &out, &opts, &|_| {}).unwrap();
         sign_document(&out.join("manifest.json"), std::slice::from_ref(&self.key)).unwrap();
