@@ -21,7 +21,9 @@
 //! against Debian's `veritysetup`.
 //!
 //! The principal types are [`Params`] (block sizes and salt), [`leaf_digests`] (the parallel,
-//! per-chunk part) and [`HashTree`] (the levels and the root hash).
+//! per-chunk part), [`HashTree`] (the levels and the root hash) and [`TreeStream`] (the same
+//! tree from leaves given in order, block by block, in memory of one hash block per level: how
+//! a node computes the tree of a slot it has written instead of downloading it).
 
 use sha2::{Digest, Sha256};
 
@@ -195,6 +197,106 @@ impl HashTree {
     /// The root hash, which the signed manifest carries.
     pub fn root_hash(&self) -> &Digest32 {
         &self.root
+    }
+}
+
+/// Builds the tree from the leaf digests given in order and hands out every hash block as soon
+/// as it is complete, with its byte offset in the stored tree (top level first, as
+/// [`HashTree::bytes`]). Memory is one hash block per level, whatever the data size.
+#[derive(Debug)]
+pub struct TreeStream {
+    params: Params,
+    /// Per level, from the leaves up: its byte offset in the stored tree, the hash block being
+    /// filled, the digests in it, and the blocks of the level handed out so far.
+    levels: Vec<Level>,
+    leaves: u64,
+    pushed: u64,
+    root: Option<Digest32>,
+}
+
+#[derive(Debug)]
+struct Level {
+    offset: u64,
+    block: Vec<u8>,
+    filled: usize,
+    emitted: u64,
+}
+
+impl TreeStream {
+    /// A tree over `data_blocks` data blocks.
+    pub fn new(params: &Params, data_blocks: u64) -> Result<Self, VerityError> {
+        if data_blocks == 0 {
+            return Err(VerityError::Empty);
+        }
+        let sizes = params.level_sizes(data_blocks);
+        let hbs = u64::from(params.hash_block_size);
+        let levels = (0..sizes.len())
+            .map(|i| Level {
+                offset: sizes[i + 1..].iter().sum::<u64>() * hbs,
+                block: vec![0u8; params.hash_block_size as usize],
+                filled: 0,
+                emitted: 0,
+            })
+            .collect();
+        Ok(Self { params: params.clone(), levels, leaves: data_blocks, pushed: 0, root: None })
+    }
+
+    /// Adds the digest of the next data block; `emit` gets each hash block completed by it.
+    pub fn push(
+        &mut self,
+        leaf: &Digest32,
+        emit: &mut impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        if self.pushed == self.leaves {
+            return Err(std::io::Error::other(format!("more than the {} leaves of this tree", self.leaves)));
+        }
+        self.pushed += 1;
+        self.add(0, *leaf, emit)
+    }
+
+    fn add(
+        &mut self,
+        at: usize,
+        digest: Digest32,
+        emit: &mut impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let Some(level) = self.levels.get_mut(at) else {
+            self.root = Some(digest);
+            return Ok(());
+        };
+        let o = level.filled * DIGEST_SIZE;
+        level.block[o..o + DIGEST_SIZE].copy_from_slice(&digest);
+        level.filled += 1;
+        if level.filled * DIGEST_SIZE == level.block.len() {
+            self.close(at, emit)?;
+        }
+        Ok(())
+    }
+
+    /// Hands out level `at`'s block (zero-padded) and adds its digest to the level above.
+    fn close(&mut self, at: usize, emit: &mut impl FnMut(u64, &[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+        let level = &mut self.levels[at];
+        let offset = level.offset + level.emitted * level.block.len() as u64;
+        emit(offset, &level.block)?;
+        let digest = self.params.digest(&level.block);
+        level.block.fill(0);
+        level.filled = 0;
+        level.emitted += 1;
+        self.add(at + 1, digest, emit)
+    }
+
+    /// Hands out the partly filled blocks and returns the root hash; every leaf must have been
+    /// given.
+    pub fn finish(mut self, emit: &mut impl FnMut(u64, &[u8]) -> std::io::Result<()>) -> std::io::Result<Digest32> {
+        if self.pushed != self.leaves {
+            return Err(std::io::Error::other(format!("{} of the {} leaves given", self.pushed, self.leaves)));
+        }
+        for at in 0..self.levels.len() {
+            if self.levels[at].filled > 0 {
+                self.close(at, emit)?;
+            }
+        }
+        self.root.ok_or_else(|| std::io::Error::other("no root hash"))
     }
 }
 

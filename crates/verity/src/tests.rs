@@ -131,3 +131,46 @@ fn matches_veritysetup() {
         assert!(theirs == ours.bytes(), "tree bytes differ, {blocks} blocks");
     }
 }
+
+/// The streamed tree is the tree: same bytes at the same offsets, same root, for every size up
+/// to four levels of small hash blocks, each block handed out once.
+#[test]
+fn streamed_tree_matches_the_whole_tree() {
+    for hbs in [512u32, 4096] {
+        let p = Params::new(4096, hbs, b"salt".to_vec()).unwrap();
+        let sizes: Vec<u64> = if hbs == 512 { (1..=600).collect() } else { vec![1, 2, 127, 128, 129, 16_385] };
+        for blocks in sizes {
+            let leaves: Vec<Digest32> = (0..blocks).map(|i| Sha256::digest(i.to_le_bytes()).into()).collect();
+            let whole = HashTree::from_leaves(&p, &leaves).unwrap();
+            let mut got = vec![0xEEu8; whole.bytes().len()];
+            let mut handed = 0u64;
+            let mut emit = |at: u64, b: &[u8]| {
+                got[at as usize..at as usize + b.len()].copy_from_slice(b);
+                handed += b.len() as u64;
+                Ok(())
+            };
+            let mut s = TreeStream::new(&p, blocks).unwrap();
+            for l in &leaves {
+                s.push(l, &mut emit).unwrap();
+            }
+            let root = s.finish(&mut emit).unwrap();
+            assert_eq!(&root, whole.root_hash(), "{blocks} blocks of {hbs}");
+            assert_eq!(handed, whole.bytes().len() as u64, "{blocks} blocks of {hbs}: each block once");
+            assert!(got == whole.bytes(), "{blocks} blocks of {hbs}");
+        }
+    }
+}
+
+#[test]
+fn a_stream_given_too_few_or_too_many_leaves_says_so() {
+    let p = params(b"s");
+    let mut none = |_: u64, _: &[u8]| Ok(());
+    assert_eq!(TreeStream::new(&p, 0).unwrap_err(), VerityError::Empty);
+    let mut s = TreeStream::new(&p, 3).unwrap();
+    s.push(&[1; 32], &mut none).unwrap();
+    assert!(s.finish(&mut none).unwrap_err().to_string().contains("1 of the 3 leaves"));
+    let mut s = TreeStream::new(&p, 1).unwrap();
+    s.push(&[1; 32], &mut none).unwrap();
+    assert!(s.push(&[2; 32], &mut none).is_err());
+    assert_eq!(s.finish(&mut none).unwrap(), [1; 32]);
+}
