@@ -157,6 +157,7 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
             "fetched_bytes": fetcher.bytes_fetched(),
             "reused_bytes": r.reused_bytes,
             "resumed_bytes": r.resumed_bytes,
+            "computed_bytes": r.computed_bytes,
             "direct_io": r.direct_io,
             "one_pass": r.one_pass,
             "write_seconds": r.write_time.as_secs_f64(),
@@ -166,13 +167,14 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
         return Ok(());
     }
     println!(
-        "installed {} into slot {target}: fetched {} ({:.1}% of the {} payload), reused {} from slot {booted}, resumed {}",
+        "installed {} into slot {target}: fetched {} ({:.1}% of the {} payload), reused {} from slot {booted}, resumed {}, computed {} (the dm-verity tree)",
         m.version,
         mib(fetcher.bytes_fetched()),
         100.0 * fetcher.bytes_fetched() as f64 / m.payload.size as f64,
         mib(m.payload.size),
         mib(r.reused_bytes),
         mib(r.resumed_bytes),
+        mib(r.computed_bytes),
     );
     println!(
         "  write {:.2} s, read-back verify {:.2} s ({}); slot {target} boots next: reboot to use it",

@@ -584,13 +584,15 @@ async fn install_version(
         write_ms = report.write_time.as_millis() as u64,
         verify_ms = report.verify_time.as_millis() as u64,
         one_pass = report.one_pass,
+        computed = report.computed_bytes,
         // The fields again in the text: `journalctl` and the console show only the message.
-        "installed version={version} fetched={} reused={} resumed={} write_ms={} verify_ms={}",
+        "installed version={version} fetched={} reused={} resumed={} write_ms={} verify_ms={} computed={}",
         report.fetch_bytes,
         report.reused_bytes,
         report.resumed_bytes,
         report.write_time.as_millis(),
-        report.verify_time.as_millis()
+        report.verify_time.as_millis(),
+        report.computed_bytes
     );
     Ok(())
 }

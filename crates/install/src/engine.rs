@@ -79,6 +79,9 @@ pub struct Report {
     /// Image bytes found already in place in the target (an interrupted or repeated install),
     /// neither fetched nor written.
     pub resumed_bytes: u64,
+    /// Bytes of the dm-verity tree computed from the written data instead of fetched
+    /// ([`plan::tree_to_compute`]).
+    pub computed_bytes: u64,
     /// Whether the target was opened with O_DIRECT.
     pub direct_io: bool,
     /// Time to fetch, copy and write.
@@ -150,6 +153,19 @@ pub enum InstallError {
         count: usize,
         /// The first.
         first: usize,
+    },
+    /// The dm-verity tree computed from the verified data does not end in the manifest's root
+    /// hash: the image would not open at boot.
+    #[error(
+        "the dm-verity tree of the data written to slot {slot} has root hash {computed}, but the signed manifest says {expected}: the image is inconsistent and would not boot (aclpub verify checks this)"
+    )]
+    TreeRoot {
+        /// The target.
+        slot: Slot,
+        /// The root of the computed tree.
+        computed: String,
+        /// The manifest's.
+        expected: String,
     },
 }
 
@@ -339,7 +355,8 @@ pub async fn install(
         // (kill -9 loses no written chunk), or all of them after a finished install.
         target_io.drop_cache().map_err(io("drop cache of", req.disk))?;
         let todo: Vec<usize> = (0..m.chunks.len()).filter(|&i| !done[i]).collect();
-        let bad = check_chunks(m, &target_io, todo.clone(), None).await.map_err(io("read", req.disk))?;
+        let (bad, _) =
+            check_chunks(m, &target_io, todo.clone(), None, None).await.map_err(io("read", req.disk))?;
         let mut bad = bad.into_iter().peekable();
         for i in todo {
             if bad.peek() == Some(&i) {
@@ -374,12 +391,21 @@ pub async fn install(
     };
 
     let local = recorded_manifest(req.state_dir, req.booted).map(|(lm, _)| lm);
-    let plan = plan::plan(m, &done, local.as_ref(), req.max_request);
+    // The tree chunks computed after the data is in place are left out of the plan.
+    let compute = plan::tree_to_compute(m, &done, local.as_ref());
+    let skip_computed = |done: &[bool]| {
+        let mut d = done.to_vec();
+        for &i in &compute {
+            d[i] = true;
+        }
+        d
+    };
+    let plan = plan::plan(m, &skip_computed(&done), local.as_ref(), req.max_request);
     let chunk_len = |i: usize| {
         let r = m.chunk_range(i);
         r.end - r.start
     };
-    let resumed: u64 = plan.done.iter().map(|&i| chunk_len(i)).sum();
+    let resumed: u64 = (0..m.chunks.len()).filter(|&i| done[i]).map(chunk_len).sum();
     counters.resumed.store(resumed, Ordering::Relaxed);
     counters.done.store(resumed, Ordering::Relaxed);
     let mut report = Report {
@@ -424,7 +450,7 @@ pub async fn install(
         for &i in &failed_local {
             done[i] = false;
         }
-        let retry = plan::plan(m, &done, None, req.max_request);
+        let retry = plan::plan(m, &skip_computed(&done), None, req.max_request);
         report.fetch_bytes += retry.fetch_bytes();
         write_all(
             req,
@@ -451,8 +477,52 @@ pub async fn install(
         Vec::new()
     } else {
         target_io.drop_cache().map_err(io("drop cache of", req.disk))?;
-        let all = (0..m.chunks.len()).collect();
-        check_chunks(m, &target_io, all, Some(counters)).await.map_err(io("read back", req.disk))?
+        let mut rest: Vec<usize> = (0..m.chunks.len()).collect();
+        let mut bad = Vec::new();
+        if !compute.is_empty() {
+            // The data is read back and checked while its tree is computed and written after
+            // it; then the tree's chunks are read back and checked like any other. When all
+            // the data was in place already, the tree is the first write.
+            if let Some(first) = before_first_write.take() {
+                first()?;
+            }
+            let data_size = m.verity.data_size;
+            let (data, tree): (Vec<usize>, Vec<usize>) =
+                rest.into_iter().partition(|&i| m.chunks[i].image_offset < data_size);
+            let job = TreeJob {
+                params: m
+                    .verity
+                    .params()
+                    .map_err(std::io::Error::other)
+                    .map_err(io("compute the tree of", req.disk))?,
+                data_size,
+            };
+            let (bad_data, root) = check_chunks(m, &target_io, data, Some(counters), Some(job))
+                .await
+                .map_err(io("read back", req.disk))?;
+            target_io.sync().map_err(io("sync", req.disk))?;
+            let tree_bytes: u64 = compute.iter().map(|&i| chunk_len(i)).sum();
+            counters.done.fetch_add(tree_bytes, Ordering::Relaxed);
+            report.computed_bytes = tree_bytes;
+            if let Some(root) = root
+                && bad_data.is_empty()
+                && root != m.verity.root_hash.0
+            {
+                return Err(InstallError::TreeRoot {
+                    slot: target,
+                    computed: Sha256Digest(root).to_string(),
+                    expected: m.verity.root_hash.to_string(),
+                });
+            }
+            bad = bad_data;
+            rest = tree;
+        }
+        let (more, _) = check_chunks(m, &target_io, rest, Some(counters), None)
+            .await
+            .map_err(io("read back", req.disk))?;
+        bad.extend(more);
+        bad.sort_unstable();
+        bad
     };
     report.verify_time = started.elapsed();
     if let Some(&first) = bad.first() {
@@ -742,18 +812,39 @@ fn pool_capacity(m: &Manifest) -> usize {
     m.max_chunk_size as usize + crate::slotio::ALIGN
 }
 
+/// The dm-verity tree to compute during a read-back of the data (see [`check_chunks`]).
+struct TreeJob {
+    params: verity::Params,
+    /// Where the data ends and the tree begins, in the slot.
+    data_size: u64,
+}
+
+/// The leaves of the batches read so far, handed to the tree in batch order.
+struct TreeFeed {
+    stream: verity::TreeStream,
+    next: usize,
+    waiting: std::collections::BTreeMap<usize, Vec<verity::Digest32>>,
+    block: AlignedBuf,
+}
+
 /// Reads `chunks` (ascending indices) from the target and returns those that do not match the
 /// manifest; counts what it read in `counters.read_back` when given.
 ///
 /// Two threads take batches of consecutive chunks (about 4 MiB each) in turn and read each
 /// batch with one large read, so the device sees big sequential reads while the other thread
 /// hashes.
+///
+/// With a `tree`, `chunks` are all the data chunks, in order: each batch's leaf digests are
+/// computed too, fed to a [`verity::TreeStream`] in batch order, and every finished hash block
+/// is written to the slot after the data; the root hash is returned. Memory stays one hash
+/// block per level plus the leaves of batches read ahead of a slower one.
 async fn check_chunks(
     m: &Manifest,
     io_: &Arc<SlotIo>,
     chunks: Vec<usize>,
     counters: Option<&Arc<Counters>>,
-) -> std::io::Result<Vec<usize>> {
+    tree: Option<TreeJob>,
+) -> std::io::Result<(Vec<usize>, Option<verity::Digest32>)> {
     const BATCH_BYTES: u64 = 4 << 20;
     let (m, io_, counters) = (Arc::new(m.clone()), Arc::clone(io_), counters.cloned());
     tokio::task::spawn_blocking(move || {
@@ -774,6 +865,19 @@ async fn check_chunks(
             .map(|b| m.chunk_range(b.end - 1).end - m.chunk_range(b.start).start)
             .max()
             .unwrap_or(0);
+        let feed = match &tree {
+            Some(t) => {
+                let blocks = t.data_size / u64::from(t.params.data_block_size());
+                let stream = verity::TreeStream::new(&t.params, blocks).map_err(std::io::Error::other)?;
+                let block = AlignedBuf::zeroed(t.params.hash_block_size() as usize);
+                Some(std::sync::Mutex::new(TreeFeed { stream, next: 0, waiting: Default::default(), block }))
+            }
+            None => None,
+        };
+        let emit_into = |io_: &SlotIo, block: &mut AlignedBuf, at: u64, bytes: &[u8]| {
+            block.as_mut_slice().copy_from_slice(bytes);
+            io_.write(at, block)
+        };
         let next = std::sync::atomic::AtomicUsize::new(0);
         let worker = || -> std::io::Result<Vec<usize>> {
             let mut bad = Vec::new();
@@ -795,6 +899,21 @@ async fn check_chunks(
                         c.read_back.fetch_add(r.end - r.start, Ordering::Relaxed);
                     }
                 }
+                if let (Some(t), Some(feed)) = (&tree, &feed) {
+                    let leaves =
+                        verity::leaf_digests(&t.params, data.as_slice()).map_err(std::io::Error::other)?;
+                    let mut f = feed.lock().expect("tree feed poisoned");
+                    f.waiting.insert(b, leaves);
+                    let TreeFeed { stream, next, waiting, block } = &mut *f;
+                    while let Some(leaves) = waiting.remove(next) {
+                        for leaf in &leaves {
+                            stream.push(leaf, &mut |at, bytes| {
+                                emit_into(&io_, block, t.data_size + at, bytes)
+                            })?;
+                        }
+                        *next += 1;
+                    }
+                }
             }
         };
         let (a, b) = std::thread::scope(|s| {
@@ -805,7 +924,18 @@ async fn check_chunks(
         let mut bad = a?;
         bad.extend(b?);
         bad.sort_unstable();
-        Ok(bad)
+        let root = match (tree, feed) {
+            (Some(t), Some(feed)) => {
+                let TreeFeed { stream, mut block, waiting, .. } =
+                    feed.into_inner().expect("tree feed poisoned");
+                if !waiting.is_empty() {
+                    return Err(std::io::Error::other("read-back batches missing from the tree"));
+                }
+                Some(stream.finish(&mut |at, bytes| emit_into(&io_, &mut block, t.data_size + at, bytes))?)
+            }
+            _ => None,
+        };
+        Ok((bad, root))
     })
     .await
     .expect("read-back task panicked")

@@ -1,5 +1,6 @@
-//! What to do for each chunk: nothing (already written), copy it from the local image, or fetch
-//! it; and how to group the fetches into few range requests. Pure.
+//! What to do for each chunk: nothing (already written), copy it from the local image, compute
+//! it (the dm-verity tree, [`tree_to_compute`]), or fetch it; and how to group the fetches into
+//! few range requests. Pure.
 //!
 //! A frame is decoded once and checked against the first chunk that uses it, then written for
 //! every chunk that uses it; so chunks share one decoded frame only when they are the same
@@ -98,6 +99,61 @@ pub fn plan(new: &Manifest, done: &[bool], local: Option<&Manifest>, max_request
     }
     p.fetch.extend(group);
     p
+}
+
+/// At least this share of the bytes to fetch (1/20) must be the dm-verity tree for the node to
+/// compute it instead: then the read-back hashes every data block a second time (the leaves), a
+/// pass that costs about 0.5 core-seconds per GiB. A small update fetches mostly tree (measured:
+/// 1.6 of 1.8 MB for one configuration file added to the node image); a whole image fetches
+/// about 2 % tree, cheaper to download than to compute.
+pub const COMPUTE_TREE_SHARE: u64 = 20;
+
+/// The chunks of the dm-verity tree that the node computes from the data it wrote and verified,
+/// instead of fetching them (an empty list means: fetch or copy them as any chunk).
+///
+/// Only for the layout this project writes and the kernel reads: SHA-256, 4 KiB data and hash
+/// blocks, the tree right after the data and exactly as long as dm-verity's, no chunk across
+/// the two. Then the tree is a function of data that is checked chunk by chunk, and the root
+/// hash the computed tree must end in is in the signed manifest; the computed chunks are also
+/// checked against their digests like any other. Chosen when the tree's frames are at least
+/// 1/[`COMPUTE_TREE_SHARE`] of the bytes to fetch; then every tree chunk not already in the
+/// target is computed, local copies included (the computation rewrites the whole tree anyway).
+pub fn tree_to_compute(new: &Manifest, done: &[bool], local: Option<&Manifest>) -> Vec<usize> {
+    let v = &new.verity;
+    let Ok(params) = v.params() else { return Vec::new() };
+    let block = 4096u64;
+    let data_blocks = v.data_size / block;
+    let layout_ok = v.hash_algorithm == "sha256"
+        && v.data_block_size == 4096
+        && v.hash_block_size == 4096
+        && v.data_size.is_multiple_of(block)
+        && data_blocks > 1
+        && v.data_size.checked_add(params.tree_size(data_blocks)) == Some(new.image_size)
+        && (0..new.chunks.len()).all(|i| {
+            let r = new.chunk_range(i);
+            r.end <= v.data_size || r.start >= v.data_size
+        });
+    if !layout_ok {
+        return Vec::new();
+    }
+    let have: std::collections::HashSet<Sha256Digest> =
+        local.map(|m| m.chunks.iter().map(|c| c.sha256).collect()).unwrap_or_default();
+    let mut frames: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+    for (i, c) in new.chunks.iter().enumerate() {
+        if !done.get(i).copied().unwrap_or(false) && !have.contains(&c.sha256) {
+            let tree = c.image_offset >= v.data_size;
+            let e = frames.entry(c.offset).or_insert((u64::from(c.length), tree));
+            e.1 &= tree;
+        }
+    }
+    let total: u64 = frames.values().map(|f| f.0).sum();
+    let tree: u64 = frames.values().filter(|f| f.1).map(|f| f.0).sum();
+    if tree == 0 || tree * COMPUTE_TREE_SHARE < total {
+        return Vec::new();
+    }
+    (0..new.chunks.len())
+        .filter(|&i| new.chunks[i].image_offset >= v.data_size && !done.get(i).copied().unwrap_or(false))
+        .collect()
 }
 
 #[cfg(test)]

@@ -274,7 +274,11 @@ impl TreeStream {
     }
 
     /// Hands out level `at`'s block (zero-padded) and adds its digest to the level above.
-    fn close(&mut self, at: usize, emit: &mut impl FnMut(u64, &[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+    fn close(
+        &mut self,
+        at: usize,
+        emit: &mut impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let level = &mut self.levels[at];
         let offset = level.offset + level.emitted * level.block.len() as u64;
         emit(offset, &level.block)?;
@@ -287,9 +291,15 @@ impl TreeStream {
 
     /// Hands out the partly filled blocks and returns the root hash; every leaf must have been
     /// given.
-    pub fn finish(mut self, emit: &mut impl FnMut(u64, &[u8]) -> std::io::Result<()>) -> std::io::Result<Digest32> {
+    pub fn finish(
+        mut self,
+        emit: &mut impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<Digest32> {
         if self.pushed != self.leaves {
-            return Err(std::io::Error::other(format!("{} of the {} leaves given", self.pushed, self.leaves)));
+            return Err(std::io::Error::other(format!(
+                "{} of the {} leaves given",
+                self.pushed, self.leaves
+            )));
         }
         for at in 0..self.levels.len() {
             if self.levels[at].filled > 0 {

@@ -138,7 +138,8 @@ fn matches_veritysetup() {
 fn streamed_tree_matches_the_whole_tree() {
     for hbs in [512u32, 4096] {
         let p = Params::new(4096, hbs, b"salt".to_vec()).unwrap();
-        let sizes: Vec<u64> = if hbs == 512 { (1..=600).collect() } else { vec![1, 2, 127, 128, 129, 16_385] };
+        let sizes: Vec<u64> =
+            if hbs == 512 { (1..=600).collect() } else { vec![1, 2, 127, 128, 129, 16_385] };
         for blocks in sizes {
             let leaves: Vec<Digest32> = (0..blocks).map(|i| Sha256::digest(i.to_le_bytes()).into()).collect();
             let whole = HashTree::from_leaves(&p, &leaves).unwrap();
