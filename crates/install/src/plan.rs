@@ -239,4 +239,58 @@ mod tests {
         let ranges: Vec<_> = p.fetch.iter().map(|g| g.range.clone()).collect();
         assert_eq!(ranges, vec![0..20, 30..50]);
     }
+
+    /// `data` one-block data chunks (digest byte, frame length) and one tree chunk (the whole
+    /// tree of up to 128 blocks is one hash block) with the given frame length.
+    fn with_tree(data: &[(u8, u32)], tree_frame: u32) -> Manifest {
+        let mut digests: Vec<u8> = data.iter().map(|d| d.0).collect();
+        // The tree changes with any data block.
+        digests.push(data.iter().fold(0x55, |a, d| a ^ d.0.rotate_left(3)));
+        let mut frames = Vec::new();
+        let mut at = 0u64;
+        for len in data.iter().map(|d| d.1).chain([tree_frame]) {
+            frames.push((at, len));
+            at += u64::from(len);
+        }
+        let mut m = manifest(&digests, &frames);
+        m.verity.data_size = data.len() as u64 * 4096;
+        m
+    }
+
+    #[test]
+    fn the_tree_is_computed_when_it_is_a_large_share_of_the_download() {
+        let old = with_tree(&[(1, 100), (2, 100), (3, 100)], 4000);
+        // One data chunk changed: the tree's 4000 bytes are most of the download.
+        let new = with_tree(&[(1, 100), (9, 100), (3, 100)], 4000);
+        assert_eq!(tree_to_compute(&new, &[], Some(&old)), vec![3]);
+        // Already in the target: nothing to compute.
+        assert!(tree_to_compute(&new, &[false, false, false, true], Some(&old)).is_empty());
+        // A whole install where the tree is under 1/20 of the bytes: fetched like the rest.
+        let big = with_tree(&[(1, 30_000), (2, 30_000), (3, 30_000)], 4000);
+        assert!(tree_to_compute(&big, &[], None).is_empty());
+        // At exactly 1/20 it is computed.
+        let edge = with_tree(&[(1, 38_000), (2, 38_000)], 4000);
+        assert_eq!(tree_to_compute(&edge, &[], None), vec![2]);
+    }
+
+    #[test]
+    fn a_tree_in_another_layout_is_never_computed() {
+        let old = with_tree(&[(1, 100), (2, 100)], 4000);
+        let new = with_tree(&[(1, 100), (9, 100)], 4000);
+        assert_eq!(tree_to_compute(&new, &[], Some(&old)), vec![2]);
+        let mut m = new.clone();
+        m.verity.hash_block_size = 512;
+        assert!(tree_to_compute(&m, &[], Some(&old)).is_empty(), "other hash blocks");
+        let mut m = new.clone();
+        m.verity.hash_algorithm = "sha1".into();
+        assert!(tree_to_compute(&m, &[], Some(&old)).is_empty(), "another hash");
+        let mut m = new.clone();
+        m.image_size += 4096;
+        assert!(tree_to_compute(&m, &[], Some(&old)).is_empty(), "a tree of another length");
+        let mut m = new.clone();
+        m.verity.data_size = 4096 + 2048;
+        assert!(tree_to_compute(&m, &[], Some(&old)).is_empty(), "a chunk across data and tree");
+        let m = with_tree(&[(9, 100)], 4000);
+        assert!(tree_to_compute(&m, &[], None).is_empty(), "one data block: no tree at all");
+    }
 }
