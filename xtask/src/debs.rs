@@ -8,6 +8,10 @@
 //! Only `Depends` and `Pre-Depends` are followed (no recommends). Of alternatives, the first
 //! already chosen wins, else the first real package; a recipe's `exclude-packages` cuts what
 //! an image without maintainer scripts does not need (debconf, adduser, perl).
+//!
+//! Every package is fetched at an exact version, apt's candidate unless the recipe pins
+//! another one its lists hold (an older security release, to measure an upgrade), so the cache
+//! can hold several versions of a package and a build takes the one it asked for.
 
 use anyhow::{Context as _, Result, bail};
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,10 +25,18 @@ struct Stanza {
     depends: Vec<Vec<String>>,
     /// Virtual packages it provides.
     provides: Vec<String>,
+    /// apt's candidate version.
+    version: String,
 }
 
-/// The names of every package in the closure of `roots`, sorted.
-pub(crate) fn closure(sh: &Shell, roots: &[String], exclude: &[String]) -> Result<Vec<String>> {
+/// Every package in the closure of `roots`, as `name=version` (the candidate, or the version
+/// `pins` names), sorted by name.
+pub(crate) fn closure(
+    sh: &Shell,
+    roots: &[String],
+    exclude: &[String],
+    pins: &BTreeMap<String, String>,
+) -> Result<Vec<String>> {
     let exclude: BTreeSet<&str> = exclude.iter().map(String::as_str).collect();
     let mut chosen: BTreeMap<String, Stanza> = BTreeMap::new();
     let mut known: BTreeMap<String, Option<Stanza>> = BTreeMap::new();
@@ -69,7 +81,10 @@ pub(crate) fn closure(sh: &Shell, roots: &[String], exclude: &[String]) -> Resul
         todo.sort();
         todo.dedup();
     }
-    Ok(chosen.into_keys().collect())
+    if let Some(p) = pins.keys().find(|p| !chosen.contains_key(*p)) {
+        bail!("the recipe pins {p}, which is not among the image's packages");
+    }
+    Ok(chosen.into_iter().map(|(name, st)| format!("{name}={}", pins.get(&name).unwrap_or(&st.version))).collect())
 }
 
 /// Fills `known` with the stanzas of `names` (None: virtual or unknown).
@@ -103,7 +118,7 @@ fn lookup(sh: &Shell, known: &mut BTreeMap<String, Option<Stanza>>, names: &[Str
         let mut depends = parse_relations(&field("Pre-Depends"));
         depends.extend(parse_relations(&field("Depends")));
         let provides = parse_relations(&field("Provides")).into_iter().flatten().collect();
-        known.insert(name, Some(Stanza { depends, provides }));
+        known.insert(name, Some(Stanza { depends, provides, version: field("Version") }));
     }
     Ok(())
 }
@@ -136,8 +151,13 @@ pub(crate) fn prefetch(sh: &Shell, cache: &Path, pkgs: &[String]) -> Result<()> 
     Ok(())
 }
 
+/// The cached .deb of `pkg`: `name=version` exactly (apt-get download writes an epoch's colon as
+/// `%3a`), or any version of a bare `name`.
 fn cached(cache: &Path, pkg: &str) -> Option<PathBuf> {
-    let prefix = format!("{}_", pkg.split('=').next().unwrap_or(pkg));
+    let prefix = match pkg.split_once('=') {
+        Some((name, version)) => format!("{name}_{}_", version.replace(':', "%3a")),
+        None => format!("{pkg}_"),
+    };
     std::fs::read_dir(cache).ok()?.flatten().map(|e| e.path()).find(|p| {
         p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
             && p.extension().is_some_and(|x| x == "deb")
@@ -161,7 +181,25 @@ pub(crate) fn fetch(sh: &Shell, cache: &Path, pkg: &str) -> Result<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_relations;
+    use super::{cached, parse_relations};
+
+    #[test]
+    fn the_cache_gives_the_version_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "libssl3_3.0.20-1~deb12u2_amd64.deb",
+            "libssl3_3.0.22-1~deb12u2_amd64.deb",
+            "busybox-static_1%3a1.35.0-4+deb12u1+b1_amd64.deb",
+        ] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let name = |p: &str| cached(dir.path(), p).map(|p| p.file_name().unwrap().to_string_lossy().into_owned());
+        assert_eq!(name("libssl3=3.0.20-1~deb12u2").as_deref(), Some("libssl3_3.0.20-1~deb12u2_amd64.deb"));
+        assert_eq!(name("libssl3=3.0.22-1~deb12u2").as_deref(), Some("libssl3_3.0.22-1~deb12u2_amd64.deb"));
+        assert_eq!(name("libssl3=3.0.17-1~deb12u2"), None);
+        assert!(name("busybox-static=1:1.35.0-4+deb12u1+b1").is_some());
+        assert!(name("libssl3").is_some());
+    }
 
     #[test]
     fn relations_keep_alternatives_and_drop_versions_and_arch() {

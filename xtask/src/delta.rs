@@ -4,12 +4,13 @@
 //! `zstd --patch-from` of the old file system to the new one (a per-pair delta, the practical
 //! lower bound).
 //!
-//! "Fetched" is what the installer requests when the other slot holds the old image: every
-//! frame of a chunk whose digest the old manifest does not list (`install::plan` fetches
-//! exactly those frames, adjacent ones in one request).
+//! "Fetched" is what the installer requests when the other slot holds the old image: the new
+//! signed manifest (read on every update), and every frame of a chunk whose digest the old
+//! manifest does not list, except the dm-verity tree when the node computes it
+//! (`install::plan` fetches exactly those frames, adjacent ones in one request).
 //!
-//! Not measured yet: one package upgraded (the recipes take apt's candidate version, so two
-//! versions of one package need a pin the recipe format does not have).
+//! The package upgrade is libssl3 from the previous Debian security release (pinned with the
+//! recipe's `pin`) to apt's candidate: the base image is the new side there.
 
 use crate::image::{self, ImageArgs, Profile};
 use anyhow::{Context as _, Result};
@@ -17,23 +18,47 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use xshell::{Shell, cmd};
 
-/// The changes measured: a name, the recipe text (which includes the base), and the goal.
-fn changes(base: &Path) -> Vec<(&'static str, String, &'static str)> {
+/// The package upgraded, and the version the old image pins (apt's lists hold both).
+const UPGRADED: (&str, &str) = ("libssl3", "3.0.20-1~deb12u2");
+
+/// A change measured: its name, the recipe of the side that is not the base (which includes
+/// the base), whether that side is the old one, and the goal.
+struct Change {
+    name: &'static str,
+    recipe: String,
+    base_is_new: bool,
+    goal: &'static str,
+}
+
+fn changes(base: &Path) -> Vec<Change> {
     let inc = format!("include = {:?}\n", base.join("node.toml"));
     vec![
-        (
-            "one 33-byte configuration file added",
-            format!(
+        Change {
+            name: "one 33-byte configuration file added",
+            recipe: format!(
                 "{inc}[[file]]\npath = \"/etc/acl-update/bench.conf\"\ntext = \"# one setting changed\\nkey = 1\\n\"\n"
             ),
-            "<= 1 %",
-        ),
-        ("one package added (jq)", format!("{inc}packages = [\"jq\"]\n"), "<= 3 %"),
-        (
-            "kernel build 6.1.0-56 -> 6.1.0-50",
-            format!("include = {:?}\n", base.join("node-kernel-50.toml")),
-            "<= 30 %",
-        ),
+            base_is_new: false,
+            goal: "<= 1 %",
+        },
+        Change {
+            name: "one package added (jq)",
+            recipe: format!("{inc}packages = [\"jq\"]\n"),
+            base_is_new: false,
+            goal: "<= 3 %",
+        },
+        Change {
+            name: "one package upgraded (libssl3 3.0.20 -> 3.0.22, a security release)",
+            recipe: format!("{inc}[pin]\n{} = {:?}\n", UPGRADED.0, UPGRADED.1),
+            base_is_new: true,
+            goal: "<= 3 %",
+        },
+        Change {
+            name: "kernel build 6.1.0-56 -> 6.1.0-50",
+            recipe: format!("include = {:?}\n", base.join("node-kernel-50.toml")),
+            base_is_new: false,
+            goal: "<= 30 %",
+        },
     ]
 }
 
@@ -81,14 +106,21 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
         Ok((work.join("fs.erofs"), m))
     };
     println!("bench delta: real images from image-recipes/ (this takes a few minutes)");
-    let (old_fs, old) = build(root.join("image-recipes/node.toml"), "1.0.0", "base")?;
+    let (base_fs, base) = build(root.join("image-recipes/node.toml"), "1.0.0", "base")?;
     let mut rows = Vec::new();
-    for (i, (name, text, goal)) in changes(&root.join("image-recipes")).into_iter().enumerate() {
+    for (i, c) in changes(&root.join("image-recipes")).into_iter().enumerate() {
         let recipe = dir.join("recipes").join(format!("change-{i}.toml"));
-        std::fs::write(&recipe, text)?;
-        let (new_fs, new) = build(recipe, "1.1.0", &format!("change-{i}"))?;
+        std::fs::write(&recipe, &c.recipe)?;
+        let name = format!("change-{i}");
+        let (other_fs, other) = build(recipe, if c.base_is_new { "0.9.0" } else { "1.1.0" }, &name)?;
+        let ((old_fs, old), (new_fs, new, new_dir)) = if c.base_is_new {
+            ((other_fs, other), (base_fs.clone(), base.clone(), "base".to_owned()))
+        } else {
+            ((base_fs.clone(), base.clone()), (other_fs, other, name.clone()))
+        };
         let payload: u64 = frames(&new).values().sum();
-        let got = e2e::fetched_bytes(&old, &new);
+        let manifest_len = std::fs::metadata(dir.join(format!("{new_dir}/build/manifest.json")))?.len();
+        let got = e2e::fetched_bytes(&old, &new) + manifest_len;
         let patch = dir.join(format!("change-{i}.zst"));
         // (zstd's advice on tuning its optimal parser goes to stderr; only the exit status counts)
         cmd!(sh, "zstd -q -f -19 --long=28 --patch-from={old_fs} {new_fs} -o {patch}")
@@ -97,17 +129,18 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
             .run()
             .context("zstd --patch-from")?;
         let patch_bytes = std::fs::metadata(&patch)?.len();
-        rows.push((name, got, payload, patch_bytes, goal));
+        rows.push((c.name, got, manifest_len, payload, patch_bytes, c.goal));
     }
     println!(
-        "\n| change | fetched | share of the new payload | goal | whole payload (Flatcar, Bottlerocket) | zstd --patch-from, per pair |"
+        "\n| change | fetched | of which the manifest | share of the new payload | goal | whole payload (Flatcar, Bottlerocket) | zstd --patch-from, per pair |"
     );
-    println!("|---|---|---|---|---|---|");
-    for (name, got, payload, patch, goal) in rows {
+    println!("|---|---|---|---|---|---|---|");
+    for (name, got, manifest_len, payload, patch, goal) in rows {
         let share = |b: u64| 100.0 * b as f64 / payload as f64;
         println!(
-            "| {name} | {} | {:.1} % | {goal} | {} (100 %) | {} ({:.1} %) |",
+            "| {name} | {} | {} | {:.1} % | {goal} | {} (100 %) | {} ({:.1} %) |",
             mb(got),
+            mb(manifest_len),
             share(got),
             mb(payload),
             mb(patch),

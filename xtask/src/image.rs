@@ -48,6 +48,10 @@ struct Recipe {
     /// Dependencies not to follow (needed only by maintainer scripts, which never run here).
     #[serde(default)]
     exclude_packages: Vec<String>,
+    /// Versions to take instead of apt's candidate, by package name (one of the versions
+    /// apt's lists hold: `apt-cache madison NAME`).
+    #[serde(default)]
+    pin: BTreeMap<String, String>,
     /// Paths removed from the unpacked packages (documentation, tools the image does not run).
     #[serde(default)]
     drop: Vec<String>,
@@ -97,6 +101,7 @@ fn load(path: &Path) -> Result<Recipe> {
     base.epoch = r.epoch.or(base.epoch);
     base.packages.extend(r.packages);
     base.exclude_packages.extend(r.exclude_packages);
+    base.pin.extend(r.pin);
     base.drop.extend(r.drop);
     base.enable.extend(r.enable);
     base.mask.extend(r.mask);
@@ -254,7 +259,7 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     }
 
     // 1. Packages: the closure of the recipe's, unpacked.
-    let pkgs = crate::debs::closure(sh, &r.packages, &r.exclude_packages)?;
+    let pkgs = crate::debs::closure(sh, &r.packages, &r.exclude_packages, &r.pin)?;
     crate::debs::prefetch(sh, &cache, &pkgs)?;
     for p in &pkgs {
         let deb = crate::debs::fetch(sh, &cache, p)?;
