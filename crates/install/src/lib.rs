@@ -11,7 +11,8 @@
 //!    target was staged with it before, read the target and count every chunk already in
 //!    place (a killed install keeps every chunk it wrote, journaled or not);
 //! 4. [`plan()`]: chunks in place, chunks to copy from the image in the other slot (its
-//!    manifest is recorded in the state directory), chunks to fetch in coalesced range requests;
+//!    manifest is recorded in the state directory), tree chunks to compute, chunks to fetch in
+//!    coalesced range requests;
 //! 5. fetch (several requests in flight) and copy. A range is decoded frame by frame as its
 //!    bytes arrive, and a range cut part-way is asked for again from its first missing byte
 //!    ([`fetch::RangeStream`]). Every chunk is decompressed and its SHA-256 checked before any
@@ -21,7 +22,10 @@
 //!    that (a 404, a network that is down) leaves the fallback slot as it was. Local copies
 //!    wait for the repository's first verified chunk for the same reason;
 //! 6. read every chunk back from the device and check it again (done by step 3 already when
-//!    every chunk was found in place and nothing was written);
+//!    every chunk was found in place and nothing was written). When the plan computes the
+//!    dm-verity tree instead of fetching it ([`plan::tree_to_compute`]), this read-back of
+//!    the data also hashes its blocks into the tree, which is written after the data, then
+//!    read back and checked like the rest, and its root against the signed manifest's;
 //! 7. write the slot trailer (the signed manifest, for the boot path; crate `trailer`) and sync
 //!    it, record the manifest as the target's, then activate the target (`choice::activate`,
 //!    or `choice::provisioned` when provisioning a fresh disk).
