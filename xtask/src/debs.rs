@@ -84,7 +84,10 @@ pub(crate) fn closure(
     if let Some(p) = pins.keys().find(|p| !chosen.contains_key(*p)) {
         bail!("the recipe pins {p}, which is not among the image's packages");
     }
-    Ok(chosen.into_iter().map(|(name, st)| format!("{name}={}", pins.get(&name).unwrap_or(&st.version))).collect())
+    Ok(chosen
+        .into_iter()
+        .map(|(name, st)| format!("{name}={}", pins.get(&name).unwrap_or(&st.version)))
+        .collect())
 }
 
 /// Fills `known` with the stanzas of `names` (None: virtual or unknown).
@@ -193,7 +196,8 @@ mod tests {
         ] {
             std::fs::write(dir.path().join(f), "").unwrap();
         }
-        let name = |p: &str| cached(dir.path(), p).map(|p| p.file_name().unwrap().to_string_lossy().into_owned());
+        let name =
+            |p: &str| cached(dir.path(), p).map(|p| p.file_name().unwrap().to_string_lossy().into_owned());
         assert_eq!(name("libssl3=3.0.20-1~deb12u2").as_deref(), Some("libssl3_3.0.20-1~deb12u2_amd64.deb"));
         assert_eq!(name("libssl3=3.0.22-1~deb12u2").as_deref(), Some("libssl3_3.0.22-1~deb12u2_amd64.deb"));
         assert_eq!(name("libssl3=3.0.17-1~deb12u2"), None);

@@ -153,3 +153,34 @@ async fn a_journal_that_lies_does_not_spare_the_read_back() {
     f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
     assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256);
 }
+
+/// A kill after the data and before the tree (or a disk that lost the tree): the data is found
+/// in place, and the tree is computed from it, not fetched; computing it is then the first
+/// write, made only after the slot is marked unbootable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_tree_is_computed_from_the_data_in_place_and_nothing_is_fetched() {
+    use std::os::unix::fs::FileExt as _;
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let disk = disk(&sgdisk, f.dir.path());
+    let v1 = f.release("1.0.0", 0);
+    let fetcher = f.file_fetcher();
+    f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
+    let mut d = Disk::open(&disk, true).unwrap();
+    d.update(|s| choice::prepare(s, Slot::A)).unwrap();
+    let (base, _) = d.slot_extent(Slot::B).unwrap();
+    drop(d);
+    let m = &v1.0;
+    let tree_len = m.image_size - m.verity.data_size;
+    let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    file.write_all_at(&vec![0u8; tree_len as usize], base + m.verity.data_size).unwrap();
+    drop(file);
+
+    let before = fetcher.bytes_fetched();
+    let r = f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
+    assert_eq!(fetcher.bytes_fetched(), before, "nothing fetched: {r:?}");
+    assert_eq!(r.computed_bytes, tree_len, "{r:?}");
+    assert_eq!(r.resumed_bytes, m.verity.data_size, "{r:?}");
+    assert_eq!(slot_digest(&disk, Slot::B, m.image_size), m.image_sha256);
+    assert_eq!(choice::choose(&Disk::open(&disk, false).unwrap().slots()), Some(Slot::B));
+}
