@@ -156,6 +156,16 @@ pub fn tree_to_compute(new: &Manifest, done: &[bool], local: Option<&Manifest>) 
         .collect()
 }
 
+/// Payload bytes an install of `new` into an empty target fetches when the other slot holds
+/// `old`: the frames the plan requests, the dm-verity tree left out when the node computes it.
+pub fn fetch_bytes_for(new: &Manifest, old: Option<&Manifest>) -> u64 {
+    let mut done = vec![false; new.chunks.len()];
+    for i in tree_to_compute(new, &done, old) {
+        done[i] = true;
+    }
+    plan(new, &done, old, u64::MAX).fetch_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

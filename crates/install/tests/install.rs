@@ -55,22 +55,13 @@ async fn full_then_adaptive_install_from_file_repository() {
     let tree_bytes: u64 = computed.iter().map(|&i| u64::from(v2.0.chunks[i].size)).sum();
     eprintln!("adaptive: {} tree bytes computed ({} chunks)", r.computed_bytes, computed.len());
     assert!(!computed.is_empty() && r.computed_bytes == tree_bytes, "{r:?}");
-    assert_eq!(fetched, e2e_like_fetched(&v1.0, &v2.0, &computed), "fetched exactly the planned frames");
+    assert_eq!(
+        fetched,
+        install::plan::fetch_bytes_for(&v2.0, Some(&v1.0)),
+        "fetched exactly the planned frames"
+    );
     assert_eq!(choice::choose(&Disk::open(&disk, false).unwrap().slots()), Some(Slot::A));
     assert_eq!(read_trailer(&disk, Slot::A).unwrap().0, v2.1);
-}
-
-/// Frames of the chunks neither held by `old` nor computed.
-fn e2e_like_fetched(old: &manifest::Manifest, new: &manifest::Manifest, computed: &[usize]) -> u64 {
-    let held: std::collections::HashSet<_> = old.chunks.iter().map(|c| c.sha256).collect();
-    let frames: std::collections::BTreeMap<u64, u64> = new
-        .chunks
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| !held.contains(&c.sha256) && !computed.contains(i))
-        .map(|(_, c)| (c.offset, u64::from(c.length)))
-        .collect();
-    frames.values().sum()
 }
 
 fn read_trailer(disk: &Path, slot: Slot) -> Result<(Vec<u8>, Vec<u8>), trailer::TrailerError> {

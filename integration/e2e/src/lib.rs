@@ -275,17 +275,7 @@ pub fn manifest_of(build: &Path) -> Result<manifest::Manifest> {
 /// a chunk whose digest `old` does not list, except the dm-verity tree chunks the node computes
 /// (what the installer's plan requests).
 pub fn fetched_bytes(old: &manifest::Manifest, new: &manifest::Manifest) -> u64 {
-    let held: std::collections::HashSet<_> = old.chunks.iter().map(|c| c.sha256).collect();
-    let computed: std::collections::HashSet<usize> =
-        install::plan::tree_to_compute(new, &vec![false; new.chunks.len()], Some(old)).into_iter().collect();
-    let frames: std::collections::BTreeMap<u64, u64> = new
-        .chunks
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| !held.contains(&c.sha256) && !computed.contains(i))
-        .map(|(_, c)| (c.offset, u64::from(c.length)))
-        .collect();
-    frames.values().sum()
+    install::plan::fetch_bytes_for(new, Some(old))
 }
 
 /// The image digest of a built image (reproducibility).
