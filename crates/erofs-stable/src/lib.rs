@@ -114,6 +114,12 @@ impl Image<'_> {
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let format = u16_at(0);
+        // Bit 0 the inode's form, bits 1-3 its data layout (0-4 exist); nothing else is
+        // defined in the formats handled here. Anything else is not an inode: a damaged entry
+        // pointing into file data, which must not be written.
+        if format > 0xF || (format >> 1) & 7 > 4 {
+            return Err(Error::Damaged(format!("inode {nid} has format bits {format:#x}")));
+        }
         let extended = format & 1 == 1;
         let (base, size) = if extended {
             let mut e = [0u8; 8];
@@ -355,8 +361,8 @@ fn superblock_checksum(file: &File, block: u64) -> Result<(u32, u32), Error> {
 }
 
 /// Blocks where an update chunk should start so that metadata changes stay small (see the
-/// crate docs): the first block of every run of metadata and of every run of file data, and
-/// every `meta_group` blocks within a run of metadata. `extents` are [`file_extents`];
+/// crate docs): the first block of every run of metadata and of every file's data, and every
+/// `meta_group` blocks within a run of metadata. `extents` are [`file_extents`];
 /// `blocks` is the image's length in blocks. Sorted, without block 0.
 pub fn chunk_starts(extents: &[(u64, u64)], blocks: u64, meta_group: u64) -> Vec<u64> {
     let meta_group = meta_group.max(1);
@@ -366,7 +372,10 @@ pub fn chunk_starts(extents: &[(u64, u64)], blocks: u64, meta_group: u64) -> Vec
         let mut b = from;
         while b < to {
             out.push(b);
-            b += meta_group;
+            match b.checked_add(meta_group) {
+                Some(n) => b = n,
+                None => break,
+            }
         }
     };
     for &(start, len) in extents {

@@ -203,6 +203,8 @@ fn chunk_starts_keep_metadata_and_file_data_in_separate_small_chunks() {
     // Worked example: files at blocks 10-14, 15-17 and 30-39 of 50, metadata in groups of 4.
     let starts = erofs_stable::chunk_starts(&[(10, 5), (15, 3), (30, 10)], 50, 4);
     assert_eq!(starts, [4, 8, 10, 15, 18, 22, 26, 30, 40, 44, 48]);
+    // Metadata in one piece per run, even with a group size at the edge of u64.
+    assert_eq!(erofs_stable::chunk_starts(&[(10, 5)], 50, u64::MAX), [10, 15]);
 
     // Any layout, even overlapping or out of range: sorted, unique, inside the image; no span
     // between two starts mixes metadata with file data or two files; metadata spans are short.

@@ -501,6 +501,9 @@ pub async fn install(
                 .await
                 .map_err(io("read back", req.disk))?;
             target_io.sync().map_err(io("sync", req.disk))?;
+            // The tree's read-back below must come from the device, not from the pages just
+            // written (buffered targets).
+            target_io.drop_cache().map_err(io("drop cache of", req.disk))?;
             let tree_bytes: u64 = compute.iter().map(|&i| chunk_len(i)).sum();
             counters.done.fetch_add(tree_bytes, Ordering::Relaxed);
             report.computed_bytes = tree_bytes;
@@ -879,10 +882,16 @@ async fn check_chunks(
             io_.write(at, block)
         };
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let worker = || -> std::io::Result<Vec<usize>> {
+        // Set by a worker that failed, so that the other stops too (and the tree's waiting
+        // leaves stop growing behind a batch that will never come).
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let work = || -> std::io::Result<Vec<usize>> {
             let mut bad = Vec::new();
             let mut data = AlignedBuf::zeroed(largest as usize);
             loop {
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(bad);
+                }
                 let b = next.fetch_add(1, Ordering::Relaxed);
                 let Some(chunks) = batches.get(b).cloned() else { return Ok(bad) };
                 let start = m.chunk_range(chunks.start).start;
@@ -915,6 +924,13 @@ async fn check_chunks(
                     }
                 }
             }
+        };
+        let worker = || {
+            let r = work();
+            if r.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            r
         };
         let (a, b) = std::thread::scope(|s| {
             let t = s.spawn(worker);

@@ -148,7 +148,7 @@ pub fn tree_to_compute(new: &Manifest, done: &[bool], local: Option<&Manifest>) 
     }
     let total: u64 = frames.values().map(|f| f.0).sum();
     let tree: u64 = frames.values().filter(|f| f.1).map(|f| f.0).sum();
-    if tree == 0 || tree * COMPUTE_TREE_SHARE < total {
+    if tree == 0 || tree.saturating_mul(COMPUTE_TREE_SHARE) < total {
         return Vec::new();
     }
     (0..new.chunks.len())

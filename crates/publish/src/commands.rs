@@ -293,11 +293,21 @@ fn erofs_chunk_starts(image: &Path, size: u64, group: u64) -> Result<Vec<u64>> {
         return Ok(Vec::new());
     }
     let file = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    // Only an optimisation: an image whose layout cannot be read is built without it.
     match erofs_stable::file_extents(&file) {
         Ok((extents, 4096)) => Ok(erofs_stable::chunk_starts(&extents, size.div_ceil(4096), group)),
-        Ok((_, block)) => bail!("{}: erofs blocks of {block} bytes; update chunks are 4096", image.display()),
+        Ok((_, block)) => {
+            eprintln!(
+                "aclpub: {}: erofs blocks of {block} bytes, not 4096: chunks do not follow its layout",
+                image.display()
+            );
+            Ok(Vec::new())
+        }
         Err(erofs_stable::Error::NotErofs) => Ok(Vec::new()),
-        Err(e) => Err(e).with_context(|| format!("{}: reading its erofs layout", image.display())),
+        Err(e) => {
+            eprintln!("aclpub: {}: chunks do not follow its erofs layout: {e}", image.display());
+            Ok(Vec::new())
+        }
     }
 }
 

@@ -89,6 +89,10 @@ impl DiskLock {
     pub fn acquire(file: &File, path: &Path, wait: Duration) -> Result<DiskLock, LockError> {
         let record = record_path(file);
         let started = Instant::now();
+        // Each kind of holder is timed from when it was first seen as that kind, so that an
+        // exclusive holder that follows a long udev probe still gets its own wait; the whole
+        // wait is capped at the sum of both.
+        let mut kind: Option<(bool, Instant)> = None;
         let mut noticed = false;
         loop {
             match Flock::lock(file.try_clone()?, FlockArg::LockExclusiveNonblock) {
@@ -101,8 +105,17 @@ impl DiskLock {
                         return Err(LockError::Busy { holder });
                     }
                     let shared = only_shared(path);
-                    let elapsed = started.elapsed();
-                    if elapsed >= if shared { SHARED_WAIT } else { wait } {
+                    let since = match kind {
+                        Some((k, t)) if k == shared => t,
+                        _ => {
+                            let now = Instant::now();
+                            kind = Some((shared, now));
+                            now
+                        }
+                    };
+                    let elapsed = since.elapsed();
+                    let limit = if shared { SHARED_WAIT.max(wait) } else { wait };
+                    if elapsed >= limit || started.elapsed() >= SHARED_WAIT.max(wait) + wait {
                         let holder = if shared {
                             format!(
                                 "another program holding a shared lock for more than {} s (no acl-update \
@@ -118,7 +131,7 @@ impl DiskLock {
                         };
                         return Err(LockError::Busy { holder });
                     }
-                    if !noticed && elapsed >= NOTICE_AFTER {
+                    if !noticed && started.elapsed() >= NOTICE_AFTER {
                         noticed = true;
                         if let Some(notice) = WAIT_NOTICE.get() {
                             notice(&if shared {
