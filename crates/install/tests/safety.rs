@@ -87,16 +87,23 @@ async fn a_repeated_install_fetches_nothing() {
 /// Slot B (installed) made unbootable and zeroed from the middle chunk on, as after a kill
 /// half-way or a disk that dropped writes: the offset of that chunk and B's PARTUUID.
 fn lose_second_half_of_b(disk: &std::path::Path, m: &manifest::Manifest) -> (u64, String) {
+    let half = m.chunk_range(m.chunks.len() / 2).start;
+    (half, lose_part_of_b(disk, half, None))
+}
+
+/// Slot B made unbootable and zeroed from byte `from` of the slot up to `to` (its end when
+/// `None`); B's PARTUUID.
+fn lose_part_of_b(disk: &std::path::Path, from: u64, to: Option<u64>) -> String {
     use std::os::unix::fs::FileExt as _;
     let mut d = Disk::open(disk, true).unwrap();
     d.update(|s| choice::prepare(s, Slot::A)).unwrap();
     let (base, len) = d.slot_extent(Slot::B).unwrap();
     let partuuid = d.partition(Slot::B).unique_guid.to_string();
     drop(d);
-    let half = m.chunk_range(m.chunks.len() / 2).start;
+    let to = to.unwrap_or(len);
     let file = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
-    file.write_all_at(&vec![0u8; (len - half) as usize], base + half).unwrap();
-    (half, partuuid)
+    file.write_all_at(&vec![0u8; (to - from) as usize], base + from).unwrap();
+    partuuid
 }
 
 /// Before: a killed install kept only what its journal listed (synced every 16 MiB), so
@@ -159,22 +166,16 @@ async fn a_journal_that_lies_does_not_spare_the_read_back() {
 /// write, made only after the slot is marked unbootable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_tree_is_computed_from_the_data_in_place_and_nothing_is_fetched() {
-    use std::os::unix::fs::FileExt as _;
     let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
     let f = Fixture::new();
     let disk = disk(&sgdisk, f.dir.path());
     let v1 = f.release("1.0.0", 0);
     let fetcher = f.file_fetcher();
     f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
-    let mut d = Disk::open(&disk, true).unwrap();
-    d.update(|s| choice::prepare(s, Slot::A)).unwrap();
-    let (base, _) = d.slot_extent(Slot::B).unwrap();
-    drop(d);
+    // The tree lost, the trailer (this manifest, so the data is looked for in place) kept.
     let m = &v1.0;
     let tree_len = m.image_size - m.verity.data_size;
-    let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-    file.write_all_at(&vec![0u8; tree_len as usize], base + m.verity.data_size).unwrap();
-    drop(file);
+    lose_part_of_b(&disk, m.verity.data_size, Some(m.image_size));
 
     let before = fetcher.bytes_fetched();
     let r = f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();

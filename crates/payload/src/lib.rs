@@ -1,7 +1,8 @@
 //! The payload of an image: building it from a raw filesystem image, and checking it.
 //!
 //! [`build`] turns a filesystem image into a slot image (data padded to a whole block, then the
-//! dm-verity tree), cuts it into content-defined chunks ([`chunker`]), compresses each chunk as
+//! dm-verity tree), cuts it into content-defined chunks ([`chunker`]; chunks also start at the
+//! blocks [`BuildOptions::chunk_starts`] names, where the file system's layout changes), compresses each chunk as
 //! its own zstd frame on several threads, and writes the payload file and the (unsigned)
 //! manifest. [`verify`] does the reverse
 //! offline: every frame decodes to its digest, the chunks make up the image digest, and the tree
