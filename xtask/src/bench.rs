@@ -357,7 +357,8 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
             .iter()
             .map(|p| p.to_string())
             .chain([
-                format!("images/{version}/x86_64/manifest.json"),
+                // nginx sends the gzip copy (gzip_static) to a client that accepts it.
+                format!("images/{version}/x86_64/manifest.json.gz"),
                 format!("images/{version}/x86_64/manifest.json.sig"),
             ])
             .map(|p| std::fs::metadata(repo.join(p)).map_or(0, |m| m.len()))

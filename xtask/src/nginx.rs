@@ -71,7 +71,7 @@ impl Nginx {
                 "daemon off; master_process off; worker_processes 1; pid {tmp}/nginx.pid; error_log stderr;\n\
                  events {{ worker_connections 256; }}\n\
                  http {{ log_format sent '$body_bytes_sent'; access_log {tmp}/access.log sent;\n\
-                   sendfile on; tcp_nopush on;\n\
+                   sendfile on; tcp_nopush on; gzip_static on;\n\
                    client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n\
                    uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
                    server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",

@@ -354,3 +354,96 @@ async fn credentials_are_sent_but_never_shown() {
     assert!(e.contains("HTTP 404") && !e.contains("s3cret") && !e.contains("me:"), "{e}");
     assert_eq!(f.url("x"), format!("http://127.0.0.1:{port}/repo/x"));
 }
+
+/// Serves `body` for every request with `encoding` as its Content-Encoding (and a
+/// Content-Range when asked for a range), recording each request's head.
+async fn doc_server(body: Vec<u8>, encoding: &'static str) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let h = Arc::clone(&heads);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let (body, h) = (body.clone(), Arc::clone(&h));
+            tokio::spawn(async move {
+                while let Some(text) = read_head(&mut sock).await {
+                    let ranged = text.contains("\r\nrange: ");
+                    h.lock().unwrap().push(text);
+                    let (status, extra) = if ranged {
+                        (
+                            "206 Partial Content",
+                            format!("content-range: bytes 0-{}/{}\r\n", body.len() - 1, body.len()),
+                        )
+                    } else {
+                        ("200 OK", String::new())
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-encoding: {encoding}\r\n{extra}content-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let _ = sock.write_all(&body).await;
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), heads)
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test]
+async fn documents_are_asked_for_gzip_and_decoded() {
+    let doc = br#"{"sha256":"0123456789abcdef"}"#.repeat(200);
+    let gz = gzip(&doc);
+    let (url, heads) = doc_server(gz.clone(), "gzip").await;
+    let f = Fetcher::new(&url, fast()).unwrap();
+    assert_eq!(f.get("manifest.json").await.unwrap(), doc);
+    assert_eq!(f.bytes_fetched(), gz.len() as u64, "the wire bytes are counted, not the decoded ones");
+    assert!(heads.lock().unwrap()[0].contains("\r\naccept-encoding: gzip\r\n"));
+}
+
+#[tokio::test]
+async fn a_small_gzip_answer_that_decodes_past_the_limit_is_refused() {
+    let gz = gzip(&vec![0u8; 4 << 20]);
+    assert!(gz.len() < 8 << 10);
+    let (url, _) = doc_server(gz, "gzip").await;
+    let f = Fetcher::new(&url, FetchOptions { max_document: 1 << 20, ..fast() }).unwrap();
+    match f.get("manifest.json").await {
+        Err(FetchError::TooLarge { limit, size, .. }) => assert!(limit == 1 << 20 && size > limit),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_gzip_answer_that_does_not_decode_is_retried_then_named() {
+    let mut gz = gzip(&b"x".repeat(1000));
+    let n = gz.len();
+    gz[n - 6] ^= 0xff; // the CRC
+    let (url, heads) = doc_server(gz, "gzip").await;
+    let e = Fetcher::new(&url, fast()).unwrap().get("manifest.json").await.unwrap_err();
+    assert!(matches!(e, FetchError::GaveUp { attempts: 3, .. }), "{e:?}");
+    assert!(e.to_string().contains("does not decode"), "{e}");
+    assert_eq!(heads.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn an_encoding_not_asked_for_is_refused() {
+    // A document in an encoding this code does not decode.
+    let (url, _) = doc_server(b"whatever".to_vec(), "br").await;
+    let e = Fetcher::new(&url, fast()).unwrap().get("manifest.json").await.unwrap_err();
+    assert!(matches!(&e, FetchError::Encoding { encoding, .. } if encoding == "br"), "{e:?}");
+    assert!(e.to_string().contains("Content-Encoding \"br\""), "{e}");
+    // A range is never asked for compressed, so a compressed answer to one is refused.
+    let (url, heads) = doc_server(gzip(DATA), "gzip").await;
+    let f = Fetcher::new(&url, fast()).unwrap();
+    let e = f.get_range("payload", 0..10).await.unwrap_err();
+    assert!(matches!(e, FetchError::Encoding { .. }), "{e:?}");
+    assert!(!heads.lock().unwrap()[0].contains("accept-encoding"), "{:?}", heads.lock().unwrap()[0]);
+}

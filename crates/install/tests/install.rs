@@ -137,7 +137,7 @@ impl Nginx {
             format!(
                 "daemon off; master_process off; worker_processes 1; pid {pid}; error_log stderr;\n\
                  events {{ worker_connections 64; }}\n\
-                 http {{ access_log off; client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
+                 http {{ access_log off; gzip_static on; client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
                    server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
                 pid = dir.join("nginx.pid").display(),
                 tmp = dir.display(),
@@ -180,6 +180,14 @@ async fn install_over_http_from_nginx() {
     assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256);
     assert_eq!(fetcher.bytes_fetched(), r.fetch_bytes);
     eprintln!("nginx: {} requests for {} payload bytes", fetcher.requests(), r.fetch_bytes);
+    // The manifest comes gzip-encoded (the copy publish wrote, sent by gzip_static) and is
+    // decoded to the very bytes that were signed.
+    let before = fetcher.bytes_fetched();
+    let got = fetcher.get("images/1.0.0/x86_64/manifest.json").await.unwrap();
+    assert_eq!(got, v1.1, "the decoded manifest is the published one");
+    let gz = std::fs::metadata(f.path("repo/images/1.0.0/x86_64/manifest.json.gz")).unwrap().len();
+    assert_eq!(fetcher.bytes_fetched() - before, gz, "what crossed the wire is the gzip copy");
+    assert!(gz * 2 < v1.1.len() as u64, "{gz} bytes compressed of {}", v1.1.len());
     let e = fetcher.get("images/9.9.9/x86_64/manifest.json").await.unwrap_err().to_string();
     assert!(e.contains("HTTP 404 (not retried)"), "{e}");
 }

@@ -8,8 +8,15 @@
 //! channels/<channel>/index.json.sig     its detached signatures
 //! images/<version>/<arch>/manifest.json image manifest (signed)
 //! images/<version>/<arch>/manifest.json.sig
+//! images/<version>/<arch>/manifest.json.gz  the same manifest, gzip (optional)
 //! images/<version>/<arch>/payload       the compressed chunks
 //! ```
+//!
+//! The gzip copy is for web servers that send it to clients accepting gzip (nginx's
+//! `gzip_static on`): a manifest lists a digest per chunk, and compressed it is about a third of
+//! its size, which is most of what a small update costs besides the changed chunks. Agents verify
+//! the decoded manifest, so the copy adds nothing to trust; `aclpub verify` checks that it
+//! decodes to the manifest beside it.
 //!
 //! [`trust`] is the rule, shared with the agent, for accepting a channel index or a manifest
 //! from bytes and signatures; it does no I/O. [`local`] works on a repository directory: it

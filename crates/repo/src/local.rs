@@ -67,6 +67,12 @@ pub enum RepoError {
         /// Where.
         path: PathBuf,
     },
+    /// A manifest's gzip copy (served to clients that accept gzip) is not that manifest.
+    #[error("{path} does not decode to the manifest beside it; remove it or publish again")]
+    StaleGzip {
+        /// The gzip copy.
+        path: PathBuf,
+    },
     /// The repository has no channel.
     #[error("{0} has no channels/<name>/index.json: not a repository, or nothing published yet")]
     NoChannels(PathBuf),
@@ -88,7 +94,13 @@ impl RepoError {
     /// Whether this is a verification failure (bad, untrusted or stale content), as opposed to
     /// an I/O or usage problem. The CLI maps it to its own exit code.
     pub fn is_rejection(&self) -> bool {
-        matches!(self, RepoError::Trust(_) | RepoError::Payload { .. } | RepoError::AlreadyPublished { .. })
+        matches!(
+            self,
+            RepoError::Trust(_)
+                | RepoError::Payload { .. }
+                | RepoError::AlreadyPublished { .. }
+                | RepoError::StaleGzip { .. }
+        )
     }
 }
 
@@ -218,6 +230,11 @@ pub fn publish(
         verify_payload(&dest, &m, req.threads, progress)?;
         let sig = layout::signature_path(&dest_manifest);
         replace_file(&sig, &read(&layout::signature_path(&manifest_src))?).map_err(io("write", &sig))?;
+        // A repository published before the gzip copies existed gets one now.
+        let gz = layout::gzip_path(&dest_manifest);
+        if check_gzip(&dest_manifest, &manifest_bytes).is_err() || !gz.exists() {
+            replace_file(&gz, &layout::gzip_document(&manifest_bytes)).map_err(io("write", &gz))?;
+        }
         false
     } else {
         copy_image(req.image_dir, &dest, &m)?;
@@ -297,14 +314,28 @@ fn copy_image(src: &Path, dest: &Path, m: &Manifest) -> Result<(), RepoError> {
     }
     std::fs::create_dir(&tmp).map_err(io("create directory", &tmp))?;
     let manifest = src.join(payload::MANIFEST_FILE);
-    for from in [src.join(&m.payload.path), layout::signature_path(&manifest), manifest] {
+    for from in [src.join(&m.payload.path), layout::signature_path(&manifest), manifest.clone()] {
         let to = tmp.join(from.file_name().expect("file name"));
         std::fs::copy(&from, &to).map_err(io("copy", &from))?;
         std::fs::File::open(&to).and_then(|f| f.sync_all()).map_err(io("sync", &to))?;
     }
+    let gz = layout::gzip_path(&tmp.join(payload::MANIFEST_FILE));
+    replace_file(&gz, &layout::gzip_document(&read(&manifest)?)).map_err(io("write", &gz))?;
     std::fs::rename(&tmp, dest).map_err(io("rename", &tmp))?;
     std::fs::File::open(parent).and_then(|f| f.sync_all()).map_err(io("sync", parent))?;
     Ok(())
+}
+
+/// A manifest's gzip copy, if there is one, must decode to the manifest: a web server with
+/// `gzip_static on` sends the copy instead, and a stale one would be refused by every agent.
+fn check_gzip(manifest: &Path, doc: &[u8]) -> Result<(), RepoError> {
+    let gz = layout::gzip_path(manifest);
+    match std::fs::read(&gz) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("read", &gz)(e)),
+        Ok(bytes) if layout::gunzip_document(&bytes, doc.len()).as_deref() == Some(doc) => Ok(()),
+        Ok(_) => Err(RepoError::StaleGzip { path: gz }),
+    }
 }
 
 /// What a repository verification covered.
@@ -354,9 +385,10 @@ pub fn verify_repository(
             policy.index(channel, &read(&path)?, &read(&layout::signature_path(&path))?, now, last)?;
         for release in &index.releases {
             let mpath = repo.join(&release.manifest);
-            let m =
-                policy.release_manifest(release, &read(&mpath)?, &read(&layout::signature_path(&mpath))?)?;
+            let doc = read(&mpath)?;
+            let m = policy.release_manifest(release, &doc, &read(&layout::signature_path(&mpath))?)?;
             if checked.insert(release.manifest.clone()) {
+                check_gzip(&mpath, &doc)?;
                 let label = format!("{} {}", m.version, m.arch);
                 let dir = mpath.parent().expect("manifest path has a parent");
                 verify_payload(dir, &m, threads, &|d, t| progress(&label, d, t))?;

@@ -152,6 +152,26 @@ fn flipped_byte_in_the_manifest() {
 }
 
 #[test]
+fn a_gzip_copy_that_is_not_its_manifest_is_named_and_publishing_again_mends_it() {
+    let f = Fixture::new().published();
+    let gz = image_file(&f, "manifest.json.gz");
+    let manifest = std::fs::read(image_file(&f, "manifest.json")).unwrap();
+    assert_eq!(repo::layout::gunzip_document(&std::fs::read(&gz).unwrap(), 1 << 20), Some(manifest.clone()));
+    f.verify(f.later(), None).unwrap();
+    // A stale or damaged copy would be sent in place of the manifest and refused by every agent.
+    std::fs::write(&gz, repo::layout::gzip_document(b"{}")).unwrap();
+    let e = f.verify(f.later(), None).unwrap_err();
+    assert!(e.contains("manifest.json.gz does not decode to the manifest beside it"), "{e}");
+    f.publish(&f.path("build-1.0.0"), f.later()).unwrap();
+    f.verify(f.later(), None).unwrap();
+    // A repository without the copies (published by an older aclpub) is fine, and gets them.
+    std::fs::remove_file(&gz).unwrap();
+    f.verify(f.later(), None).unwrap();
+    f.publish(&f.path("build-1.0.0"), f.later()).unwrap();
+    assert_eq!(repo::layout::gunzip_document(&std::fs::read(&gz).unwrap(), 1 << 20), Some(manifest));
+}
+
+#[test]
 fn flipped_byte_in_a_signature() {
     let f = Fixture::new().published();
     let sig = signature_path(&f.repo().join("channels/stable/index.json"));
