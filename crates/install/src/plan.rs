@@ -167,11 +167,12 @@ pub fn fetch_bytes_for(new: &Manifest, old: Option<&Manifest>) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use manifest::{Chunk, PayloadRef, VerityInfo};
 
-    fn manifest(digests: &[u8], frames: &[(u64, u32)]) -> Manifest {
+    /// A manifest of 4 KiB chunks with digests `[d; 32]` and the given frames.
+    pub(crate) fn manifest(digests: &[u8], frames: &[(u64, u32)]) -> Manifest {
         let chunks = digests
             .iter()
             .zip(frames)
