@@ -167,7 +167,12 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     };
     let images = Images::new(v1, v2, later);
     lab.publish(&images.v1)?;
-    lab.nginx = Some(Nginx::start_on(&dir.join("repo"), &dir.join("nginx"), REPO_PORT)?);
+    // Scenario e cuts the power half-way through the 5.0.0 download: on loopback a whole
+    // adaptive download takes well under a second, less than the installer's one-second
+    // journaling interval, so 5.0.0's payload comes at 512 KiB/s per request (its 4 requests in
+    // flight: about 2 MiB/s, some 9 s for the ~17 MiB the update fetches).
+    let slow = r"location ~ ^/images/5\.0\.0/[^/]+/payload$ { limit_rate 512k; }";
+    lab.nginx = Some(Nginx::start_on(&dir.join("repo"), &dir.join("nginx"), REPO_PORT, slow)?);
 
     // A fresh disk: Flatcar's layout, 1.0.0 provisioned into A, an ext4 state partition.
     let disk = dir.join("disk.img");

@@ -16,16 +16,19 @@ impl Nginx {
     /// Serves `root` from 127.0.0.1 on a free port; `work` holds its config, pid and temp files.
     pub(crate) fn start(root: &Path, work: &Path) -> Result<Nginx> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        Self::start_on(root, work, port)
+        Self::start_on(root, work, port, "")
     }
 
-    /// Serves `root` from 127.0.0.1:`port`.
-    pub(crate) fn start_on(root: &Path, work: &Path, port: u16) -> Result<Nginx> {
+    /// Serves `root` from 127.0.0.1:`port`; `server` is added to the server block (a
+    /// `location` with a `limit_rate`, say).
+    pub(crate) fn start_on(root: &Path, work: &Path, port: u16, server: &str) -> Result<Nginx> {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             bail!("127.0.0.1:{port} is taken by another program");
         }
-        let child =
-            Command::new("nginx").args(Self::args(root, work, port)?).spawn().context("start nginx")?;
+        let child = Command::new("nginx")
+            .args(Self::args(root, work, port, server)?)
+            .spawn()
+            .context("start nginx")?;
         let server = Nginx { child, port };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -40,7 +43,7 @@ impl Nginx {
     pub(crate) fn start_in(ns: &Netns, root: &Path, work: &Path, port: u16) -> Result<Nginx> {
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, "nginx"])
-            .args(Self::args(root, work, port)?)
+            .args(Self::args(root, work, port, "")?)
             .spawn()
             .context("start nginx in a network namespace")?;
         let server = Nginx { child, port };
@@ -61,7 +64,7 @@ impl Nginx {
     }
 
     /// The configuration (written into `work`) and nginx's arguments.
-    fn args(root: &Path, work: &Path, port: u16) -> Result<Vec<std::ffi::OsString>> {
+    fn args(root: &Path, work: &Path, port: u16, server: &str) -> Result<Vec<std::ffi::OsString>> {
         std::fs::create_dir_all(work)?;
         let conf = work.join("nginx.conf");
         let tmp = work.display();
@@ -74,7 +77,7 @@ impl Nginx {
                    sendfile on; tcp_nopush on; gzip_static on;\n\
                    client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n\
                    uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
-                   server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
+                   server {{ listen 127.0.0.1:{port}; root {}; {server} }} }}\n",
                 root.display()
             ),
         )?;

@@ -9,7 +9,7 @@
 //! | b | 2.0.0 (another kernel build) published | the agent finds it by itself, installs it into B, reboots with `systemctl reboot`; B boots the new kernel and is confirmed |
 //! | c | 3.0.0 whose required check fails | it boots, fails, is marked bad, 2.0.0 boots again; the reason is on the console and in `aclctl history` |
 //! | d | 4.0.0 whose init dies (kernel panic) | the boot path spends both tries, 2.0.0 boots without the agent, 4.0.0 is skipped |
-//! | e | the power is cut mid-install of 5.0.0 (past half its download, 3 s in) | A is not bootable, 2.0.0 boots, the install resumes and completes, 5.0.0 is confirmed |
+//! | e | the power is cut mid-install of 5.0.0 (past half its download, 3 s in; the lab serves that payload slowly) | A is not bootable, 2.0.0 boots, the install resumes and completes, 5.0.0 is confirmed |
 //! | f | `aclctl rollback --now` on 5.0.0 | 2.0.0 boots |
 //! | g | 6.0.0 in which a systemd unit fails at boot | the systemd check names the unit, the slot is rolled back, the unit is in `aclctl history` |
 //! | h | the agent is frozen (SIGSTOP) mid-install of 7.0.0 | the watchdog kills it, systemd restarts it, the install resumes and completes |
@@ -267,8 +267,8 @@ pub fn e_power_cut<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted
     b.wait_for("installing 5.0.0 into slot A")?;
     let t = Instant::now();
     // Half-way through the download, and not before the installer had a few seconds to make
-    // its progress durable (it syncs and journals at least every second): on loopback the
-    // first half of an adaptive download takes well under a second.
+    // its progress durable (it syncs and journals at least every second). The lab serves this
+    // payload at a limited rate, so both come before the download ends; `after` below shows it.
     while run.lab.bytes_sent() - before < to_fetch / 2 || t.elapsed() < Duration::from_secs(3) {
         if t.elapsed() > crate::vm::STEP {
             bail!(
@@ -299,6 +299,13 @@ pub fn e_power_cut<L: Lab>(run: &mut Run<'_, L>, mut b: Booted) -> Result<Booted
     let s = run.bits()?;
     ensure(s.a.successful() && s.a.priority() == 2, format!("A confirmed with 5.0.0: {s:?}"))?;
     ensure(resumed > 0, format!("the install resumed with some bytes in place (resumed={resumed})"))?;
+    ensure(
+        after > 0,
+        format!(
+            "the power was cut before the download ended ({} of {to_fetch} bytes fetched after it)",
+            after
+        ),
+    )?;
     say!(
         "  power cut after {:.1} MiB of the {:.1} MiB to fetch; after the reboot {:.1} MiB of the image were in place, {:.1} MiB fetched",
         mib(cut_at),
