@@ -185,3 +185,38 @@ async fn a_lost_tree_is_computed_from_the_data_in_place_and_nothing_is_fetched()
     assert_eq!(slot_digest(&disk, Slot::B, m.image_size), m.image_sha256);
     assert_eq!(choice::choose(&Disk::open(&disk, false).unwrap().slots()), Some(Slot::B));
 }
+
+/// A signed manifest whose dm-verity root is not the root of its own data (a broken build or
+/// publisher): the tree the node computes from the verified data ends in another root, so the
+/// slot would never open at boot. The install says so and leaves the slot unbootable, the
+/// booted slot still the one that boots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_whose_tree_root_is_not_its_datas_is_refused_before_activation() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let disk = disk(&sgdisk, f.dir.path());
+    let v1 = f.release("1.0.0", 0);
+    let v2 = f.release("1.1.0", 1);
+    let fetcher = f.file_fetcher();
+    f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
+    boot_and_confirm(&disk, Slot::B);
+    let mut m = v2.0.clone();
+    m.verity.root_hash.0[0] ^= 1;
+    let bad = (m.clone(), m.to_bytes());
+    let computed = install::plan::tree_to_compute(&m, &vec![false; m.chunks.len()], Some(&v1.0));
+    assert!(!computed.is_empty(), "the adaptive install computes the tree");
+
+    let e = f.install(&disk, Slot::B, &bad, &fetcher).await.unwrap_err();
+    assert!(matches!(e, install::InstallError::TreeRoot { slot: Slot::A, .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&v2.0.verity.root_hash.to_string()) && text.contains(&m.verity.root_hash.to_string()),
+        "{text}"
+    );
+    let s = Disk::open(&disk, false).unwrap().slots();
+    assert_eq!(s.a.priority(), 0, "A, holding an image that would not open, is not bootable");
+    assert_eq!(choice::choose(&s), Some(Slot::B));
+    // The good manifest then installs, the data already in place.
+    let r = f.install(&disk, Slot::B, &v2, &fetcher).await.unwrap();
+    assert_eq!(slot_digest(&disk, Slot::A, v2.0.image_size), v2.0.image_sha256, "{r:?}");
+}
