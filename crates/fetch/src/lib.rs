@@ -58,6 +58,12 @@ pub struct FetchOptions {
     pub system_roots: bool,
     /// Which proxy to use.
     pub proxy: Proxy,
+    /// The receive buffer of each connection (`SO_RCVBUF`), or the kernel's autotuning when
+    /// `None`. What the kernel has received and the installer not yet written is lost to a
+    /// kill or a power cut and fetched again; autotuned, it grows to megabytes per connection
+    /// (up to `net.ipv4.tcp_rmem`'s maximum, 32 MiB on Debian's kernels). The default, 256 KiB,
+    /// holds a connection to 256 KiB per round trip: 100 MiB/s over four connections at 10 ms.
+    pub receive_buffer: Option<usize>,
 }
 
 /// Where the proxy setting comes from.
@@ -89,6 +95,7 @@ impl Default for FetchOptions {
             ca_file: None,
             system_roots: true,
             proxy: Proxy::FromEnv,
+            receive_buffer: Some(256 << 10),
         }
     }
 }
@@ -229,6 +236,7 @@ impl Fetcher {
             let uri = url.parse::<hyper::Uri>().map_err(|e| bad(&e.to_string()))?;
             let mut http = HttpConnector::new();
             http.set_nodelay(true);
+            http.set_recv_buffer_size(opts.receive_buffer);
             http.set_connect_timeout(Some(opts.stall_timeout));
             http.enforce_http(false);
             let tls = tls_config(&opts).map_err(|reason| bad(&reason))?;

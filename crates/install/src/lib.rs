@@ -31,7 +31,9 @@
 //!    or `choice::provisioned` when provisioning a fresh disk).
 //!
 //! Memory is bounded by the number of requests in flight and the writer's queue, whatever the
-//! image size.
+//! image size. Fetched bytes not yet written are bounded more tightly, by a budget each frame
+//! takes before its first byte is read and gives back once written: they are what a kill
+//! loses and a resume fetches again.
 
 mod engine;
 mod journal;

@@ -1,11 +1,12 @@
 //! A small HTTP/1.1 file server for tests that need a misbehaving one: ranges, keep-alive, a
-//! count of payload bytes sent, and optional cuts or stalls. Threads, no async runtime.
+//! count of payload bytes sent, and optional cuts or stalls, or a SIGKILL sent to the client
+//! the moment a given count is passed. Threads, no async runtime.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How the server treats payloads (paths ending in `/payload`).
@@ -27,6 +28,25 @@ pub struct Server {
     pub url: String,
     /// Payload body bytes written so far.
     pub sent: Arc<AtomicU64>,
+    mark: Arc<Mark>,
+}
+
+/// A client process to kill with SIGKILL once the payload bytes sent reach a count.
+#[derive(Debug, Default)]
+struct Mark {
+    at: AtomicU64,
+    pid: AtomicU32,
+}
+
+impl Server {
+    /// Kills process `pid` with SIGKILL from the server thread whose write takes the payload
+    /// bytes sent to `at` or past it, before that thread writes again: the kill lands within
+    /// one write (64 KiB) per connection of the mark, however busy the machine is, where a
+    /// test that polls the count and then kills may let megabytes more through.
+    pub fn kill_when_sent(&self, pid: u32, at: u64) {
+        self.mark.pid.store(pid, Ordering::SeqCst);
+        self.mark.at.store(at, Ordering::SeqCst);
+    }
 }
 
 /// Serves the files under `root`, one thread per connection. A small send buffer makes a byte
@@ -36,20 +56,27 @@ pub fn serve(root: PathBuf, behaviour: Behaviour) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
     let url = format!("http://{}", listener.local_addr().expect("local address"));
     let sent = Arc::new(AtomicU64::new(0));
-    let counter = Arc::clone(&sent);
+    let mark = Arc::new(Mark { at: AtomicU64::new(u64::MAX), pid: AtomicU32::new(0) });
+    let (counter, marked) = (Arc::clone(&sent), Arc::clone(&mark));
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { return };
-            let (root, sent) = (root.clone(), Arc::clone(&counter));
+            let (root, sent, mark) = (root.clone(), Arc::clone(&counter), Arc::clone(&marked));
             std::thread::spawn(move || {
-                let _ = connection(conn, &root, &sent, behaviour);
+                let _ = connection(conn, &root, &sent, &mark, behaviour);
             });
         }
     });
-    Server { url, sent }
+    Server { url, sent, mark }
 }
 
-fn connection(conn: TcpStream, root: &Path, sent: &AtomicU64, b: Behaviour) -> std::io::Result<()> {
+fn connection(
+    conn: TcpStream,
+    root: &Path,
+    sent: &AtomicU64,
+    mark: &Mark,
+    b: Behaviour,
+) -> std::io::Result<()> {
     socket2::SockRef::from(&conn).set_send_buffer_size(32 << 10)?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut out = conn;
@@ -113,7 +140,13 @@ fn connection(conn: TcpStream, root: &Path, sent: &AtomicU64, b: Behaviour) -> s
             file.read_exact(&mut buf[..n])?;
             out.write_all(&buf[..n])?;
             if payload {
-                sent.fetch_add(n as u64, Ordering::SeqCst);
+                let before = sent.fetch_add(n as u64, Ordering::SeqCst);
+                let at = mark.at.load(Ordering::SeqCst);
+                if before < at && before + n as u64 >= at {
+                    mark.at.store(u64::MAX, Ordering::SeqCst);
+                    let pid = nix::unistd::Pid::from_raw(mark.pid.load(Ordering::SeqCst) as i32);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
             }
             left -= n as u64;
             if cut && left > 0 {
