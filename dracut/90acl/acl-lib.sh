@@ -16,6 +16,19 @@ acl_log() {
     echo "acl: $*" > /dev/console
 }
 
+# The disk the command line names (acl.disk=): a device path, or PARTUUID= of any of its
+# partitions (esp/grub.cfg passes the EFI system partition's, since device names change between
+# machines: vda under qemu, sda or sdb on Azure). /dev/vda when none is named.
+acl_disk_spec() {
+    spec="$(getarg acl.disk=)"
+    echo "${spec:-/dev/vda}"
+}
+
+# That disk's device path; fails while no disk holds it (the hook waits for its next pass).
+acl_disk() {
+    acl-boot disk "$(acl_disk_spec)" 2> /dev/null
+}
+
 # What the kernel's lockdown says ("none", "integrity" or "confidentiality"; the one in use is
 # in brackets). Secure Boot turns it on; the initramfs mounts securityfs to read it.
 acl_lockdown() {

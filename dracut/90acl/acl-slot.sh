@@ -10,8 +10,7 @@ acl_stage2() {
     # this initramfs; every dm-verity parameter comes from that manifest, so an edited boot
     # entry cannot open an unsigned image.
     [ -b /dev/mapper/acl-root ] && return 0
-    disk="$(getarg acl.disk=)"
-    disk="${disk:-/dev/vda}"
+    disk="$(acl_disk)" || return 0
     [ -b "$disk" ] || return 0
     slot="$(getarg acl.slot=)"
     mkdir -p /run/acl
@@ -29,8 +28,7 @@ acl_stage2() {
 
 acl_stage1() {
     [ -e /run/acl/selected ] && return 0
-    disk="$(getarg acl.disk=)"
-    disk="${disk:-/dev/vda}"
+    disk="$(acl_disk)" || return 0
     [ -b "$disk" ] || return 0
     mkdir -p /run/acl
     : > /run/acl/selected
@@ -46,6 +44,8 @@ acl_stage1() {
     mkdir -p /run/acl/slot
     mount -t erofs -o ro /dev/mapper/acl-slot /run/acl/slot || acl_next_try "stage 1: cannot mount slot $ACL_SLOT"
     # Stage 2 is told only which disk and slot; it verifies the slot again itself.
+    # The disk by the path found here: a slot's stage 2 built before PARTUUID= was understood
+    # still reads it (the first stage and the slots are replaced independently).
     cmdline="$ACL_CMDLINE acl.stage=2 acl.disk=$disk acl.slot=$ACL_SLOT"
     cmdline="$cmdline root=/dev/mapper/acl-root rootfstype=erofs ro"
     # The first-stage set GRUB started (esp/grub.cfg), passed on so that `aclctl first-stage`

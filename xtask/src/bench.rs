@@ -349,9 +349,10 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
             m.payload.size >> 20
         );
         println!(
-            "  aclctl update       {ours:7.2} s  {:7.1} MB/s  (write {:.2} s + read-back verify {:.2} s, O_DIRECT {}), peak RSS {:.1} MiB",
+            "  aclctl update       {ours:7.2} s  {:7.1} MB/s  (write {:.2} s, of which the writer was busy {:.2} s, + read-back verify {:.2} s, O_DIRECT {}), peak RSS {:.1} MiB",
             gib / ours,
             report["write_seconds"].as_f64().unwrap_or(0.0),
+            report["writer_busy_seconds"].as_f64().unwrap_or(0.0),
             report["verify_seconds"].as_f64().unwrap_or(0.0),
             report["direct_io"],
             rss_kib as f64 / 1024.0

@@ -93,7 +93,11 @@ fn started(disk: Option<&Path>) -> Option<esp::Set> {
     let ours = match (disk, arg("acl.disk=")) {
         (None, _) => true,
         (Some(given), Some(booted)) => {
-            std::fs::canonicalize(given).ok().is_some_and(|g| std::fs::canonicalize(booted).ok() == Some(g))
+            // acl.disk= is a path or PARTUUID= of one of its partitions (esp/grub.cfg).
+            let booted = system::resolve_disk(&booted, Path::new("/sys"), Path::new("/dev")).ok();
+            std::fs::canonicalize(given)
+                .ok()
+                .is_some_and(|g| booted.and_then(|b| std::fs::canonicalize(b).ok()) == Some(g))
         }
         (Some(_), None) => false,
     };

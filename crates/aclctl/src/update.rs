@@ -162,6 +162,7 @@ async fn update(disk: &Path, booted: Slot, state_dir: &Path, a: &UpdateArgs, jso
             "one_pass": r.one_pass,
             "write_seconds": r.write_time.as_secs_f64(),
             "verify_seconds": r.verify_time.as_secs_f64(),
+            "writer_busy_seconds": r.writer_busy.as_secs_f64(),
         });
         println!("{out:#}");
         return Ok(());

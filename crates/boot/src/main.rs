@@ -1,6 +1,7 @@
 //! `acl-boot`: the boot path's initramfs tool (see the library docs). `select` (stage 1) and
 //! `verify` (stage 2) print shell assignments describing a slot, for the dracut hook to open it;
-//! `trust-files` tells the dracut module what to copy into the initramfs.
+//! `disk` resolves the disk the command line names; `trust-files` tells the dracut module what
+//! to copy into the initramfs.
 //!
 //! Keys and threshold come from the agent's own configuration files (`[trust]`), which the
 //! dracut module installs into the initramfs together with the keys they name: the boot path
@@ -33,6 +34,14 @@ enum Cli {
         slot: slot::choice::Slot,
         #[command(flatten)]
         trust: Trust,
+    },
+    /// Print the device path of the disk a boot parameter (`acl.disk=`) names: a path as it
+    /// is, or `PARTUUID=<uuid>` of any of its partitions (what `esp/grub.cfg` passes: the EFI
+    /// system partition's), found by reading the GPTs of the kernel's whole disks. Fails while
+    /// no disk holds it; the dracut hook then waits for its next pass.
+    Disk {
+        /// `/dev/...` or `PARTUUID=<uuid>`.
+        spec: String,
     },
     /// Build time: list, as paths inside the image, the configuration files and key files
     /// of the image tree `--root` that the initramfs needs; fails when they cannot verify
@@ -115,6 +124,11 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("verify slot {slot} on {}", disk.display()))?;
             eprintln!("acl-boot: slot {} ({}) verified for stage 2", s.slot, s.version);
             print!("{}", s.to_env(&disk.to_string_lossy()));
+        }
+        Cli::Disk { spec } => {
+            let disk = slot::system::resolve_disk(&spec, Path::new("/sys"), Path::new("/dev"))
+                .map_err(anyhow::Error::msg)?;
+            println!("{}", disk.display());
         }
         Cli::TrustFiles { root } => {
             for f in trust_files(&root)? {

@@ -71,6 +71,9 @@ pub struct Counters {
     pub resumed: AtomicU64,
     /// Image bytes verified by the read-back.
     pub read_back: AtomicU64,
+    /// Nanoseconds the writer spent in writes and syncs (the rest of the write phase it waited
+    /// for verified chunks).
+    pub writer_busy_ns: AtomicU64,
 }
 
 /// What an install did.
@@ -94,6 +97,9 @@ pub struct Report {
     pub write_time: Duration,
     /// Time to read back and verify.
     pub verify_time: Duration,
+    /// Of `write_time`, the time the writer spent writing and syncing; the rest it waited for
+    /// the fetch and the decoders (where to look when an install is slow).
+    pub writer_busy: Duration,
     /// The slot installed.
     pub target: Option<Slot>,
     /// The target already held this image, verified, and boots next: nothing was done.
@@ -481,6 +487,7 @@ pub async fn install(
     }
     report.reused_bytes = counters.reused.load(Ordering::Relaxed);
     report.write_time = started.elapsed();
+    report.writer_busy = Duration::from_nanos(counters.writer_busy_ns.load(Ordering::Relaxed));
 
     // Read back everything from the device and check it; done already when nothing was written
     // and this run hashed every chunk in place on the device. A journal alone never spares the
@@ -623,6 +630,7 @@ async fn write_all(
                     if let Some(first) = first_write.take() {
                         first()?;
                     }
+                    let busy = Instant::now();
                     let sum = ReadBackSums::of(v.data.as_slice());
                     for &i in &v.indices {
                         let at = m.chunk_range(i).start;
@@ -643,6 +651,7 @@ async fn write_all(
                         unsynced = 0;
                         synced_at = Instant::now();
                     }
+                    counters.writer_busy_ns.fetch_add(busy.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
                 persist(&done, &mut journal)?;
                 Ok(journal)
