@@ -60,15 +60,21 @@ pub fn resolve_disk(spec: &str, sys: &Path, dev: &Path) -> Result<PathBuf, Strin
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();
-    for name in names {
-        let path = dev.join(&name);
-        let Ok(file) = std::fs::File::open(&path) else { continue };
-        let Ok(table) = crate::table::read(&file) else { continue };
-        if table.entries().iter().any(|e| e.unique_guid == uuid) {
-            return Ok(path);
-        }
+    let holds = |name: &String| {
+        let file = std::fs::File::open(dev.join(name)).ok()?;
+        let table = crate::table::read(&file).ok()?;
+        table.entries().iter().any(|e| e.unique_guid == uuid).then(|| dev.join(name))
+    };
+    // A copy of the disk attached beside it holds the same GUIDs: naming one of the two would
+    // boot whichever sorts first, so the ambiguity is refused.
+    match names.iter().filter_map(holds).collect::<Vec<_>>()[..] {
+        [ref one] => Ok(one.clone()),
+        [] => Err(format!("no disk holds a GPT partition with PARTUUID {uuid} (yet)")),
+        ref many => Err(format!(
+            "PARTUUID {uuid} is on more than one disk ({}); name the disk by path",
+            many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        )),
     }
-    Err(format!("no disk holds a GPT partition with PARTUUID {uuid} (yet)"))
 }
 
 #[cfg(test)]
@@ -114,5 +120,11 @@ mod tests {
         assert!(missing.contains("11111111-2222-3333-4444-555555555555"), "{missing}");
         let bad = find("PARTUUID=not-a-uuid").unwrap_err();
         assert!(bad.contains("not a partition UUID"), "{bad}");
+        // A copy of sdb attached as sdc: the GUID no longer names one disk.
+        std::fs::create_dir_all(sys.join("class/block/sdc")).unwrap();
+        std::fs::copy(dev.join("sdb"), dev.join("sdc")).unwrap();
+        let twice = find("PARTUUID=c12a7328-f81f-11d2-ba4b-00a0c93ec93b").unwrap_err();
+        assert!(twice.contains("more than one disk") && twice.contains("sdc"), "{twice}");
+        assert_eq!(find("PARTUUID=0fc63daf-8483-4772-8e79-3d69d8477de4"), Ok(dev.join("sda")));
     }
 }
