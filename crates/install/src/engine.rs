@@ -291,7 +291,7 @@ struct Verified {
     data: AlignedBuf,
     local: bool,
     /// The fetched frame's share of [`IN_FLIGHT`], given back once the chunk is written.
-    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    share: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Installs `req.manifest` into the slot that is not booted. See the crate docs.
@@ -645,7 +645,7 @@ async fn write_all(
                         }
                     }
                     pool.put(v.data);
-                    drop(v._budget);
+                    drop(v.share);
                     if unsynced >= SYNC_EVERY || (unsynced > 0 && synced_at.elapsed() >= SYNC_INTERVAL) {
                         persist(&done, &mut journal)?;
                         unsynced = 0;
@@ -691,7 +691,7 @@ async fn write_all(
                     pool.put(data);
                     continue;
                 }
-                if tx.send(Verified { indices: vec![c.index], data, local: true, _budget: None }).is_err() {
+                if tx.send(Verified { indices: vec![c.index], data, local: true, share: None }).is_err() {
                     break;
                 }
             }
@@ -736,7 +736,7 @@ async fn write_all(
                         .map_err(|source| InstallError::BadChunk { url: url.clone(), source })?;
                     data.set_len(n);
                     drop(frame);
-                    if tx.send(Verified { indices, data, local: false, _budget: Some(share) }).is_err() {
+                    if tx.send(Verified { indices, data, local: false, share: Some(share) }).is_err() {
                         break;
                     }
                     gate.set(true);
