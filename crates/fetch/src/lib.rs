@@ -886,6 +886,9 @@ fn check_content_range(headers: &hyper::HeaderMap, r: &Range<u64>) -> Result<(),
     }
 }
 
+/// The largest read of an HTTP connection (see [`client`]).
+const READ_BUFFER: usize = 64 << 10;
+
 fn client<C>(connector: C, tls: rustls::ClientConfig) -> Client<C>
 where
     hyper_rustls::HttpsConnector<C>:
@@ -898,6 +901,11 @@ where
         .wrap_connector(connector);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
+        // Reads of at most 64 KiB: hyper's default grows its read buffer to ~400 KiB, and
+        // with the binaries' mmap threshold of 128 KiB every such buffer is a fresh mapping,
+        // faulted in page by page (70k page faults per GiB installed); smaller ones are reused
+        // by malloc. Costs a few more recv calls (measured in `cargo xtask bench install`).
+        .http1_max_buf_size(READ_BUFFER)
         .build(https)
 }
 

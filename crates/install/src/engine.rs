@@ -3,7 +3,7 @@
 use crate::journal::Journal;
 use crate::plan::{self, Plan};
 use crate::slotio::{AlignedBuf, BufPool, SlotIo};
-use bytes::{Bytes, BytesMut};
+use bytes::Buf as _;
 use durable::replace_file;
 use fetch::{FetchError, Fetcher};
 use manifest::{Manifest, Sha256Digest};
@@ -705,6 +705,9 @@ async fn write_all(
     let largest_frame = m.chunks.iter().map(|c| c.length as usize).max().unwrap_or(0);
     let budget_size = IN_FLIGHT.max(2 * largest_frame);
     let budget = Arc::new(tokio::sync::Semaphore::new(budget_size));
+    // The frames in flight fit in the budget; twice that leaves room for buffers grown
+    // larger than the frames they now hold.
+    let frame_pool = Arc::new(FramePool::new(2 * budget_size));
     // A frame's share of the budget: its length, at most the whole budget.
     let share = move |r: &std::ops::Range<usize>| (r.end - r.start).clamp(1, budget_size) as u32;
     let mut tasks = tokio::task::JoinSet::new();
@@ -721,37 +724,42 @@ async fn write_all(
         let (fetcher, path, m, tx, url) =
             (fetcher.clone(), req.payload_path.clone(), Arc::clone(&m), tx.clone(), url.clone());
         let (pool, gate, budget) = (Arc::clone(&pool), Arc::clone(&gate), Arc::clone(&budget));
+        let frame_pool = Arc::clone(&frame_pool);
         tasks.spawn(async move {
             let _permit = permit;
             // Frames are decoded, checked and queued for the writer as soon as their bytes are
             // in, so a request cut part-way keeps every whole frame it brought (issue 12).
-            type Frame = (Bytes, Vec<usize>, tokio::sync::OwnedSemaphorePermit);
+            type Frame = (Vec<u8>, Vec<usize>, tokio::sync::OwnedSemaphorePermit);
             let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel::<Frame>(1);
-            let decode = tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
-                let mut decoder = ChunkDecoder::new().map_err(io("zstd", Path::new(&url)))?;
-                while let Some((frame, indices, share)) = frames_rx.blocking_recv() {
-                    let mut data = pool.get(pool_capacity(&m));
-                    let n = decoder
-                        .decode_to(&m, indices[0], &frame, data.as_mut_slice())
-                        .map_err(|source| InstallError::BadChunk { url: url.clone(), source })?;
-                    data.set_len(n);
-                    drop(frame);
-                    if tx.send(Verified { indices, data, local: false, share: Some(share) }).is_err() {
-                        break;
+            let decode = {
+                let frame_pool = Arc::clone(&frame_pool);
+                tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
+                    let mut decoder = ChunkDecoder::new().map_err(io("zstd", Path::new(&url)))?;
+                    while let Some((frame, indices, share)) = frames_rx.blocking_recv() {
+                        let mut data = pool.get(pool_capacity(&m));
+                        let n = decoder
+                            .decode_to(&m, indices[0], &frame, data.as_mut_slice())
+                            .map_err(|source| InstallError::BadChunk { url: url.clone(), source })?;
+                        data.set_len(n);
+                        frame_pool.put(frame);
+                        if tx.send(Verified { indices, data, local: false, share: Some(share) }).is_err() {
+                            break;
+                        }
+                        gate.set(true);
                     }
-                    gate.set(true);
-                }
-                Ok(())
-            });
+                    Ok(())
+                })
+            };
             let fetched = async {
                 let mut stream = fetcher.range_stream(&path, group.range.clone());
                 if sequential {
                     stream = stream.whole_file_ok();
                 }
-                let mut pending = BytesMut::new();
-                // Relative offset in the group of pending's first byte.
+                // Relative offset in the group of the next byte the stream gives.
                 let mut at = 0usize;
                 let mut frames = group.frames.into_iter().peekable();
+                // The frame being filled: its bytes so far, in a reused buffer.
+                let mut filling: Option<Vec<u8>> = None;
                 let take = |r: &std::ops::Range<usize>| Arc::clone(&budget).acquire_many_owned(share(r));
                 // The next frame's share is held before its bytes are read: a stream waiting
                 // for the writer stops reading instead of piling up bytes a kill would lose.
@@ -762,24 +770,32 @@ async fn write_all(
                     {
                         held = Some(take(r).await.expect("budget open"));
                     }
-                    let Some(bytes) = stream.next().await? else { break };
-                    pending.extend_from_slice(&bytes);
-                    while let Some((r, _)) = frames.peek() {
+                    let Some(mut bytes) = stream.next().await? else { break };
+                    while !bytes.is_empty() {
+                        let Some((r, _)) = frames.peek() else { break };
                         // Bytes before the next frame (chunks held already, in a one-pass read)
                         // are dropped as they come: only one frame is ever buffered.
-                        let gap = r.start.saturating_sub(at).min(pending.len());
-                        drop(pending.split_to(gap));
-                        at += gap;
-                        if at + pending.len() < r.end {
-                            break;
+                        if filling.is_none() && at < r.start {
+                            let gap = (r.start - at).min(bytes.len());
+                            bytes.advance(gap);
+                            at += gap;
+                            continue;
+                        }
+                        let len = r.end - r.start;
+                        let buf = filling.get_or_insert_with(|| frame_pool.get(len));
+                        let n = (len - buf.len()).min(bytes.len());
+                        buf.extend_from_slice(&bytes[..n]);
+                        bytes.advance(n);
+                        at += n;
+                        if buf.len() < len {
+                            continue;
                         }
                         let (r, indices) = frames.next().expect("peeked");
-                        let frame = pending.split_to(r.end - r.start).freeze();
+                        let frame = filling.take().expect("filled");
                         let share = match held.take() {
                             Some(p) => p,
                             None => take(&r).await.expect("budget open"),
                         };
-                        at = r.end;
                         if frames_tx.send((frame, indices, share)).await.is_err() {
                             return Ok(()); // the decoder stopped; its error says why
                         }
@@ -833,6 +849,46 @@ async fn write_all(
         return Err(e);
     }
     failed_local
+}
+
+/// Reused buffers for compressed frames on their way from the socket to a decoder.
+///
+/// The binaries fix glibc's mmap threshold at 128 KiB (`cliutil::fix_malloc_threshold`), so a
+/// fresh buffer per frame (as a growing `BytesMut` gave) is mapped, faulted in page by page and
+/// unmapped again: 80k page faults per GiB installed (issue 16).
+struct FramePool {
+    free: std::sync::Mutex<(Vec<Vec<u8>>, usize)>,
+    keep_bytes: usize,
+}
+
+impl FramePool {
+    /// A pool that keeps buffers of at most `keep_bytes` in all.
+    fn new(keep_bytes: usize) -> Self {
+        Self { free: std::sync::Mutex::new((Vec::new(), 0)), keep_bytes }
+    }
+
+    /// An empty buffer with room for `len` bytes.
+    fn get(&self, len: usize) -> Vec<u8> {
+        let reused = self.free.lock().ok().and_then(|mut f| {
+            let b = f.0.pop()?;
+            f.1 -= b.capacity();
+            Some(b)
+        });
+        let mut b = reused.unwrap_or_default();
+        b.clear();
+        b.reserve(len);
+        b
+    }
+
+    /// Returns `b` for reuse.
+    fn put(&self, b: Vec<u8>) {
+        if let Ok(mut f) = self.free.lock()
+            && f.1 + b.capacity() <= self.keep_bytes
+        {
+            f.1 += b.capacity();
+            f.0.push(b);
+        }
+    }
 }
 
 /// A one-time decision, waited for on a blocking thread: the first [`Gate::set`] wins.
