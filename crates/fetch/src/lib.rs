@@ -903,7 +903,7 @@ where
         .pool_idle_timeout(Duration::from_secs(30))
         // Reads of at most 64 KiB: hyper's default grows its read buffer to ~400 KiB, and
         // with the binaries' mmap threshold of 128 KiB every such buffer is a fresh mapping,
-        // faulted in page by page (70k page faults per GiB installed); smaller ones are reused
+        // faulted in page by page (75k page faults per GiB installed); smaller ones are reused
         // by malloc. Costs a few more recv calls (measured in `cargo xtask bench install`).
         .http1_max_buf_size(READ_BUFFER)
         .build(https)

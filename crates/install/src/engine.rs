@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 /// and what it reads and hashes, for one fdatasync per 64 MiB. The syncs run beside the
 /// writes; with one per 16 MiB a 1 GiB install took 5% longer on the bench's loop device.
 const SYNC_EVERY: u64 = 64 << 20;
-/// ... or after this long with anything unsynced: on a slow disk or a slow network 16 MiB can
+/// ... or after this long with anything unsynced: on a slow disk or a slow network 64 MiB can
 /// take minutes, and a power cut then would lose all of it (the e2e power cut on the systemd
 /// node image, 0.7 s into the download, found nothing journaled).
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -739,9 +739,11 @@ async fn write_all(
     let largest_frame = m.chunks.iter().map(|c| c.length as usize).max().unwrap_or(0);
     let budget_size = IN_FLIGHT.max(2 * largest_frame);
     let budget = Arc::new(tokio::sync::Semaphore::new(budget_size));
-    // The frames in flight fit in the budget; twice that leaves room for buffers grown
-    // larger than the frames they now hold.
-    let frame_pool = Arc::new(FramePool::new(2 * budget_size));
+    // Compressed frames on their way to a decoder, in reused buffers: with the binaries' mmap
+    // threshold fixed at 128 KiB (`cliutil::fix_malloc_threshold`) a fresh buffer per frame is
+    // mapped, faulted in page by page and unmapped again (81k page faults per GiB installed).
+    // At most three per request are in use (filling, queued, decoding), so the pool stays small.
+    let frame_pool = Arc::new(BufPool::new(largest_frame));
     // A frame's share of the budget: its length, at most the whole budget.
     let share = move |r: &std::ops::Range<usize>| (r.end - r.start).clamp(1, budget_size) as u32;
     let mut tasks = tokio::task::JoinSet::new();
@@ -763,7 +765,7 @@ async fn write_all(
             let _permit = permit;
             // Frames are decoded, checked and queued for the writer as soon as their bytes are
             // in, so a request cut part-way keeps every whole frame it brought (issue 12).
-            type Frame = (Vec<u8>, Vec<usize>, tokio::sync::OwnedSemaphorePermit);
+            type Frame = (AlignedBuf, Vec<usize>, tokio::sync::OwnedSemaphorePermit);
             let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel::<Frame>(1);
             let decode = {
                 let frame_pool = Arc::clone(&frame_pool);
@@ -772,7 +774,7 @@ async fn write_all(
                     while let Some((frame, indices, share)) = frames_rx.blocking_recv() {
                         let mut data = pool.get(pool_capacity(&m));
                         let n = decoder
-                            .decode_to(&m, indices[0], &frame, data.as_mut_slice())
+                            .decode_to(&m, indices[0], frame.as_slice(), data.as_mut_slice())
                             .map_err(|source| InstallError::BadChunk { url: url.clone(), source })?;
                         data.set_len(n);
                         frame_pool.put(frame);
@@ -794,8 +796,8 @@ async fn write_all(
                 // Relative offset in the group of the next byte the stream gives.
                 let mut at = 0usize;
                 let mut frames = group.frames.into_iter().peekable();
-                // The frame being filled: its bytes so far, in a reused buffer.
-                let mut filling: Option<Vec<u8>> = None;
+                // The frame being filled, and how many of its bytes are in.
+                let mut filling: Option<(AlignedBuf, usize)> = None;
                 let take = |r: &std::ops::Range<usize>| Arc::clone(&budget).acquire_many_owned(share(r));
                 // The next frame's share is held before its bytes are read: a stream waiting
                 // for the writer stops reading instead of piling up bytes a kill would lose.
@@ -818,16 +820,17 @@ async fn write_all(
                             continue;
                         }
                         let len = r.end - r.start;
-                        let buf = filling.get_or_insert_with(|| frame_pool.get(len));
-                        let n = (len - buf.len()).min(bytes.len());
-                        buf.extend_from_slice(&bytes[..n]);
+                        let (buf, filled) = filling.get_or_insert_with(|| (frame_pool.get(len), 0));
+                        let n = (len - *filled).min(bytes.len());
+                        buf.as_mut_slice()[*filled..*filled + n].copy_from_slice(&bytes[..n]);
+                        *filled += n;
                         bytes.advance(n);
                         at += n;
-                        if buf.len() < len {
+                        if *filled < len {
                             continue;
                         }
                         let (r, indices) = frames.next().expect("peeked");
-                        let frame = filling.take().expect("filled");
+                        let (frame, _) = filling.take().expect("filled");
                         let share = match held.take() {
                             Some(p) => p,
                             None => take(&r).await.expect("budget open"),
@@ -885,46 +888,6 @@ async fn write_all(
         return Err(e);
     }
     failed_local
-}
-
-/// Reused buffers for compressed frames on their way from the socket to a decoder.
-///
-/// The binaries fix glibc's mmap threshold at 128 KiB (`cliutil::fix_malloc_threshold`), so a
-/// fresh buffer per frame (as a growing `BytesMut` gave) is mapped, faulted in page by page and
-/// unmapped again: 80k page faults per GiB installed (issue 16).
-struct FramePool {
-    free: std::sync::Mutex<(Vec<Vec<u8>>, usize)>,
-    keep_bytes: usize,
-}
-
-impl FramePool {
-    /// A pool that keeps buffers of at most `keep_bytes` in all.
-    fn new(keep_bytes: usize) -> Self {
-        Self { free: std::sync::Mutex::new((Vec::new(), 0)), keep_bytes }
-    }
-
-    /// An empty buffer with room for `len` bytes.
-    fn get(&self, len: usize) -> Vec<u8> {
-        let reused = self.free.lock().ok().and_then(|mut f| {
-            let b = f.0.pop()?;
-            f.1 -= b.capacity();
-            Some(b)
-        });
-        let mut b = reused.unwrap_or_default();
-        b.clear();
-        b.reserve(len);
-        b
-    }
-
-    /// Returns `b` for reuse.
-    fn put(&self, b: Vec<u8>) {
-        if let Ok(mut f) = self.free.lock()
-            && f.1 + b.capacity() <= self.keep_bytes
-        {
-            f.1 += b.capacity();
-            f.0.push(b);
-        }
-    }
 }
 
 /// A one-time decision, waited for on a blocking thread: the first [`Gate::set`] wins.

@@ -56,9 +56,11 @@ impl AlignedBuf {
     }
 }
 
-/// Reusable chunk buffers. Allocating and freeing a quarter-megabyte buffer per chunk makes
-/// glibc's heap grow with the image (its mmap threshold adapts upward and freed blocks stay in
-/// per-thread arenas); a pool keeps the number of buffers, and so memory, fixed.
+/// Reusable buffers, for chunks and for the compressed frames they come from. Allocating and
+/// freeing a quarter-megabyte buffer per chunk makes glibc's heap grow with the image (its mmap
+/// threshold adapts upward and freed blocks stay in per-thread arenas), and with the threshold
+/// fixed costs a mapping and its page faults per buffer; a pool keeps the number of buffers,
+/// and so memory, fixed.
 #[derive(Debug)]
 pub(crate) struct BufPool {
     free: std::sync::Mutex<Vec<AlignedBuf>>,
