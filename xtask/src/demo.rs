@@ -262,13 +262,13 @@ fn report_reuse(old: &Path, new: &Path) -> Result<()> {
         Ok(Manifest::from_bytes(&std::fs::read(d.join(payload::MANIFEST_FILE))?)?)
     };
     let (a, b) = (read(old)?, read(new)?);
-    let have: HashSet<_> = a.chunks.iter().map(|c| c.sha256).collect();
+    let have: HashSet<_> = a.chunks.iter().map(|c| c.digest).collect();
     let mut seen = HashSet::new();
     let (mut need, mut need_bytes, mut total_bytes) = (0, 0u64, 0u64);
     for c in &b.chunks {
         if seen.insert(c.offset) {
             total_bytes += u64::from(c.length);
-            if !have.contains(&c.sha256) {
+            if !have.contains(&c.digest) {
                 need += 1;
                 need_bytes += u64::from(c.length);
             }

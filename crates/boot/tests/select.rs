@@ -43,6 +43,7 @@ impl Fixture {
             threads: 1,
             salt: None,
             chunk_starts: Vec::new(),
+            chunk_hash: manifest::ChunkHash::Blake3,
         };
         payload::build(&fs, &out, &opts, &|_| {}).unwrap();
         repo::local::sign_document(&out.join("manifest.json"), keys).unwrap();

@@ -249,6 +249,7 @@ fn write_corpus() {
         threads: 1,
         salt: None,
         chunk_starts: Vec::new(),
+        chunk_hash: manifest::ChunkHash::Blake3,
     };
     payload::build(&fs, &build, &opts, &|_| {}).unwrap();
     repo::local::sign_document(&build.join("manifest.json"), std::slice::from_ref(&key)).unwrap();

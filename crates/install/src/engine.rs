@@ -194,6 +194,25 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Install
     move |source| InstallError::Io { what, path, source }
 }
 
+/// `local` (the image in `slot`) with its chunk digests in `hash`, from the slot's bytes as they
+/// are: a chunk that changed since gets a digest no new chunk has, or one that it has and is
+/// then copied; copies are checked against the new manifest before they are written either
+/// way. `None` if the slot cannot be read.
+fn rehash(mut local: Manifest, disk: &Path, slot: Slot, hash: manifest::ChunkHash) -> Option<Manifest> {
+    let (base, len) = Disk::open(disk, false).ok()?.slot_extent(slot).ok()?;
+    let src = SlotIo::open(disk, base, len, false).ok()?;
+    let largest = local.chunks.iter().map(|c| c.size as usize).max().unwrap_or(0);
+    let mut buf = AlignedBuf::zeroed(largest);
+    for i in 0..local.chunks.len() {
+        let r = local.chunk_range(i);
+        buf.set_len((r.end - r.start) as usize);
+        src.read_into(r.start, &mut buf).ok()?;
+        local.chunks[i].digest = manifest::ChunkDigest::of(hash, buf.as_slice());
+    }
+    local.format = if hash == manifest::ChunkHash::Sha256 { 1 } else { 2 };
+    Some(local)
+}
+
 /// The manifest recorded for the image in `slot`, if any (written after each install).
 pub fn recorded_manifest(state_dir: &Path, slot: Slot) -> Option<(Manifest, Vec<u8>)> {
     let bytes = std::fs::read(record_path(state_dir, slot)).ok()?;
@@ -419,7 +438,15 @@ pub async fn install(
         }))
     };
 
-    let local = recorded_manifest(req.state_dir, req.booted).map(|(lm, _)| lm);
+    let mut local = recorded_manifest(req.state_dir, req.booted).map(|(lm, _)| lm);
+    if let Some(lm) = local.take_if(|lm| lm.chunk_hash() != m.chunk_hash()) {
+        // The first install after the publisher switched hashes (manifest format 1 -> 2): no
+        // digest would match, so the booted image's chunks are hashed the new way first.
+        let (disk, booted, hash) = (req.disk.to_owned(), req.booted, m.chunk_hash());
+        local = tokio::task::spawn_blocking(move || rehash(lm, &disk, booted, hash))
+            .await
+            .expect("rehash task panicked");
+    }
     // The tree chunks computed after the data is in place are left out of the plan.
     let compute = plan::tree_to_compute(m, &done, local.as_ref());
     let skip_computed = |done: &[bool]| {
@@ -778,7 +805,7 @@ async fn write_all(
                 let r = m.chunk_range(c.index);
                 let mut data = pool.get((r.end - r.start) as usize);
                 src.read_into(c.from, &mut data).map_err(io("read", &disk))?;
-                if Sha256Digest::of(data.as_slice()) != m.chunks[c.index].sha256 {
+                if !m.chunks[c.index].digest.matches(data.as_slice()) {
                     failed.push(c.index);
                     pool.put(data);
                     continue;
@@ -1012,7 +1039,7 @@ impl ReadBackSums {
     fn matches(&self, m: &Manifest, i: usize, bytes: &[u8]) -> bool {
         match self.0.get(i).copied().flatten() {
             Some(sum) => Self::of(bytes) == sum,
-            None => Sha256Digest::of(bytes) == m.chunks[i].sha256,
+            None => m.chunks[i].digest.matches(bytes),
         }
     }
 }
@@ -1170,8 +1197,8 @@ mod tests {
     fn the_read_back_compares_chunks_it_wrote_with_their_checksum_and_others_with_the_manifest() {
         let (a, b) = (vec![7u8; 4096], vec![9u8; 4096]);
         let mut m = crate::plan::tests::manifest(&[0, 0], &[(0, 10), (10, 10)]);
-        m.chunks[0].sha256 = Sha256Digest::of(&a);
-        m.chunks[1].sha256 = Sha256Digest::of(&b);
+        m.chunks[0].digest = manifest::ChunkDigest::of(m.chunk_hash(), &a);
+        m.chunks[1].digest = manifest::ChunkDigest::of(m.chunk_hash(), &b);
         let mut sums = ReadBackSums::new(2);
         sums.set(0, ReadBackSums::of(&a));
         let mut lost = a.clone();

@@ -8,7 +8,7 @@
 //! the plan does not rely on it: chunks that name one frame but differ are decoded and checked
 //! each on its own (issue 12).
 
-use manifest::{Manifest, Sha256Digest};
+use manifest::{ChunkDigest, Manifest};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
@@ -67,19 +67,19 @@ impl Plan {
 /// the other slot (if known). Requests are at most `max_request` bytes unless one frame is
 /// bigger.
 pub fn plan(new: &Manifest, done: &[bool], local: Option<&Manifest>, max_request: u64) -> Plan {
-    let have: HashMap<Sha256Digest, u64> = local
-        .map(|m| m.chunks.iter().enumerate().map(|(j, c)| (c.sha256, m.chunk_range(j).start)).collect())
+    let have: HashMap<ChunkDigest, u64> = local
+        .map(|m| m.chunks.iter().enumerate().map(|(j, c)| (c.digest, m.chunk_range(j).start)).collect())
         .unwrap_or_default();
     let mut p = Plan::default();
     // Frames to fetch, by payload offset then the content they must decode to: chunk indices.
-    let mut frames: BTreeMap<(u64, u32, u32, Sha256Digest), Vec<usize>> = BTreeMap::new();
+    let mut frames: BTreeMap<(u64, u32, u32, ChunkDigest), Vec<usize>> = BTreeMap::new();
     for (i, c) in new.chunks.iter().enumerate() {
         if done.get(i).copied().unwrap_or(false) {
             p.done.push(i);
-        } else if let Some(&from) = have.get(&c.sha256) {
+        } else if let Some(&from) = have.get(&c.digest) {
             p.local.push(LocalCopy { index: i, from });
         } else {
-            frames.entry((c.offset, c.length, c.size, c.sha256)).or_default().push(i);
+            frames.entry((c.offset, c.length, c.size, c.digest)).or_default().push(i);
         }
     }
     let mut group: Option<FetchGroup> = None;
@@ -136,11 +136,11 @@ pub fn tree_to_compute(new: &Manifest, done: &[bool], local: Option<&Manifest>) 
     if !layout_ok {
         return Vec::new();
     }
-    let have: std::collections::HashSet<Sha256Digest> =
-        local.map(|m| m.chunks.iter().map(|c| c.sha256).collect()).unwrap_or_default();
+    let have: std::collections::HashSet<ChunkDigest> =
+        local.map(|m| m.chunks.iter().map(|c| c.digest).collect()).unwrap_or_default();
     let mut frames: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
     for (i, c) in new.chunks.iter().enumerate() {
-        if !done.get(i).copied().unwrap_or(false) && !have.contains(&c.sha256) {
+        if !done.get(i).copied().unwrap_or(false) && !have.contains(&c.digest) {
             let tree = c.image_offset >= v.data_size;
             let e = frames.entry(c.offset).or_insert((u64::from(c.length), tree));
             e.1 &= tree;
@@ -180,7 +180,7 @@ pub(crate) mod tests {
             .map(|(i, (&d, &(offset, length)))| Chunk {
                 image_offset: i as u64 * 4096,
                 size: 4096,
-                sha256: Sha256Digest([d; 32]),
+                digest: ChunkDigest { hash: manifest::ChunkHash::Blake3, bytes: [d; 32] },
                 offset,
                 length,
             })
@@ -189,7 +189,7 @@ pub(crate) mod tests {
             "1.0.0".parse().unwrap(),
             "x86_64".into(),
             digests.len() as u64 * 4096,
-            Sha256Digest([0; 32]),
+            manifest::Sha256Digest([0; 32]),
             4096,
             PayloadRef { path: "payload".into(), size: 1 << 20, compression: "zstd".into() },
             VerityInfo {
@@ -198,7 +198,7 @@ pub(crate) mod tests {
                 hash_block_size: 4096,
                 hash_algorithm: "sha256".into(),
                 salt: vec![],
-                root_hash: Sha256Digest([0; 32]),
+                root_hash: manifest::Sha256Digest([0; 32]),
             },
             String::new(),
             chunks,

@@ -64,6 +64,35 @@ async fn full_then_adaptive_install_from_file_repository() {
     assert_eq!(read_trailer(&disk, Slot::A).unwrap().0, v2.1);
 }
 
+/// The first update after the publisher moved from manifest format 1 (SHA-256 chunk digests)
+/// to format 2 (BLAKE3): no digest of the booted image's record matches, so the installer hashes
+/// the booted slot's chunks the new way, and the update still reuses what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_across_the_chunk_hash_switch_still_reuses_the_booted_image() {
+    let Some(sgdisk) = tool("sgdisk", "gdisk") else { return };
+    let f = Fixture::new();
+    let disk = disk(&sgdisk, f.dir.path());
+    let v1 = f.release_with("1.0.0", 0, manifest::ChunkHash::Sha256);
+    let v2 = f.release_with("1.1.0", 1, manifest::ChunkHash::Blake3);
+    assert_eq!((v1.0.format, v2.0.format), (1, 2));
+    assert!(String::from_utf8_lossy(&v1.1).contains("\"sha256\""));
+    assert!(String::from_utf8_lossy(&v2.1).contains("\"blake3\""));
+    let fetcher = f.file_fetcher();
+    f.install(&disk, Slot::A, &v1, &fetcher).await.unwrap();
+    assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256);
+    boot_and_confirm(&disk, Slot::B);
+
+    let before = fetcher.bytes_fetched();
+    let r = f.install(&disk, Slot::B, &v2, &fetcher).await.unwrap();
+    let fetched = fetcher.bytes_fetched() - before;
+    assert_eq!(slot_digest(&disk, Slot::A, v2.0.image_size), v2.0.image_sha256);
+    assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256, "booted slot untouched");
+    let payload = v2.0.payload.size;
+    eprintln!("across the switch: fetched {fetched} of {payload} payload bytes, reused {}", r.reused_bytes);
+    assert!(r.reused_bytes > r.image_bytes / 2, "{r:?}");
+    assert!(fetched * 5 < payload, "fetched {fetched} of {payload}");
+}
+
 fn read_trailer(disk: &Path, slot: Slot) -> Result<(Vec<u8>, Vec<u8>), trailer::TrailerError> {
     use std::os::unix::fs::FileExt as _;
     let (base, len) = Disk::open(disk, false).unwrap().slot_extent(slot).unwrap();

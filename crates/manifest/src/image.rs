@@ -14,7 +14,10 @@
 //! frame shared by chunks of different sizes) is a typed error, never a panic or a chunk written
 //! with another chunk's bytes (issue 12).
 
-use crate::{DocumentError, FORMAT_VERSION, Sha256Digest, from_canonical, to_canonical};
+use crate::{
+    ChunkDigest, ChunkHash, DocumentError, MANIFEST_FORMAT, MANIFEST_FORMATS, Sha256Digest, from_canonical,
+    to_canonical,
+};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -35,7 +38,8 @@ enum ManifestType {
 pub struct Manifest {
     #[serde(rename = "type")]
     kind: ManifestType,
-    /// Document format version ([`FORMAT_VERSION`]).
+    /// Document format version: 1 or 2 ([`MANIFEST_FORMATS`]); it names the chunks' hash
+    /// ([`Manifest::chunk_hash`]).
     pub format: u32,
     /// The OS version; releases are ordered by semver precedence.
     pub version: semver::Version,
@@ -98,18 +102,63 @@ impl VerityInfo {
 /// One chunk: where it lies in the image, the digest of its bytes, and where its frame lies in
 /// the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "WireChunk", into = "WireChunk")]
 pub struct Chunk {
     /// Offset of the chunk in the image.
     pub image_offset: u64,
     /// Uncompressed size, a whole number of 4 KiB blocks.
     pub size: u32,
-    /// SHA-256 of the uncompressed chunk.
-    pub sha256: Sha256Digest,
+    /// Digest of the uncompressed chunk: SHA-256 in a format-1 manifest (the field `sha256`),
+    /// BLAKE3 in a format-2 one (`blake3`).
+    pub digest: ChunkDigest,
     /// Offset of the compressed frame in the payload.
     pub offset: u64,
     /// Length of the compressed frame.
     pub length: u32,
+}
+
+/// A chunk as written in the document: exactly one of the digest fields.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireChunk {
+    image_offset: u64,
+    size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<Sha256Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    blake3: Option<Sha256Digest>,
+    offset: u64,
+    length: u32,
+}
+
+impl TryFrom<WireChunk> for Chunk {
+    type Error = &'static str;
+    fn try_from(w: WireChunk) -> Result<Self, Self::Error> {
+        let digest = match (w.sha256, w.blake3) {
+            (Some(d), None) => ChunkDigest { hash: ChunkHash::Sha256, bytes: d.0 },
+            (None, Some(d)) => ChunkDigest { hash: ChunkHash::Blake3, bytes: d.0 },
+            _ => return Err("a chunk needs exactly one digest, `sha256` or `blake3`"),
+        };
+        Ok(Self { image_offset: w.image_offset, size: w.size, digest, offset: w.offset, length: w.length })
+    }
+}
+
+impl From<Chunk> for WireChunk {
+    fn from(c: Chunk) -> Self {
+        let d = Some(Sha256Digest(c.digest.bytes));
+        let (sha256, blake3) = match c.digest.hash {
+            ChunkHash::Sha256 => (d, None),
+            ChunkHash::Blake3 => (None, d),
+        };
+        Self {
+            image_offset: c.image_offset,
+            size: c.size,
+            sha256,
+            blake3,
+            offset: c.offset,
+            length: c.length,
+        }
+    }
 }
 
 impl Chunk {
@@ -124,8 +173,25 @@ impl Chunk {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
     /// A format version this code does not know.
-    #[error("manifest format {0} is not supported (this agent reads format {FORMAT_VERSION})")]
+    #[error(
+        "manifest format {format} is not supported (this agent reads formats {} to {})",
+        MANIFEST_FORMATS.start(),
+        MANIFEST_FORMATS.end(),
+        format = .0
+    )]
     UnsupportedFormat(u32),
+    /// A chunk digest of another hash than the format's.
+    #[error("chunk {index} has a {found} digest; a format-{format} manifest has {expected} chunk digests")]
+    ChunkHashMismatch {
+        /// Chunk index.
+        index: usize,
+        /// The manifest's format.
+        format: u32,
+        /// The format's hash.
+        expected: &'static str,
+        /// The chunk's.
+        found: &'static str,
+    },
     /// A maximum chunk size out of range.
     #[error("max chunk size {0} is not a multiple of {MIN_CHUNK_SIZE} up to {MAX_CHUNK_SIZE}")]
     BadChunkSize(u32),
@@ -286,7 +352,9 @@ fn check_cmdline(c: &str) -> Result<(), &'static str> {
 }
 
 impl Manifest {
-    /// A new manifest of the current format (the builder fills it in, then calls [`Self::validate`]).
+    /// A new manifest (the builder fills it in, then calls [`Self::validate`]). Its format
+    /// follows the chunks' digests: 1 for SHA-256, 2 for BLAKE3 (and [`MANIFEST_FORMAT`] when
+    /// there are no chunks).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         version: semver::Version,
@@ -301,7 +369,11 @@ impl Manifest {
     ) -> Self {
         Self {
             kind: ManifestType::Manifest,
-            format: FORMAT_VERSION,
+            format: match chunks.first().map(|c| c.digest.hash) {
+                Some(ChunkHash::Sha256) => 1,
+                Some(ChunkHash::Blake3) => 2,
+                None => MANIFEST_FORMAT,
+            },
             version,
             arch,
             image_size,
@@ -324,6 +396,11 @@ impl Manifest {
         from_canonical("manifest", bytes)
     }
 
+    /// The hash of the chunk digests, by the format (BLAKE3 from format 2 on).
+    pub fn chunk_hash(&self) -> ChunkHash {
+        if self.format <= 1 { ChunkHash::Sha256 } else { ChunkHash::Blake3 }
+    }
+
     /// The byte range of chunk `index` in the image (its end saturated at `u64::MAX`; a
     /// validated manifest has no chunk that gets there).
     pub fn chunk_range(&self, index: usize) -> Range<u64> {
@@ -333,8 +410,17 @@ impl Manifest {
 
     /// Checks that the manifest describes one consistent image and payload.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.format != FORMAT_VERSION {
+        if !MANIFEST_FORMATS.contains(&self.format) {
             return Err(ManifestError::UnsupportedFormat(self.format));
+        }
+        let hash = self.chunk_hash();
+        if let Some((index, c)) = self.chunks.iter().enumerate().find(|(_, c)| c.digest.hash != hash) {
+            return Err(ManifestError::ChunkHashMismatch {
+                index,
+                format: self.format,
+                expected: hash.name(),
+                found: c.digest.hash.name(),
+            });
         }
         let arch_ok = !self.arch.is_empty()
             && self.arch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
@@ -437,7 +523,7 @@ impl Manifest {
                         Some("size")
                     } else if pc.length != c.length {
                         Some("frame length")
-                    } else if pc.sha256 != c.sha256 {
+                    } else if pc.digest != c.digest {
                         Some("digest")
                     } else {
                         None
@@ -483,7 +569,7 @@ mod tests {
             .map(|(i, &(offset, length, digest))| Chunk {
                 image_offset: i as u64 * 4096,
                 size: 4096,
-                sha256: Sha256Digest([digest; 32]),
+                digest: ChunkDigest { hash: ChunkHash::Blake3, bytes: [digest; 32] },
                 offset,
                 length,
             })
@@ -513,6 +599,84 @@ mod tests {
             String::new(),
             chunks,
         )
+    }
+
+    #[test]
+    fn the_format_names_the_chunk_hash_and_both_formats_round_trip() {
+        let m2 = manifest(&[(0, 10, 1), (10, 10, 2), (20, 10, 3)]);
+        assert_eq!((m2.format, m2.chunk_hash()), (2, ChunkHash::Blake3));
+        assert_eq!(m2.validate(), Ok(()));
+        let text = String::from_utf8(m2.to_bytes()).unwrap();
+        assert!(text.contains("\"blake3\": \"0101") && !text.contains("\"sha256\": \"01"), "{text}");
+        assert_eq!(Manifest::from_bytes(&m2.to_bytes()).unwrap(), m2);
+
+        // Format 1, as agents before format 2 wrote and read it: the same bytes come back.
+        let mut m1 = m2.clone();
+        for c in &mut m1.chunks {
+            c.digest.hash = ChunkHash::Sha256;
+        }
+        m1.format = 1;
+        assert_eq!((m1.chunk_hash(), m1.validate()), (ChunkHash::Sha256, Ok(())));
+        let text = String::from_utf8(m1.to_bytes()).unwrap();
+        assert!(text.contains("\"sha256\": \"0101") && !text.contains("blake3"), "{text}");
+        assert_eq!(Manifest::from_bytes(&m1.to_bytes()).unwrap(), m1);
+        // Manifest::new picks the format from the chunks.
+        let again = Manifest::new(
+            m1.version.clone(),
+            m1.arch.clone(),
+            m1.image_size,
+            m1.image_sha256,
+            m1.max_chunk_size,
+            m1.payload.clone(),
+            m1.verity.clone(),
+            m1.kernel_cmdline.clone(),
+            m1.chunks.clone(),
+        );
+        assert_eq!(again.format, 1);
+
+        // A digest of the other hash than the format's, in either direction.
+        let mut mixed = m2.clone();
+        mixed.chunks[1].digest.hash = ChunkHash::Sha256;
+        assert_eq!(
+            mixed.validate(),
+            Err(ManifestError::ChunkHashMismatch {
+                index: 1,
+                format: 2,
+                expected: "blake3",
+                found: "sha256"
+            })
+        );
+        let mut relabelled = m1.clone();
+        relabelled.format = 2;
+        assert!(matches!(relabelled.validate(), Err(ManifestError::ChunkHashMismatch { index: 0, .. })));
+        // Formats this code does not know.
+        for format in [0, 3, u32::MAX] {
+            let mut m = m2.clone();
+            m.format = format;
+            let e = m.validate().unwrap_err();
+            assert_eq!(e, ManifestError::UnsupportedFormat(format));
+            assert!(e.to_string().contains("reads formats 1 to 2"), "{e}");
+        }
+        // A chunk with both digests, or none: malformed, not a panic.
+        let both = text.replacen("\"sha256\"", "\"blake3\": \"00\",\n      \"sha256\"", 1);
+        let none = text.replacen("\"sha256\": ", "\"sha512\": ", 1);
+        for doc in [both, none] {
+            assert!(matches!(Manifest::from_bytes(doc.as_bytes()), Err(DocumentError::Malformed { .. })));
+        }
+    }
+
+    #[test]
+    fn a_chunk_digest_matches_only_its_own_hash_of_the_bytes() {
+        let data = vec![7u8; 8192];
+        let (s, b) = (ChunkDigest::of(ChunkHash::Sha256, &data), ChunkDigest::of(ChunkHash::Blake3, &data));
+        assert!(s.matches(&data) && b.matches(&data));
+        assert_ne!(s, b);
+        assert_eq!(s.bytes, Sha256Digest::of(&data).0);
+        assert_eq!(b.bytes, *blake3::hash(&data).as_bytes());
+        // The same 32 bytes labelled with the other hash match nothing.
+        assert!(!ChunkDigest { hash: ChunkHash::Blake3, bytes: s.bytes }.matches(&data));
+        assert!(!b.matches(&data[1..]));
+        assert!(b.to_string().starts_with("blake3:") && s.to_string().starts_with("sha256:"));
     }
 
     #[test]

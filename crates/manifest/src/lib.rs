@@ -14,13 +14,18 @@ mod digest;
 mod image;
 mod index;
 
-pub use digest::Sha256Digest;
+pub use digest::{ChunkDigest, ChunkHash, Sha256Digest};
 pub use image::{Chunk, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Manifest, ManifestError, PayloadRef, VerityInfo};
 pub use index::{Accepted, ChannelIndex, FreshnessError, IndexError, Release, Wave};
 pub use semver::Version;
 
-/// The document format version this code writes and reads.
+/// The channel index format this code writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// The manifest formats this code reads: 1 (SHA-256 chunk digests) and 2 (BLAKE3 chunk
+/// digests; otherwise the same).
+pub const MANIFEST_FORMATS: std::ops::RangeInclusive<u32> = 1..=2;
+/// The manifest format a publisher writes unless asked otherwise.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// Errors parsing a document.
 #[derive(Debug, thiserror::Error)]

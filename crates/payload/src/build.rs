@@ -3,7 +3,7 @@
 use crate::chunker::{BLOCK, Chunker};
 use crate::pipeline::{WorkerState, ordered};
 use crate::{MANIFEST_FILE, PAYLOAD_FILE};
-use manifest::{Chunk, Manifest, PayloadRef, Sha256Digest, VerityInfo};
+use manifest::{Chunk, ChunkDigest, ChunkHash, Manifest, PayloadRef, Sha256Digest, VerityInfo};
 use sha2::Digest as _;
 use std::collections::HashMap;
 use std::fs::File;
@@ -39,6 +39,9 @@ pub struct BuildOptions {
     /// boundaries (sorted; others are ignored): what the file system's layout says, so that a
     /// small metadata change costs a small chunk (`erofs_stable::chunk_starts` for erofs).
     pub chunk_starts: Vec<u64>,
+    /// The chunk digests' hash, and so the manifest's format: BLAKE3 (format 2) by default;
+    /// SHA-256 (format 1) for a fleet whose agents predate format 2.
+    pub chunk_hash: ChunkHash,
 }
 
 /// Why an image could not be built.
@@ -93,13 +96,14 @@ pub fn default_salt(version: &semver::Version, arch: &str) -> Vec<u8> {
 }
 
 struct Encoded {
-    sha256: Sha256Digest,
+    digest: ChunkDigest,
     leaves: Vec<verity::Digest32>,
     frame: Vec<u8>,
 }
 
 fn encode(
     state: &mut WorkerState,
+    hash: ChunkHash,
     level: i32,
     params: &verity::Params,
     data: &[u8],
@@ -110,7 +114,7 @@ fn encode(
     };
     let frame = compressor.compress(data)?;
     let leaves = verity::leaf_digests(params, data).expect("chunks are whole verity blocks");
-    Ok(Encoded { sha256: Sha256Digest::of(data), leaves, frame })
+    Ok(Encoded { digest: ChunkDigest::of(hash, data), leaves, frame })
 }
 
 /// Appends frames to the payload, sharing one frame among identical chunks.
@@ -118,21 +122,21 @@ struct PayloadWriter {
     out: BufWriter<File>,
     path: PathBuf,
     size: u64,
-    seen: HashMap<Sha256Digest, (u64, u32)>,
+    seen: HashMap<ChunkDigest, (u64, u32)>,
     chunks: Vec<Chunk>,
 }
 
 impl PayloadWriter {
-    /// Records the chunk at `image_offset` (`size` bytes, digest `sha256`), writing its frame
+    /// Records the chunk at `image_offset` (`size` bytes, digest `digest`), writing its frame
     /// unless an identical chunk's frame is already in the payload.
     fn push(
         &mut self,
         image_offset: u64,
         size: usize,
-        sha256: Sha256Digest,
+        digest: ChunkDigest,
         frame: &[u8],
     ) -> Result<(), BuildError> {
-        let (offset, length) = match self.seen.get(&sha256) {
+        let (offset, length) = match self.seen.get(&digest) {
             Some(&(offset, length)) => (offset, length),
             None => {
                 self.out.write_all(frame).map_err(|source| BuildError::Io {
@@ -142,11 +146,11 @@ impl PayloadWriter {
                 })?;
                 let at = (self.size, frame.len() as u32);
                 self.size += frame.len() as u64;
-                self.seen.insert(sha256, at);
+                self.seen.insert(digest, at);
                 at
             }
         };
-        self.chunks.push(Chunk { image_offset, size: size as u32, sha256, offset, length });
+        self.chunks.push(Chunk { image_offset, size: size as u32, digest, offset, length });
         Ok(())
     }
 }
@@ -250,12 +254,12 @@ pub fn build(
             Ok(hasher)
         },
         |state, (at, buf): (u64, Vec<u8>)| {
-            encode(state, opts.level, &params, &buf)
+            encode(state, opts.chunk_hash, opts.level, &params, &buf)
                 .map(|e| (at, buf.len(), e))
                 .map_err(io("compress", fs_image))
         },
         |_, (at, size, enc)| {
-            writer.push(at, size, enc.sha256, &enc.frame)?;
+            writer.push(at, size, enc.digest, &enc.frame)?;
             leaves.extend_from_slice(&enc.leaves);
             progress((at + size as u64).min(fs_size));
             Ok(())
@@ -277,7 +281,7 @@ pub fn build(
         };
         let frame = c.compress(piece).map_err(io("compress", fs_image))?;
         state.compressor = compressor;
-        writer.push(at, piece.len(), Sha256Digest::of(piece), &frame)?;
+        writer.push(at, piece.len(), ChunkDigest::of(opts.chunk_hash, piece), &frame)?;
         at += piece.len() as u64;
     }
     let image_size = data_size + tree.bytes().len() as u64;

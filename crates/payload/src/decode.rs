@@ -1,6 +1,6 @@
 //! Decoding one chunk: decompress within a size limit, then check its digest.
 
-use manifest::{Manifest, Sha256Digest};
+use manifest::{ChunkDigest, Manifest};
 
 /// A chunk that must not be written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,9 +33,9 @@ pub enum ChunkError {
         /// End of the chunk in the image.
         end: u64,
         /// Listed digest.
-        expected: Sha256Digest,
+        expected: ChunkDigest,
         /// Actual digest.
-        found: Sha256Digest,
+        found: ChunkDigest,
     },
     /// A chunk index past the end of the manifest's list.
     #[error("chunk {index} does not exist (the image has {count} chunks)")]
@@ -107,13 +107,13 @@ impl ChunkDecoder {
         if n as u64 != expected {
             return Err(ChunkError::Length { index, expected, found: n as u64 });
         }
-        let found = Sha256Digest::of(&out[..n]);
-        if found != chunk.sha256 {
+        let found = ChunkDigest::of(chunk.digest.hash, &out[..n]);
+        if found != chunk.digest {
             return Err(ChunkError::Digest {
                 index,
                 start: range.start,
                 end: range.end,
-                expected: chunk.sha256,
+                expected: chunk.digest,
                 found,
             });
         }

@@ -30,6 +30,7 @@ fn opts(chunk_size: u32) -> BuildOptions {
         threads: 2,
         salt: None,
         chunk_starts: Vec::new(),
+        chunk_hash: manifest::ChunkHash::Blake3,
     }
 }
 

@@ -110,6 +110,11 @@ pub(crate) struct BuildArgs {
     /// small change to the file tree costs small chunks; 0 turns this off.
     #[arg(long, default_value_t = 4)]
     pub(crate) erofs_metadata_chunk: u64,
+    /// Manifest format: 2 (BLAKE3 chunk digests, a quarter of SHA-256's CPU time on every
+    /// node's install) or 1 (SHA-256 chunk digests) for a fleet whose agents predate format 2:
+    /// they refuse a format-2 manifest, so update the agents before publishing format 2.
+    #[arg(long, default_value_t = manifest::MANIFEST_FORMAT, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub(crate) manifest_format: u32,
     #[command(flatten)]
     pub(crate) threads: ThreadArgs,
 }

@@ -59,6 +59,11 @@ fn build(a: &BuildArgs) -> Result<()> {
         threads: a.threads.get(),
         salt,
         chunk_starts,
+        chunk_hash: if a.manifest_format == 1 {
+            manifest::ChunkHash::Sha256
+        } else {
+            manifest::ChunkHash::Blake3
+        },
     };
     let bar = cliutil::byte_bar("building", size);
     let started = Instant::now();

@@ -57,6 +57,7 @@ impl Fixture {
             threads: 2,
             salt: None,
             chunk_starts: Vec::new(),
+            chunk_hash: manifest::ChunkHash::Blake3,
         };
         payload::build(&fs, &out, &opts, &|_| {}).unwrap();
         sign_document(&out.join("manifest.json"), &[clone(&self.keys[0]), clone(&self.keys[2])]).unwrap();
@@ -291,6 +292,7 @@ fn a_different_image_under_a_published_version_is_refused() {
         threads: 2,
         salt: None,
         chunk_starts: Vec::new(),
+        chunk_hash: manifest::ChunkHash::Blake3,
     };
     payload::build(&fs, &out, &opts, &|_| {}).unwrap();
     sign_document(&out.join("manifest.json"), &[clone(&f.keys[0]), clone(&f.keys[1])]).unwrap();

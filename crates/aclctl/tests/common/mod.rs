@@ -24,6 +24,7 @@ pub fn publish(dir: &Path, repo: &Path, version: &str, image: &[u8], key_seed: u
         threads: 2,
         salt: None,
         chunk_starts: Vec::new(),
+        chunk_hash: manifest::ChunkHash::Blake3,
     };
     payload::build(&fs, &out, &opts, &|_| {}).unwrap();
     repo::local::sign_document(&out.join("manifest.json"), std::slice::from_ref(&key)).unwrap();

@@ -109,6 +109,7 @@ impl Fixture {
             threads: 2,
             salt: None,
             chunk_starts: Vec::new(),
+            chunk_hash: manifest::ChunkHash::Blake3,
         };
         payload::build(&fs, &out, &opts, &|_| {}).unwrap();
         sign_document(&out.join("manifest.json"), std::slice::from_ref(&self.key)).unwrap();

@@ -54,6 +54,11 @@ impl Fixture {
 
     /// Builds, signs and publishes `version` (content `variant`); returns its manifest.
     pub fn release(&self, version: &str, variant: u8) -> (Manifest, Vec<u8>) {
+        self.release_with(version, variant, manifest::ChunkHash::Blake3)
+    }
+
+    /// [`Self::release`] with chunk digests in `hash` (manifest format 1 for SHA-256).
+    pub fn release_with(&self, version: &str, variant: u8, hash: manifest::ChunkHash) -> (Manifest, Vec<u8>) {
         let fs = self.path(&format!("fs-{version}"));
         fs_image(&fs, variant);
         let out = self.path(&format!("build-{version}"));
@@ -66,6 +71,7 @@ impl Fixture {
             threads: 2,
             salt: None,
             chunk_starts: Vec::new(),
+            chunk_hash: hash,
         };
         payload::build(&fs, &out, &opts, &|_| {}).unwrap();
         sign_document(&out.join("manifest.json"), std::slice::from_ref(&self.key)).unwrap();
