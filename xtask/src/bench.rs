@@ -255,7 +255,12 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
     let dir = root.join(format!("target/bench/install-{mib}m"));
     let repo = dir.join("repo");
     let version = "1.0.0";
-    if !repo.join("images/1.1.0/x86_64/manifest.json").exists() {
+    // Built once and kept; rebuilt when the publisher's manifest format changed since.
+    let current = std::fs::read(repo.join("images/1.1.0/x86_64/manifest.json"))
+        .ok()
+        .and_then(|b| manifest::Manifest::from_bytes(&b).ok())
+        .is_some_and(|m| m.format == manifest::MANIFEST_FORMAT);
+    if !current {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("trust"))?;
         sh.change_dir(&dir);
