@@ -89,7 +89,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn manifest(data in inputs(&["manifest.json"])) {
+    fn manifest(data in inputs(&["manifest.json", "manifest-v2.json"])) {
         if let Ok(m) = manifest::Manifest::from_bytes(&data)
             && m.validate().is_ok()
         {
@@ -228,6 +228,16 @@ impl slot::table::BlockDevice for Sparse {
     }
 }
 
+/// The manifest seeds are whole documents of both formats, so that mutations start from
+/// something every parser stage accepts.
+#[test]
+fn the_manifest_seeds_parse_and_validate_in_both_formats() {
+    for (name, format) in [("manifest.json", 1), ("manifest-v2.json", 2)] {
+        let m = manifest::Manifest::from_bytes(&seed(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((m.format, m.validate()), (format, Ok(())), "{name}");
+    }
+}
+
 /// Regenerates the seeds in `corpus/` (run by hand; the seeds are kept in the repository).
 #[test]
 #[ignore = "writes the seed corpus"]
@@ -266,7 +276,12 @@ fn write_corpus() {
     };
     repo::local::publish(&req, std::slice::from_ref(&key), &policy, &|_, _| {}).unwrap();
     let copy = |from: &Path, name: &str| std::fs::copy(from, out.join(name)).unwrap();
-    copy(&build.join("manifest.json"), "manifest.json");
+    copy(&build.join("manifest.json"), "manifest-v2.json");
+    // The same image in manifest format 1 (SHA-256 chunk digests), as older publishers wrote it.
+    let build1 = dir.path().join("build1");
+    let opts1 = payload::BuildOptions { chunk_hash: manifest::ChunkHash::Sha256, ..opts };
+    payload::build(&fs, &build1, &opts1, &|_| {}).unwrap();
+    copy(&build1.join("manifest.json"), "manifest.json");
     copy(&build.join("manifest.json.sig"), "manifest.json.sig");
     copy(&repo_dir.join("channels/stable/index.json"), "index.json");
     copy(&repo_dir.join("channels/stable/index.json.sig"), "index.json.sig");
