@@ -259,7 +259,7 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
     let current = std::fs::read(repo.join("images/1.1.0/x86_64/manifest.json"))
         .ok()
         .and_then(|b| manifest::Manifest::from_bytes(&b).ok())
-        .is_some_and(|m| m.format == manifest::MANIFEST_FORMAT);
+        .is_some_and(|m| m.format == 2);
     if !current {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("trust"))?;
@@ -267,7 +267,11 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
         cmd!(sh, "{aclpub} keygen --out keys bench").quiet().ignore_stdout().run()?;
         std::fs::copy(dir.join("keys/bench.pub"), dir.join("trust/bench.pub"))?;
         println!("building the {mib} MiB image (once) ...");
-        cmd!(sh, "{aclpub} build {input} --out build --version {version}").quiet().ignore_stdout().run()?;
+        // Format 2 (BLAKE3 chunk digests): what a fleet of this release's agents gets.
+        cmd!(sh, "{aclpub} build {input} --out build --version {version} --manifest-format 2")
+            .quiet()
+            .ignore_stdout()
+            .run()?;
         cmd!(sh, "{aclpub} sign --key keys/bench.key build/manifest.json").quiet().ignore_stdout().run()?;
         cmd!(sh, "{aclpub} publish build --repo repo --channel stable --key keys/bench.key --trust trust")
             .quiet()
@@ -278,7 +282,10 @@ pub(crate) fn install(sh: &Shell, mib: u64) -> Result<()> {
         let mut data = std::fs::read(&input)?;
         upgrade_one_package(&mut data);
         std::fs::write(&v2_input, data)?;
-        cmd!(sh, "{aclpub} build {v2_input} --out build2 --version 1.1.0").quiet().ignore_stdout().run()?;
+        cmd!(sh, "{aclpub} build {v2_input} --out build2 --version 1.1.0 --manifest-format 2")
+            .quiet()
+            .ignore_stdout()
+            .run()?;
         cmd!(sh, "{aclpub} sign --key keys/bench.key build2/manifest.json").quiet().ignore_stdout().run()?;
         cmd!(sh, "{aclpub} publish build2 --repo repo --channel stable --key keys/bench.key --trust trust")
             .quiet()

@@ -372,7 +372,8 @@ pub(crate) fn build(sh: &Shell, a: &ImageArgs) -> Result<Built> {
     let out = a.work.join("build");
     let version = &a.version;
     let cmdline = r.cmdline.clone().unwrap_or_default();
-    cmd!(sh, "{aclpub} build {fs} --out {out} --version {version} --cmdline {cmdline}")
+    // Format 2: these images boot through a first stage built from the same tree.
+    cmd!(sh, "{aclpub} build {fs} --out {out} --version {version} --cmdline {cmdline} --manifest-format 2")
         .quiet()
         .ignore_stdout()
         .run()?;

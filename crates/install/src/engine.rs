@@ -25,8 +25,9 @@ const SYNC_EVERY: u64 = 64 << 20;
 /// take minutes, and a power cut then would lose all of it (the e2e power cut on the systemd
 /// node image, 0.7 s into the download, found nothing journaled).
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
-/// Chunks queued for the writer at most. Each holds a buffer of the largest chunk (1 MiB with
-/// the default chunking), so this bounds most of the installer's memory.
+/// Chunks queued for the writers at most. Each holds a buffer of the largest chunk (1 MiB with
+/// the default chunking), as does each of the [`WRITERS`] chunks being written, so these two
+/// bound most of the installer's memory.
 const WRITER_QUEUE: usize = 4;
 /// Writes in flight at once. One synchronous writer gives the device one request at a time;
 /// a disk completes several at once. Measured on this project's bench machine with the slot on
@@ -105,8 +106,8 @@ pub struct Report {
     pub write_time: Duration,
     /// Time to read back and verify.
     pub verify_time: Duration,
-    /// Of `write_time`, the time the writer spent writing and syncing; the rest it waited for
-    /// the fetch and the decoders (where to look when an install is slow).
+    /// Of `write_time`, the time with at least one write in flight; the rest the writers waited
+    /// for the fetch and the decoders (where to look when an install is slow).
     pub writer_busy: Duration,
     /// The slot installed.
     pub target: Option<Slot>,
@@ -439,7 +440,8 @@ pub async fn install(
     };
 
     let mut local = recorded_manifest(req.state_dir, req.booted).map(|(lm, _)| lm);
-    if let Some(lm) = local.take_if(|lm| lm.chunk_hash() != m.chunk_hash()) {
+    let all_done = done.iter().all(|&d| d);
+    if let Some(lm) = local.take_if(|lm| !all_done && lm.chunk_hash() != m.chunk_hash()) {
         // The first install after the publisher switched hashes (manifest format 1 -> 2): no
         // digest would match, so the booted image's chunks are hashed the new way first.
         let (disk, booted, hash) = (req.disk.to_owned(), req.booted, m.chunk_hash());
@@ -710,9 +712,18 @@ async fn write_all(
                             b.0 += 1;
                         }
                         let n = v.data.as_slice().len() as u64;
-                        for &i in &v.indices {
-                            io_.write(m.chunk_range(i).start, &v.data).map_err(io("write", &disk))?;
+                        let wrote =
+                            v.indices.iter().try_for_each(|&i| io_.write(m.chunk_range(i).start, &v.data));
+                        {
+                            let mut b = busy.lock().expect("busy poisoned");
+                            b.0 -= 1;
+                            if b.0 == 0 {
+                                counters
+                                    .writer_busy_ns
+                                    .fetch_add(b.1.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                            }
                         }
+                        wrote.map_err(io("write", &disk))?;
                         {
                             let mut d = done.lock().expect("done bits poisoned");
                             let mut s = sums.lock().expect("sums poisoned");
@@ -728,15 +739,6 @@ async fn write_all(
                         }
                         pool.put(v.data);
                         drop(v.share);
-                        {
-                            let mut b = busy.lock().expect("busy poisoned");
-                            b.0 -= 1;
-                            if b.0 == 0 {
-                                counters
-                                    .writer_busy_ns
-                                    .fetch_add(b.1.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                            }
-                        }
                         let mut p = progress.lock().expect("sync progress poisoned");
                         p.0 += written;
                         if p.0 >= SYNC_EVERY || p.1.elapsed() >= SYNC_INTERVAL {
@@ -745,12 +747,25 @@ async fn write_all(
                                 Ok(()) => *p = (0, Instant::now()),
                                 Err(std::sync::mpsc::TrySendError::Full(_)) => {}
                                 // The syncer failed; its error is returned below.
-                                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Ok(()),
+                                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                                    failed.store(true, Ordering::Relaxed);
+                                    return Ok(());
+                                }
                             }
                         }
                     }
                 };
+                // A writer that panics stops the others too.
+                struct StopOnPanic<'a>(&'a AtomicBool);
+                impl Drop for StopOnPanic<'_> {
+                    fn drop(&mut self) {
+                        if std::thread::panicking() {
+                            self.0.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
                 let writer = || {
+                    let _stop = StopOnPanic(&failed);
                     let r = write();
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
@@ -1009,14 +1024,14 @@ fn pool_capacity(m: &Manifest) -> usize {
 }
 
 /// What the read-back compares a chunk against when this run wrote it: the xxh3-128 of the
-/// buffer that was written, which had been checked against the manifest's SHA-256 just before.
+/// buffer that was written, which had been checked against the manifest's digest just before.
 ///
 /// The read-back is there to catch a disk that lost, misplaced or corrupted writes, not an
 /// attacker: one who can write the device can change it after the read-back as well, and
 /// dm-verity's signed root hash catches that at boot. A 128-bit checksum of what was written
-/// detects such faults as surely as SHA-256 and costs a tenth of it, which was a third of a
-/// full install's CPU (issue 16). Chunks this run did not write (resumed, or claimed by a
-/// journal) have no entry and are checked against the manifest's SHA-256.
+/// detects such faults as surely as a cryptographic hash and costs a tenth of SHA-256, which
+/// was a third of a full install's CPU (issue 16). Chunks this run did not write (resumed, or
+/// claimed by a journal) have no entry and are checked against the manifest's digest.
 #[derive(Debug, Default)]
 struct ReadBackSums(Vec<Option<u128>>);
 
@@ -1208,7 +1223,7 @@ mod tests {
         assert!(!sums.matches(&m, 0, &lost));
         assert!(!sums.matches(&m, 0, &b), "another chunk's bytes (a misplaced write)");
         assert!(!sums.matches(&m, 0, &[0u8; 4096]), "a write that never reached the disk");
-        // Chunk 1 was not: the manifest's SHA-256 decides.
+        // Chunk 1 was not: the manifest's digest decides.
         assert!(sums.matches(&m, 1, &b));
         assert!(!sums.matches(&m, 1, &a));
         // Out of range or empty: never a panic, the manifest decides.

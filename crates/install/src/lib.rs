@@ -15,7 +15,7 @@
 //!    coalesced range requests;
 //! 5. fetch (several requests in flight) and copy. A range is decoded frame by frame as its
 //!    bytes arrive, and a range cut part-way is asked for again from its first missing byte
-//!    ([`fetch::RangeStream`]). Every chunk is decompressed and its SHA-256 checked before any
+//!    ([`fetch::RangeStream`]). Every chunk is decompressed and its digest checked before any
 //!    byte of it is written; writer threads (several writes in flight, for a disk's queue) write,
 //!    a syncer thread beside them syncs and journals. Right before the
 //!    first byte is written, and not earlier, the target is marked unbootable

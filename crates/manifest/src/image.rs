@@ -657,11 +657,19 @@ mod tests {
             assert_eq!(e, ManifestError::UnsupportedFormat(format));
             assert!(e.to_string().contains("reads formats 1 to 2"), "{e}");
         }
-        // A chunk with both digests, or none: malformed, not a panic.
-        let both = text.replacen("\"sha256\"", "\"blake3\": \"00\",\n      \"sha256\"", 1);
-        let none = text.replacen("\"sha256\": ", "\"sha512\": ", 1);
+        // A chunk with both digests, or none: malformed, not a panic. (The first chunk's
+        // digest line is the first one indented as a chunk field.)
+        let line = format!("      \"sha256\": \"{}\",\n", "01".repeat(32));
+        assert!(text.contains(&line), "{text}");
+        let both = text.replacen(&line, &format!("{line}      \"blake3\": \"{}\",\n", "02".repeat(32)), 1);
+        let none = text.replacen(&line, "", 1);
         for doc in [both, none] {
-            assert!(matches!(Manifest::from_bytes(doc.as_bytes()), Err(DocumentError::Malformed { .. })));
+            match Manifest::from_bytes(doc.as_bytes()) {
+                Err(DocumentError::Malformed { reason, .. }) => {
+                    assert!(reason.contains("exactly one digest"), "{reason}")
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 

@@ -24,8 +24,12 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The manifest formats this code reads: 1 (SHA-256 chunk digests) and 2 (BLAKE3 chunk
 /// digests; otherwise the same).
 pub const MANIFEST_FORMATS: std::ops::RangeInclusive<u32> = 1..=2;
-/// The manifest format a publisher writes unless asked otherwise.
-pub const MANIFEST_FORMAT: u32 = 2;
+/// The manifest format a publisher writes unless asked otherwise: 1, which every agent and
+/// every first stage (the boot selector on the EFI system partition, which slot updates do not
+/// replace) reads. A first stage from before format 2 gives up a slot whose manifest it cannot
+/// read, so format 2 is for fleets whose agents and first stages are all of this release or
+/// later (`aclpub build --manifest-format 2`).
+pub const MANIFEST_FORMAT: u32 = 1;
 
 /// Errors parsing a document.
 #[derive(Debug, thiserror::Error)]

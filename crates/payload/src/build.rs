@@ -39,8 +39,9 @@ pub struct BuildOptions {
     /// boundaries (sorted; others are ignored): what the file system's layout says, so that a
     /// small metadata change costs a small chunk (`erofs_stable::chunk_starts` for erofs).
     pub chunk_starts: Vec<u64>,
-    /// The chunk digests' hash, and so the manifest's format: BLAKE3 (format 2) by default;
-    /// SHA-256 (format 1) for a fleet whose agents predate format 2.
+    /// The chunk digests' hash, and so the manifest's format: SHA-256 (format 1), which every
+    /// agent and first stage reads, or BLAKE3 (format 2), for fleets whose agents and first
+    /// stages read it (see `manifest::MANIFEST_FORMAT`).
     pub chunk_hash: ChunkHash,
 }
 

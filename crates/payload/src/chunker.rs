@@ -11,7 +11,7 @@
 //! A chunk is cut after a block when it has reached `min` and the block's fingerprint hits
 //! one value in `n` (so chunks average `min + n` blocks), or when it reaches `max`. The
 //! fingerprint reads eight words spread over the block: cheap, deterministic, and good enough,
-//! since it only decides boundaries (every chunk's SHA-256 still covers all its bytes).
+//! since it only decides boundaries (every chunk's digest still covers all its bytes).
 
 /// The dm-verity and filesystem block: chunks are whole numbers of these.
 pub const BLOCK: usize = 4096;

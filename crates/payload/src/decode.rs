@@ -24,7 +24,9 @@ pub enum ChunkError {
         found: u64,
     },
     /// The chunk's bytes do not have the digest the manifest lists.
-    #[error("chunk {index} (image bytes {start}..{end}): SHA-256 is {found}, manifest says {expected}")]
+    #[error(
+        "chunk {index} (image bytes {start}..{end}): its digest is {found}, the manifest says {expected}"
+    )]
     Digest {
         /// Chunk index.
         index: usize,

@@ -110,9 +110,11 @@ pub(crate) struct BuildArgs {
     /// small change to the file tree costs small chunks; 0 turns this off.
     #[arg(long, default_value_t = 4)]
     pub(crate) erofs_metadata_chunk: u64,
-    /// Manifest format: 2 (BLAKE3 chunk digests, a quarter of SHA-256's CPU time on every
-    /// node's install) or 1 (SHA-256 chunk digests) for a fleet whose agents predate format 2:
-    /// they refuse a format-2 manifest, so update the agents before publishing format 2.
+    /// Manifest format: 1 (SHA-256 chunk digests; every agent and first stage reads it) or 2
+    /// (BLAKE3 chunk digests: a quarter of SHA-256's CPU time in every node's install). Agents
+    /// and first stages (`aclctl first-stage install`) from before format 2 refuse it, and a
+    /// first stage gives up a slot it cannot read: use 2 only once the whole fleet runs both
+    /// from this release or later.
     #[arg(long, default_value_t = manifest::MANIFEST_FORMAT, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub(crate) manifest_format: u32,
     #[command(flatten)]
