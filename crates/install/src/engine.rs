@@ -210,7 +210,7 @@ fn rehash(mut local: Manifest, disk: &Path, slot: Slot, hash: manifest::ChunkHas
         src.read_into(r.start, &mut buf).ok()?;
         local.chunks[i].digest = manifest::ChunkDigest::of(hash, buf.as_slice());
     }
-    local.format = if hash == manifest::ChunkHash::Sha256 { 1 } else { 2 };
+    local.format = hash.format();
     Some(local)
 }
 

@@ -35,11 +35,7 @@ async fn full_then_adaptive_install_from_file_repository() {
     boot_and_confirm(&disk, Slot::B);
 
     // v2 into A, booted from B: most chunks come from B.
-    let before = fetcher.bytes_fetched();
-    let r = f.install(&disk, Slot::B, &v2, &fetcher).await.unwrap();
-    let fetched = fetcher.bytes_fetched() - before;
-    assert_eq!(slot_digest(&disk, Slot::A, v2.0.image_size), v2.0.image_sha256);
-    assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256, "booted slot untouched");
+    let (r, fetched) = update_from_b(&f, &disk, &v1, &v2, &fetcher).await;
     let payload = v2.0.payload.size;
     eprintln!(
         "adaptive: fetched {fetched} of {payload} payload bytes ({:.1}%), reused {} of {} image bytes",
@@ -82,15 +78,28 @@ async fn an_update_across_the_chunk_hash_switch_still_reuses_the_booted_image() 
     assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256);
     boot_and_confirm(&disk, Slot::B);
 
-    let before = fetcher.bytes_fetched();
-    let r = f.install(&disk, Slot::B, &v2, &fetcher).await.unwrap();
-    let fetched = fetcher.bytes_fetched() - before;
-    assert_eq!(slot_digest(&disk, Slot::A, v2.0.image_size), v2.0.image_sha256);
-    assert_eq!(slot_digest(&disk, Slot::B, v1.0.image_size), v1.0.image_sha256, "booted slot untouched");
+    let (r, fetched) = update_from_b(&f, &disk, &v1, &v2, &fetcher).await;
     let payload = v2.0.payload.size;
     eprintln!("across the switch: fetched {fetched} of {payload} payload bytes, reused {}", r.reused_bytes);
     assert!(r.reused_bytes > r.image_bytes / 2, "{r:?}");
     assert!(fetched * 5 < payload, "fetched {fetched} of {payload}");
+}
+
+/// Installs `v2` into A with B (holding `v1`) booted; checks that A holds `v2` and B is
+/// untouched. The report and the payload bytes fetched.
+async fn update_from_b(
+    f: &Fixture,
+    disk: &Path,
+    v1: &(manifest::Manifest, Vec<u8>),
+    v2: &(manifest::Manifest, Vec<u8>),
+    fetcher: &Fetcher,
+) -> (install::Report, u64) {
+    let before = fetcher.bytes_fetched();
+    let r = f.install(disk, Slot::B, v2, fetcher).await.unwrap();
+    let fetched = fetcher.bytes_fetched() - before;
+    assert_eq!(slot_digest(disk, Slot::A, v2.0.image_size), v2.0.image_sha256);
+    assert_eq!(slot_digest(disk, Slot::B, v1.0.image_size), v1.0.image_sha256, "booted slot untouched");
+    (r, fetched)
 }
 
 fn read_trailer(disk: &Path, slot: Slot) -> Result<(Vec<u8>, Vec<u8>), trailer::TrailerError> {

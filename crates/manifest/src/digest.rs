@@ -45,6 +45,14 @@ pub enum ChunkHash {
 }
 
 impl ChunkHash {
+    /// The manifest format whose chunk digests use it.
+    pub fn format(self) -> u32 {
+        match self {
+            Self::Sha256 => 1,
+            Self::Blake3 => 2,
+        }
+    }
+
     /// Its name, as in documents and messages.
     pub fn name(self) -> &'static str {
         match self {

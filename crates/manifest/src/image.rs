@@ -369,11 +369,7 @@ impl Manifest {
     ) -> Self {
         Self {
             kind: ManifestType::Manifest,
-            format: match chunks.first().map(|c| c.digest.hash) {
-                Some(ChunkHash::Sha256) => 1,
-                Some(ChunkHash::Blake3) => 2,
-                None => MANIFEST_FORMAT,
-            },
+            format: chunks.first().map_or(MANIFEST_FORMAT, |c| c.digest.hash.format()),
             version,
             arch,
             image_size,
